@@ -1,0 +1,88 @@
+#include "tutti/autograd/node.hpp"
+
+#include <atomic>
+#include <map>
+#include <unordered_map>
+
+#include "backend/backend.hpp"
+
+namespace tutti {
+namespace {
+std::atomic<uint64_t> next_sequence{0};
+thread_local bool grad_mode = true;
+
+// dst (+)= src, allocating dst on first use. `src` is taken over when nothing else holds it.
+void accumulate(std::shared_ptr<TensorImpl>& dst, Tensor& src) {
+  if (!dst) {
+    const bool exclusive =
+        src.impl_ptr().use_count() == 1 && src.impl().storage.use_count() == 1 && src.is_contiguous();
+    dst = exclusive ? src.impl_ptr() : src.clone().impl_ptr();
+    src = Tensor();
+    return;
+  }
+  Tensor d(dst);
+  Tensor s = src.contiguous();
+  TUTTI_CHECK(d.shape() == s.shape(), "gradient shape ", s.str(), " does not match ", d.str());
+  backend_for(d.device()).axpy(1.0f, s.data<float>(), d.data<float>(), d.numel());
+}
+}  // namespace
+
+Node::Node(std::vector<Tensor> inputs) : inputs_(std::move(inputs)), sequence_(next_sequence++) {}
+
+bool grad_enabled() { return grad_mode; }
+NoGradGuard::NoGradGuard() : previous_(grad_mode) { grad_mode = false; }
+NoGradGuard::~NoGradGuard() { grad_mode = previous_; }
+
+bool any_requires_grad(std::initializer_list<const Tensor*> inputs) {
+  if (!grad_mode) return false;
+  for (const Tensor* t : inputs)
+    if (t->defined() && t->requires_grad()) return true;
+  return false;
+}
+
+Tensor record(Tensor output, std::shared_ptr<Node> node) {
+  output.impl().requires_grad = true;
+  output.impl().grad_fn = std::move(node);
+  return output;
+}
+
+void run_backward(const Tensor& root) {
+  TUTTI_CHECK_AS(InvalidArgument, root.numel() == 1, "backward() needs a one-element tensor, got ", root.str());
+  TUTTI_CHECK_AS(InvalidArgument, root.requires_grad(), "backward() on a tensor that does not require grad");
+  NoGradGuard no_grad;
+  Tensor seed = Tensor::full(root.shape(), 1.0f, root.device());
+  if (!root.grad_fn()) {
+    accumulate(root.impl().grad, seed);
+    return;
+  }
+  // Pending output gradients per node, visited newest-first: the tape in reverse.
+  std::map<uint64_t, std::pair<std::shared_ptr<Node>, Tensor>, std::greater<>> pending;
+  pending.emplace(root.grad_fn()->sequence(), std::make_pair(root.grad_fn(), seed));
+  while (!pending.empty()) {
+    auto it = pending.begin();
+    std::shared_ptr<Node> node = std::move(it->second.first);
+    Tensor grad_out = std::move(it->second.second);
+    pending.erase(it);
+    std::vector<Tensor> grads = node->backward(grad_out);
+    TUTTI_CHECK(grads.size() == node->inputs().size(), "op ", node->name(), " returned ", grads.size(),
+                " gradients for ", node->inputs().size(), " inputs");
+    for (size_t i = 0; i < grads.size(); ++i) {
+      const Tensor& input = node->inputs()[i];
+      if (!grads[i].defined() || !input.requires_grad()) continue;
+      TUTTI_CHECK(grads[i].shape() == input.shape(), "op ", node->name(), ": gradient ", grads[i].str(),
+                  " for input ", input.str());
+      if (const auto& fn = input.grad_fn()) {
+        auto [slot, inserted] = pending.try_emplace(fn->sequence(), fn, grads[i]);
+        if (!inserted) {
+          Tensor& acc = slot->second.second;
+          if (acc.impl_ptr().use_count() > 1 || acc.impl().storage.use_count() > 1) acc = acc.clone();
+          backend_for(acc.device()).axpy(1.0f, grads[i].contiguous().data<float>(), acc.data<float>(), acc.numel());
+        }
+      } else {
+        accumulate(input.impl().grad, grads[i]);
+      }
+    }
+  }
+}
+
+}  // namespace tutti

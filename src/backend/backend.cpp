@@ -1,0 +1,84 @@
+// Default kernel bodies (a backend that lacks a kernel fails clearly) and the device registry.
+#include "backend/backend.hpp"
+
+#include <memory>
+#include <mutex>
+
+#include "backend/cpu/cpu_backend.hpp"
+#include "tutti/core/error.hpp"
+#ifdef TUTTI_WITH_CUDA
+#include "backend/cuda/cuda_backend.hpp"
+#endif
+
+namespace tutti {
+namespace {
+[[noreturn]] void missing(const Backend& b, const char* kernel) {
+  TUTTI_FAIL(InvalidArgument, "op '", kernel, "' is not implemented on device ", b.device().str());
+}
+}  // namespace
+
+void Backend::strided_copy(const void*, const Shape&, const Strides&, size_t, void*) { missing(*this, "strided_copy"); }
+void Backend::fill(float*, int64_t, float) { missing(*this, "fill"); }
+void Backend::add(const float*, const float*, float*, int64_t, int64_t) { missing(*this, "add"); }
+void Backend::axpy(float, const float*, float*, int64_t) { missing(*this, "axpy"); }
+void Backend::scale(const float*, float, float*, int64_t) { missing(*this, "scale"); }
+void Backend::sum_rows(const float*, float*, int64_t, int64_t, bool) { missing(*this, "sum_rows"); }
+double Backend::sum(const float*, int64_t) { missing(*this, "sum"); }
+double Backend::sum_squares(const float*, int64_t) { missing(*this, "sum_squares"); }
+void Backend::gelu_forward(const float*, float*, int64_t) { missing(*this, "gelu"); }
+void Backend::gelu_backward(const float*, const float*, float*, int64_t) { missing(*this, "gelu_backward"); }
+void Backend::relu_forward(const float*, float*, int64_t) { missing(*this, "relu"); }
+void Backend::relu_backward(const float*, const float*, float*, int64_t) { missing(*this, "relu_backward"); }
+void Backend::gemm(const Gemm&) { missing(*this, "matmul"); }
+void Backend::layer_norm_forward(const float*, const float*, const float*, float*, float*, float*, int64_t, int64_t,
+                                 float) {
+  missing(*this, "layer_norm");
+}
+void Backend::layer_norm_backward(const float*, const float*, const float*, const float*, const float*, float*, float*,
+                                  float*, int64_t, int64_t) {
+  missing(*this, "layer_norm_backward");
+}
+void Backend::attention_forward(const float*, float*, float*, int64_t, int64_t, int64_t, int64_t) {
+  missing(*this, "causal_attention");
+}
+void Backend::attention_backward(const float*, const float*, const float*, float*, int64_t, int64_t, int64_t,
+                                 int64_t) {
+  missing(*this, "causal_attention_backward");
+}
+void Backend::embedding_forward(const int32_t*, const float*, float*, int64_t, int64_t, int64_t) {
+  missing(*this, "embedding");
+}
+void Backend::embedding_backward(const int32_t*, const float*, float*, int64_t, int64_t) {
+  missing(*this, "embedding_backward");
+}
+void Backend::cross_entropy_forward(const float*, const int32_t*, float*, float*, int64_t, int64_t) {
+  missing(*this, "cross_entropy");
+}
+void Backend::cross_entropy_backward(const float*, const int32_t*, float, float*, int64_t, int64_t) {
+  missing(*this, "cross_entropy_backward");
+}
+void Backend::softmax(const float*, float*, int64_t, int64_t) { missing(*this, "softmax"); }
+void Backend::adamw(float*, const float*, float*, float*, int64_t, const AdamWStep&) { missing(*this, "adamw"); }
+
+Backend& backend_for(Device device) {
+  if (device.is_cpu()) {
+    static cpu::CpuBackend cpu_backend;
+    return cpu_backend;
+  }
+#ifdef TUTTI_WITH_CUDA
+  return cuda::cuda_backend(device.index);
+#else
+  TUTTI_FAIL(InvalidArgument, "device ", device.str(), " is not available: tutti was built without CUDA");
+#endif
+}
+
+bool device_available(Device device) {
+  if (device.is_cpu()) return true;
+#ifdef TUTTI_WITH_CUDA
+  return device.index >= 0 && device.index < cuda::device_count();
+#else
+  return false;
+#endif
+}
+
+}  // namespace tutti

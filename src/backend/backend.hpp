@@ -1,0 +1,88 @@
+// The narrow interface every device implements: raw memory, copies, and one kernel per op
+// (forward and backward). Ops in src/ops validate shapes, allocate outputs and call these with
+// raw device pointers; a device added under src/backend/ overrides what it supports, and the
+// rest fail with a clear "not implemented on <device>" error.
+#pragma once
+#include <cstddef>
+#include <cstdint>
+
+#include "tutti/core/device.hpp"
+#include "tutti/core/shape.hpp"
+
+namespace tutti {
+
+// Row-major GEMM description: C = alpha * op(A) op(B) + beta * C, repeated `batch` times with
+// element strides stride_a/b/c between the matrices.
+struct Gemm {
+  bool trans_a = false, trans_b = false;
+  int64_t m = 0, n = 0, k = 0;
+  float alpha = 1.0f, beta = 0.0f;
+  const float* a = nullptr; int64_t lda = 0;
+  const float* b = nullptr; int64_t ldb = 0;
+  float* c = nullptr; int64_t ldc = 0;
+  int64_t batch = 1, stride_a = 0, stride_b = 0, stride_c = 0;
+};
+
+struct AdamWStep {
+  float lr, beta1, beta2, eps, weight_decay;
+  float bias_correction1, bias_correction2;  // 1 - beta^t
+  float grad_scale;                          // multiplies the gradient first (clipping)
+};
+
+class Backend {
+ public:
+  virtual ~Backend() = default;
+  virtual Device device() const = 0;
+  virtual const char* name() const = 0;
+
+  // -- memory and copies --------------------------------------------------------------------
+  virtual void* raw_allocate(size_t bytes) = 0;
+  virtual void raw_deallocate(void* ptr, size_t bytes) = 0;
+  virtual void copy_from_host(void* dst, const void* src, size_t bytes) = 0;
+  virtual void copy_to_host(void* dst, const void* src, size_t bytes) = 0;
+  virtual void copy_on_device(void* dst, const void* src, size_t bytes) = 0;
+  // Gathers a strided view (element size `elem`) into a dense buffer.
+  virtual void strided_copy(const void* src, const Shape& shape, const Strides& strides, size_t elem, void* dst);
+  virtual void synchronize() {}
+
+  // -- element-wise -------------------------------------------------------------------------
+  virtual void fill(float* dst, int64_t n, float value);
+  virtual void add(const float* a, const float* b, float* out, int64_t outer, int64_t inner);  // b broadcast over outer
+  virtual void axpy(float alpha, const float* x, float* y, int64_t n);                       // y += alpha x
+  virtual void scale(const float* x, float s, float* y, int64_t n);
+  virtual void sum_rows(const float* x, float* out, int64_t rows, int64_t cols, bool accumulate);  // out[c] (+)= sum_r x[r, c]
+  virtual double sum(const float* x, int64_t n);
+  virtual double sum_squares(const float* x, int64_t n);
+  virtual void gelu_forward(const float* x, float* y, int64_t n);
+  virtual void gelu_backward(const float* x, const float* dy, float* dx, int64_t n);
+  virtual void relu_forward(const float* x, float* y, int64_t n);
+  virtual void relu_backward(const float* x, const float* dy, float* dx, int64_t n);
+
+  // -- GEMM ---------------------------------------------------------------------------------
+  virtual void gemm(const Gemm& g);
+
+  // -- fused ops ------------------------------------------------------------------------------
+  virtual void layer_norm_forward(const float* x, const float* w, const float* b, float* y, float* mean,
+                                  float* rstd, int64_t rows, int64_t cols, float eps);
+  virtual void layer_norm_backward(const float* x, const float* w, const float* mean, const float* rstd,
+                                   const float* dy, float* dx, float* dw, float* db, int64_t rows, int64_t cols);
+  // qkv (B, T, 3C) -> y (B, T, C); probs (B, H, T, T) kept for backward.
+  virtual void attention_forward(const float* qkv, float* y, float* probs, int64_t B, int64_t T, int64_t C, int64_t H);
+  virtual void attention_backward(const float* qkv, const float* probs, const float* dy, float* dqkv, int64_t B,
+                                  int64_t T, int64_t C, int64_t H);
+  virtual void embedding_forward(const int32_t* idx, const float* table, float* out, int64_t n, int64_t C, int64_t V);
+  virtual void embedding_backward(const int32_t* idx, const float* dout, float* dtable, int64_t n, int64_t C);  // accumulates
+  // probs (N, V) = softmax(logits); losses (N) = -log probs[target].
+  virtual void cross_entropy_forward(const float* logits, const int32_t* targets, float* probs, float* losses,
+                                     int64_t N, int64_t V);
+  // dlogits = (probs - onehot(target)) * dloss
+  virtual void cross_entropy_backward(const float* probs, const int32_t* targets, float dloss, float* dlogits,
+                                      int64_t N, int64_t V);
+  virtual void softmax(const float* x, float* y, int64_t rows, int64_t cols);
+  virtual void adamw(float* param, const float* grad, float* m, float* v, int64_t n, const AdamWStep& s);
+};
+
+// The backend of a device (cpu always; cuda when built with it and a GPU is present).
+Backend& backend_for(Device device);
+
+}  // namespace tutti

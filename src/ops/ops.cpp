@@ -1,0 +1,388 @@
+// The op set: validation, output allocation, the kernel call, and the backward rule, one op per
+// section. Kernels come from the backend of the inputs' device.
+#include "tutti/ops/ops.hpp"
+
+#include <functional>
+
+#include "backend/backend.hpp"
+#include "ops/op_table.hpp"
+#include "tutti/autograd/node.hpp"
+
+namespace tutti::ops {
+namespace {
+
+// A tape node whose backward rule is a closure over what the forward saved.
+class FnNode final : public Node {
+ public:
+  using Rule = std::function<std::vector<Tensor>(const Tensor&)>;
+  FnNode(OpKind kind, std::vector<Tensor> inputs, Rule rule)
+      : Node(std::move(inputs)), kind_(kind), rule_(std::move(rule)) {}
+  const char* name() const override { return op_name(kind_); }
+  std::vector<Tensor> backward(const Tensor& grad_output) override { return rule_(grad_output); }
+
+ private:
+  OpKind kind_;
+  Rule rule_;
+};
+
+Tensor record_op(Tensor out, OpKind kind, std::vector<Tensor> inputs, FnNode::Rule rule) {
+  return record(std::move(out), std::make_shared<FnNode>(kind, std::move(inputs), std::move(rule)));
+}
+
+Backend& backend_of(const Tensor& t) { return backend_for(t.device()); }
+float* f32(const Tensor& t) { return t.data<float>(); }
+const int32_t* i32(const Tensor& t) { return t.data<int32_t>(); }
+
+void check_f32(const Tensor& t, const char* op, const char* what) {
+  TUTTI_CHECK_AS(InvalidArgument, t.defined(), op, ": ", what, " is undefined");
+  TUTTI_CHECK_AS(InvalidArgument, t.dtype() == DType::f32, op, ": ", what, " must be f32, got ", t.str());
+}
+void check_same_device(const Tensor& a, const Tensor& b, const char* op) {
+  TUTTI_CHECK_AS(InvalidArgument, a.device() == b.device(), op, ": tensors on different devices: ", a.str(), " and ",
+                 b.str());
+}
+Tensor new_like(const Tensor& t, const Shape& shape) { return Tensor::empty(shape, DType::f32, t.device()); }
+
+// ------------------------------------------------------------------------------------------
+// GEMM on tensors: C (beta)= op(A) op(B) for 2-D or batched 3-D operands.
+struct MatShape {
+  int64_t batch, rows, cols;  // of op(X)
+};
+MatShape mat_shape(const Tensor& t, bool trans) {
+  const int nd = t.ndim();
+  const int64_t r = t.size(-2), c = t.size(-1);
+  return {nd == 3 ? t.size(0) : 1, trans ? c : r, trans ? r : c};
+}
+
+void gemm_into(const Tensor& a, bool ta, const Tensor& b, bool tb, const Tensor& c, float beta) {
+  const MatShape sa = mat_shape(a, ta), sb = mat_shape(b, tb);
+  Gemm g;
+  g.trans_a = ta;
+  g.trans_b = tb;
+  g.m = sa.rows;
+  g.n = sb.cols;
+  g.k = sa.cols;
+  g.beta = beta;
+  g.a = f32(a);
+  g.lda = a.size(-1);
+  g.b = f32(b);
+  g.ldb = b.size(-1);
+  g.c = f32(c);
+  g.ldc = c.size(-1);
+  g.batch = std::max(sa.batch, sb.batch);
+  g.stride_a = a.ndim() == 3 ? a.size(1) * a.size(2) : 0;
+  g.stride_b = b.ndim() == 3 ? b.size(1) * b.size(2) : 0;
+  g.stride_c = c.ndim() == 3 ? c.size(1) * c.size(2) : 0;
+  backend_of(c).gemm(g);
+}
+
+Tensor gemm_new(const Tensor& a, bool ta, const Tensor& b, bool tb) {
+  const MatShape sa = mat_shape(a, ta), sb = mat_shape(b, tb);
+  const int64_t batch = std::max(sa.batch, sb.batch);
+  Tensor c = (a.ndim() == 3 || b.ndim() == 3) ? new_like(a, {batch, sa.rows, sb.cols}) : new_like(a, {sa.rows, sb.cols});
+  gemm_into(a, ta, b, tb, c, 0.0f);
+  return c;
+}
+
+// Reduces a batched gradient to the shape of a 2-D operand that was broadcast over the batch.
+Tensor unbroadcast_batch(const Tensor& g, const Tensor& like) {
+  if (g.ndim() == like.ndim()) return g;
+  Tensor out = Tensor::zeros(like.shape(), DType::f32, g.device());
+  const int64_t per = like.numel();
+  for (int64_t i = 0; i < g.size(0); ++i) backend_of(g).axpy(1.0f, f32(g) + i * per, f32(out), per);
+  return out;
+}
+
+}  // namespace
+
+// ------------------------------------------------------------------------------------------
+// matmul
+
+Tensor matmul(const Tensor& a_in, const Tensor& b_in, bool ta, bool tb) {
+  check_f32(a_in, "matmul", "a");
+  check_f32(b_in, "matmul", "b");
+  check_same_device(a_in, b_in, "matmul");
+  TUTTI_CHECK_AS(InvalidArgument, (a_in.ndim() == 2 || a_in.ndim() == 3) && (b_in.ndim() == 2 || b_in.ndim() == 3),
+                 "matmul needs 2-D or 3-D operands, got ", a_in.str(), " and ", b_in.str());
+  const Tensor a = a_in.contiguous(), b = b_in.contiguous();
+  const MatShape sa = mat_shape(a, ta), sb = mat_shape(b, tb);
+  TUTTI_CHECK_AS(InvalidArgument, sa.cols == sb.rows, "matmul: inner sizes differ: ", a.str(), (ta ? "^T" : ""),
+                 " x ", b.str(), (tb ? "^T" : ""));
+  TUTTI_CHECK_AS(InvalidArgument, a.ndim() != 3 || b.ndim() != 3 || sa.batch == sb.batch,
+                 "matmul: batch sizes differ: ", a.str(), " and ", b.str());
+  Tensor c = gemm_new(a, ta, b, tb);
+  if (!any_requires_grad({&a_in, &b_in})) return c;
+  const bool need_a = a_in.requires_grad(), need_b = b_in.requires_grad();
+  return record_op(c, OpKind::matmul, {a_in, b_in}, [a, b, ta, tb, need_a, need_b](const Tensor& g) {
+    Tensor da, db;
+    if (need_a) da = unbroadcast_batch(ta ? gemm_new(b, tb, g, true) : gemm_new(g, false, b, !tb), a);
+    if (need_b) db = unbroadcast_batch(tb ? gemm_new(g, true, a, ta) : gemm_new(a, !ta, g, false), b);
+    return std::vector<Tensor>{da, db};
+  });
+}
+
+// ------------------------------------------------------------------------------------------
+// linear: y = x W + b
+
+Tensor linear(const Tensor& x_in, const Tensor& w, const Tensor& bias) {
+  check_f32(x_in, "linear", "input");
+  check_f32(w, "linear", "weight");
+  check_same_device(x_in, w, "linear");
+  TUTTI_CHECK_AS(InvalidArgument, w.ndim() == 2 && w.is_contiguous(), "linear: weight must be contiguous (in, out), got ",
+                 w.str());
+  TUTTI_CHECK_AS(InvalidArgument, x_in.ndim() >= 1 && x_in.size(-1) == w.size(0), "linear: input ", x_in.str(),
+                 " does not match weight ", w.str());
+  const int64_t in = w.size(0), out_features = w.size(1);
+  if (bias.defined()) {
+    check_f32(bias, "linear", "bias");
+    check_same_device(x_in, bias, "linear");
+    TUTTI_CHECK_AS(InvalidArgument, bias.ndim() == 1 && bias.size(0) == out_features, "linear: bias ", bias.str(),
+                   " does not match weight ", w.str());
+  }
+  const Tensor x = x_in.contiguous().view({-1, in});  // (N, in)
+  const int64_t n = x.size(0);
+  Shape out_shape = x_in.shape();
+  out_shape[-1] = out_features;
+  Tensor y = new_like(x, {n, out_features});
+  gemm_into(x, false, w, false, y, 0.0f);
+  if (bias.defined() && n > 0) backend_of(y).add(f32(y), f32(bias.contiguous()), f32(y), n, out_features);
+  y = y.view(out_shape);
+  if (!any_requires_grad({&x_in, &w, &bias})) return y;
+  const bool need_x = x_in.requires_grad(), need_w = w.requires_grad();
+  const bool has_bias = bias.defined(), need_b = has_bias && bias.requires_grad();
+  const Shape x_shape = x_in.shape();
+  std::vector<Tensor> inputs{x_in, w};
+  if (has_bias) inputs.push_back(bias);
+  return record_op(y, OpKind::linear, inputs, [x, w, need_x, need_w, has_bias, need_b, x_shape](const Tensor& g_in) {
+    const int64_t out_features = w.size(1);
+    const Tensor g = g_in.contiguous().view({-1, out_features});  // (N, out)
+    std::vector<Tensor> grads(has_bias ? 3 : 2);
+    if (need_x) grads[0] = gemm_new(g, false, w, true).view(x_shape);  // (N, in)
+    if (need_w) grads[1] = gemm_new(x, true, g, false);                // (in, out)
+    if (need_b) {
+      grads[2] = new_like(g, {out_features});
+      backend_of(g).sum_rows(f32(g), f32(grads[2]), g.size(0), out_features, false);
+    }
+    return grads;
+  });
+}
+
+// ------------------------------------------------------------------------------------------
+// add (with broadcast of b over a's leading dimensions), scale
+
+Tensor add(const Tensor& a_in, const Tensor& b_in) {
+  check_f32(a_in, "add", "a");
+  check_f32(b_in, "add", "b");
+  check_same_device(a_in, b_in, "add");
+  const Shape& sa = a_in.shape();
+  const Shape& sb = b_in.shape();
+  bool suffix = sb.ndim() <= sa.ndim();
+  for (int i = 1; suffix && i <= sb.ndim(); ++i) suffix = sb[-i] == sa[-i];
+  TUTTI_CHECK_AS(InvalidArgument, suffix, "add: shape ", sb.str(), " does not broadcast to ", sa.str());
+  const Tensor a = a_in.contiguous(), b = b_in.contiguous();
+  const int64_t inner = b.numel(), outer = inner ? a.numel() / inner : 0;
+  Tensor out = new_like(a, sa);
+  if (a.numel()) backend_of(a).add(f32(a), f32(b), f32(out), outer, inner);
+  if (!any_requires_grad({&a_in, &b_in})) return out;
+  const bool need_b = b_in.requires_grad();
+  return record_op(out, OpKind::add, {a_in, b_in}, [outer, inner, sb, need_b](const Tensor& g_in) {
+    const Tensor g = g_in.contiguous();
+    Tensor db;
+    if (need_b) {
+      if (outer == 1) {
+        db = g.view(sb);
+      } else {
+        db = new_like(g, sb);
+        backend_of(g).sum_rows(f32(g), f32(db), outer, inner, false);
+      }
+    }
+    return std::vector<Tensor>{g, db};
+  });
+}
+
+Tensor scale(const Tensor& a_in, float s) {
+  check_f32(a_in, "scale", "input");
+  const Tensor a = a_in.contiguous();
+  Tensor out = new_like(a, a.shape());
+  backend_of(a).scale(f32(a), s, f32(out), a.numel());
+  if (!any_requires_grad({&a_in})) return out;
+  return record_op(out, OpKind::scale, {a_in}, [s](const Tensor& g_in) {
+    const Tensor g = g_in.contiguous();
+    Tensor d = new_like(g, g.shape());
+    backend_of(g).scale(f32(g), s, f32(d), g.numel());
+    return std::vector<Tensor>{d};
+  });
+}
+
+// ------------------------------------------------------------------------------------------
+// activations
+
+namespace {
+using Unary = void (Backend::*)(const float*, float*, int64_t);
+using UnaryBackward = void (Backend::*)(const float*, const float*, float*, int64_t);
+
+Tensor activation(const Tensor& x_in, OpKind kind, Unary fwd, UnaryBackward bwd) {
+  check_f32(x_in, op_name(kind), "input");
+  const Tensor x = x_in.contiguous();
+  Tensor y = new_like(x, x.shape());
+  (backend_of(x).*fwd)(f32(x), f32(y), x.numel());
+  if (!any_requires_grad({&x_in})) return y;
+  return record_op(y, kind, {x_in}, [x, bwd](const Tensor& g_in) {
+    const Tensor g = g_in.contiguous();
+    Tensor dx = new_like(x, x.shape());
+    (backend_of(x).*bwd)(f32(x), f32(g), f32(dx), x.numel());
+    return std::vector<Tensor>{dx};
+  });
+}
+}  // namespace
+
+Tensor gelu(const Tensor& x) { return activation(x, OpKind::gelu, &Backend::gelu_forward, &Backend::gelu_backward); }
+Tensor relu(const Tensor& x) { return activation(x, OpKind::relu, &Backend::relu_forward, &Backend::relu_backward); }
+
+// ------------------------------------------------------------------------------------------
+// layer_norm
+
+Tensor layer_norm(const Tensor& x_in, const Tensor& w_in, const Tensor& b_in, float eps) {
+  check_f32(x_in, "layer_norm", "input");
+  check_f32(w_in, "layer_norm", "weight");
+  check_f32(b_in, "layer_norm", "bias");
+  check_same_device(x_in, w_in, "layer_norm");
+  check_same_device(x_in, b_in, "layer_norm");
+  const int64_t C = x_in.ndim() ? x_in.size(-1) : 0;
+  TUTTI_CHECK_AS(InvalidArgument, x_in.ndim() >= 1 && w_in.shape() == Shape{C} && b_in.shape() == Shape{C},
+                 "layer_norm: input ", x_in.str(), " with weight ", w_in.str(), " and bias ", b_in.str());
+  TUTTI_CHECK_AS(InvalidArgument, eps > 0.0f, "layer_norm: eps must be positive, got ", eps);
+  const Tensor x = x_in.contiguous(), w = w_in.contiguous(), b = b_in.contiguous();
+  const int64_t rows = C ? x.numel() / C : 0;
+  Tensor y = new_like(x, x.shape()), mean = new_like(x, {rows}), rstd = new_like(x, {rows});
+  backend_of(x).layer_norm_forward(f32(x), f32(w), f32(b), f32(y), f32(mean), f32(rstd), rows, C, eps);
+  if (!any_requires_grad({&x_in, &w_in, &b_in})) return y;
+  return record_op(y, OpKind::layer_norm, {x_in, w_in, b_in}, [x, w, mean, rstd, rows, C](const Tensor& g_in) {
+    const Tensor g = g_in.contiguous();
+    Tensor dx = new_like(x, x.shape());
+    Tensor dw = Tensor::zeros({C}, DType::f32, x.device()), db = Tensor::zeros({C}, DType::f32, x.device());
+    backend_of(x).layer_norm_backward(f32(x), f32(w), f32(mean), f32(rstd), f32(g), f32(dx), f32(dw), f32(db), rows, C);
+    return std::vector<Tensor>{dx, dw, db};
+  });
+}
+
+// ------------------------------------------------------------------------------------------
+// causal_attention on a fused (B, T, 3C) projection
+
+Tensor causal_attention(const Tensor& qkv_in, int n_head) {
+  check_f32(qkv_in, "causal_attention", "qkv");
+  TUTTI_CHECK_AS(InvalidArgument, qkv_in.ndim() == 3 && qkv_in.size(2) % 3 == 0,
+                 "causal_attention: qkv must be (B, T, 3C), got ", qkv_in.str());
+  const int64_t B = qkv_in.size(0), T = qkv_in.size(1), C = qkv_in.size(2) / 3;
+  TUTTI_CHECK_AS(InvalidArgument, n_head > 0 && C % n_head == 0, "causal_attention: ", n_head,
+                 " heads do not divide ", C, " channels");
+  const Tensor qkv = qkv_in.contiguous();
+  Tensor y = new_like(qkv, {B, T, C});
+  Tensor probs = new_like(qkv, {B, n_head, T, T});  // (B, H, T, T)
+  backend_of(qkv).attention_forward(f32(qkv), f32(y), f32(probs), B, T, C, n_head);
+  if (!any_requires_grad({&qkv_in})) return y;
+  return record_op(y, OpKind::causal_attention, {qkv_in}, [qkv, probs, B, T, C, n_head](const Tensor& g_in) {
+    const Tensor g = g_in.contiguous();
+    Tensor dqkv = new_like(qkv, qkv.shape());
+    backend_of(qkv).attention_backward(f32(qkv), f32(probs), f32(g), f32(dqkv), B, T, C, n_head);
+    return std::vector<Tensor>{dqkv};
+  });
+}
+
+// ------------------------------------------------------------------------------------------
+// embedding
+
+Tensor embedding(const Tensor& indices_in, const Tensor& table) {
+  check_f32(table, "embedding", "table");
+  check_same_device(indices_in, table, "embedding");
+  TUTTI_CHECK_AS(InvalidArgument, indices_in.dtype() == DType::i32, "embedding: indices must be i32, got ",
+                 indices_in.str());
+  TUTTI_CHECK_AS(InvalidArgument, table.ndim() == 2, "embedding: table must be (V, C), got ", table.str());
+  const Tensor idx = indices_in.contiguous(), tab = table.contiguous();
+  const int64_t n = idx.numel(), V = tab.size(0), C = tab.size(1);
+  if (idx.device().is_cpu()) {
+    const int32_t* p = i32(idx);
+    for (int64_t i = 0; i < n; ++i)
+      TUTTI_CHECK_AS(InvalidArgument, p[i] >= 0 && p[i] < V, "embedding: index ", p[i], " out of range [0, ", V, ")");
+  }
+  Shape out_shape = idx.shape();
+  out_shape.push_back(C);
+  Tensor out = new_like(tab, out_shape);
+  backend_of(tab).embedding_forward(i32(idx), f32(tab), f32(out), n, C, V);
+  if (!any_requires_grad({&table})) return out;
+  return record_op(out, OpKind::embedding, {table}, [idx, V, C, n](const Tensor& g_in) {
+    const Tensor g = g_in.contiguous();
+    Tensor dt = Tensor::zeros({V, C}, DType::f32, g.device());
+    backend_of(g).embedding_backward(i32(idx), f32(g), f32(dt), n, C);
+    return std::vector<Tensor>{dt};
+  });
+}
+
+// ------------------------------------------------------------------------------------------
+// cross_entropy (mean over rows), softmax fused in
+
+Tensor cross_entropy(const Tensor& logits_in, const Tensor& targets_in) {
+  check_f32(logits_in, "cross_entropy", "logits");
+  check_same_device(logits_in, targets_in, "cross_entropy");
+  TUTTI_CHECK_AS(InvalidArgument, logits_in.ndim() == 2, "cross_entropy: logits must be (N, V), got ", logits_in.str());
+  TUTTI_CHECK_AS(InvalidArgument, targets_in.dtype() == DType::i32 && targets_in.numel() == logits_in.size(0),
+                 "cross_entropy: targets ", targets_in.str(), " do not match logits ", logits_in.str());
+  const Tensor logits = logits_in.contiguous(), targets = targets_in.contiguous();
+  const int64_t N = logits.size(0), V = logits.size(1);
+  TUTTI_CHECK_AS(InvalidArgument, N > 0 && V > 0, "cross_entropy: empty logits ", logits.str());
+  if (targets.device().is_cpu()) {
+    const int32_t* t = i32(targets);
+    for (int64_t i = 0; i < N; ++i)
+      TUTTI_CHECK_AS(InvalidArgument, t[i] >= 0 && t[i] < V, "cross_entropy: target ", t[i], " out of range [0, ", V,
+                     ")");
+  }
+  Tensor probs = new_like(logits, {N, V}), losses = new_like(logits, {N});
+  backend_of(logits).cross_entropy_forward(f32(logits), i32(targets), f32(probs), f32(losses), N, V);
+  Tensor loss = Tensor::full({}, static_cast<float>(backend_of(losses).sum(f32(losses), N) / static_cast<double>(N)),
+                             logits.device());
+  if (!any_requires_grad({&logits_in})) return loss;
+  return record_op(loss, OpKind::cross_entropy, {logits_in}, [probs, targets, N, V](const Tensor& g) {
+    Tensor d = new_like(probs, {N, V});
+    backend_of(probs).cross_entropy_backward(f32(probs), i32(targets), g.item() / static_cast<float>(N), f32(d), N, V);
+    return std::vector<Tensor>{d};
+  });
+}
+
+// ------------------------------------------------------------------------------------------
+// reductions, reshape, softmax
+
+Tensor sum(const Tensor& x_in) {
+  check_f32(x_in, "sum", "input");
+  const Tensor x = x_in.contiguous();
+  Tensor out = Tensor::full({}, static_cast<float>(backend_of(x).sum(f32(x), x.numel())), x.device());
+  if (!any_requires_grad({&x_in})) return out;
+  const Shape shape = x.shape();
+  return record_op(out, OpKind::sum, {x_in}, [shape](const Tensor& g) {
+    return std::vector<Tensor>{Tensor::full(shape, g.item(), g.device())};
+  });
+}
+
+Tensor mean(const Tensor& x) {
+  TUTTI_CHECK_AS(InvalidArgument, x.numel() > 0, "mean of an empty tensor ", x.str());
+  return scale(sum(x), 1.0f / static_cast<float>(x.numel()));
+}
+
+Tensor reshape(const Tensor& x_in, const Shape& shape) {
+  const Tensor x = x_in.contiguous();
+  Tensor out = x.view(shape);
+  if (!any_requires_grad({&x_in})) return out;
+  const Shape original = x_in.shape();
+  return record_op(out, OpKind::reshape, {x_in},
+                   [original](const Tensor& g) { return std::vector<Tensor>{g.contiguous().view(original)}; });
+}
+
+Tensor softmax(const Tensor& x_in) {
+  check_f32(x_in, "softmax", "input");
+  const Tensor x = x_in.contiguous();
+  const int64_t cols = x.ndim() ? x.size(-1) : 1;
+  Tensor y = new_like(x, x.shape());
+  if (x.numel()) backend_of(x).softmax(f32(x), f32(y), x.numel() / cols, cols);
+  return y;
+}
+
+}  // namespace tutti::ops
