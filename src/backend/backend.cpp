@@ -45,6 +45,9 @@ void Backend::attention_backward(const float*, const float*, const float*, float
                                  int64_t) {
   missing(*this, "causal_attention_backward");
 }
+void Backend::attention_decode(const float*, const float*, const float*, float*, int64_t, int64_t, int64_t, int64_t) {
+  missing(*this, "attention_decode");
+}
 void Backend::embedding_forward(const int32_t*, const float*, float*, int64_t, int64_t, int64_t) {
   missing(*this, "embedding");
 }

@@ -70,6 +70,10 @@ class Backend {
   virtual void attention_forward(const float* qkv, float* y, float* probs, int64_t B, int64_t T, int64_t C, int64_t H);
   virtual void attention_backward(const float* qkv, const float* probs, const float* dy, float* dqkv, int64_t B,
                                   int64_t T, int64_t C, int64_t H);
+  // Incremental decoding: q (n, C) for positions past .. past+n-1; k, v (past+n, C) caches.
+  // Each new position attends causally to the cache. Writes y (n, C).
+  virtual void attention_decode(const float* q, const float* k, const float* v, float* y, int64_t n, int64_t past,
+                                int64_t C, int64_t H);
   virtual void embedding_forward(const int32_t* idx, const float* table, float* out, int64_t n, int64_t C, int64_t V);
   virtual void embedding_backward(const int32_t* idx, const float* dout, float* dtable, int64_t n, int64_t C);  // accumulates
   // probs (N, V) = softmax(logits); losses (N) = -log probs[target].

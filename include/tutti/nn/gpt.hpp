@@ -31,6 +31,7 @@ struct KVCache {
 class GPT : public Module {
  public:
   explicit GPT(const GPTConfig& config);
+  ~GPT() override;
   const GPTConfig& config() const { return config_; }
 
   // GPT-2 initialisation: normal(0, 0.02), residual projections scaled by 1/sqrt(2 n_layer),

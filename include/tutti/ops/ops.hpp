@@ -29,6 +29,10 @@ Tensor layer_norm(const Tensor& x, const Tensor& weight, const Tensor& bias, flo
 // each C split into n_head heads. Returns (B, T, C) with the heads side by side.
 Tensor causal_attention(const Tensor& qkv, int n_head);
 
+// Inference only (no autograd): attention of n new positions past .. past+n-1, q (n, C), over
+// key and value caches k, v (L, C) whose first past+n rows are filled. Returns (n, C).
+Tensor cached_attention(const Tensor& q, const Tensor& k, const Tensor& v, int64_t past, int n_head);
+
 // Rows of table (V, C) picked by i32 indices (...) -> (..., C).
 Tensor embedding(const Tensor& indices, const Tensor& table);
 

@@ -35,6 +35,8 @@ class CpuBackend final : public Backend {
                          int64_t H) override;
   void attention_backward(const float* qkv, const float* probs, const float* dy, float* dqkv, int64_t B, int64_t T,
                           int64_t C, int64_t H) override;
+  void attention_decode(const float* q, const float* k, const float* v, float* y, int64_t n, int64_t past, int64_t C,
+                        int64_t H) override;
   void embedding_forward(const int32_t* idx, const float* table, float* out, int64_t n, int64_t C,
                          int64_t V) override;
   void embedding_backward(const int32_t* idx, const float* dout, float* dtable, int64_t n, int64_t C) override;

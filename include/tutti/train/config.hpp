@@ -1,0 +1,66 @@
+// Every setting of a training run, each settable from a TOML file (key = name) and from the
+// command line (--name with '_' written as '-'); the table in settings() is the one source for
+// both, for the saved run.toml and for the help text.
+#pragma once
+#include <cstdint>
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "tutti/nn/gpt.hpp"
+
+namespace tutti::train {
+
+struct TrainConfig {
+  // model (byte-level GPT-2, vocabulary 256)
+  int layers = 4;
+  int heads = 4;
+  int dim = 128;
+  int context = 64;
+  // data and output
+  std::string data = "data/tinyshakespeare.txt";
+  std::string out = "runs/shakespeare";
+  // optimisation
+  int batch = 12;
+  int steps = 2000;
+  float lr = 1e-3f;
+  float min_lr = 1e-4f;
+  int warmup = 100;
+  std::string decay = "cosine";  // cosine | constant
+  int decay_steps = 0;           // 0: the run's steps
+  float weight_decay = 0.1f;
+  float beta1 = 0.9f;
+  float beta2 = 0.99f;
+  float grad_clip = 1.0f;  // 0: no clipping
+  int64_t seed = 1337;
+  // cadence
+  int eval_interval = 250;
+  int eval_batches = 20;
+  int checkpoint_interval = 500;
+  int keep_checkpoints = 2;
+  int log_interval = 50;
+  int sample_tokens = 300;
+  // machine
+  int threads = 0;  // 0: every core
+
+  // Throws ConfigError naming the first bad value.
+  void validate() const;
+  nn::GPTConfig model() const;
+};
+
+// One named setting bound to a field of a TrainConfig.
+struct Setting {
+  std::string name;  // TOML key; the flag is --name with '_' -> '-'
+  std::string help;
+  enum class Kind { integer, real, text } kind;
+  std::function<std::string()> get;             // the value as TOML text
+  std::function<void(const std::string&)> set;  // parses; throws ConfigError on a bad value
+};
+std::vector<Setting> settings(TrainConfig& config);
+
+// Applies a TOML file's keys (flat, names as above). Unknown keys, wrong types and files that do
+// not parse throw ConfigError naming the file, key and value.
+void apply_toml_file(TrainConfig& config, const std::string& path);
+std::string to_toml(TrainConfig config);
+
+}  // namespace tutti::train

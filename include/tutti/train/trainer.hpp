@@ -1,0 +1,36 @@
+// The training loop of `tutti train`: next batch -> forward -> zero grads -> backward -> clip ->
+// update, with evaluation, metrics, progress and checkpoints at their intervals.
+#pragma once
+#include <ostream>
+#include <string>
+
+#include "tutti/data/token_dataset.hpp"
+#include "tutti/train/config.hpp"
+
+namespace tutti::train {
+
+struct TrainResult {
+  int64_t steps = 0;
+  double train_loss = 0.0;  // last evaluation (or last step when no evaluation ran)
+  double val_loss = 0.0;
+  double tokens_per_second = 0.0;
+  std::string checkpoint;   // the last checkpoint written
+  std::string sample;       // generated at the end (sample_tokens bytes)
+};
+
+struct TrainOptions {
+  bool resume = false;       // continue the run in config.out from its latest checkpoint
+  std::ostream* log = nullptr;  // progress and log lines (default std::cout)
+  bool live_progress = false;   // redraw one progress line (a terminal) instead of printing lines
+};
+
+TrainResult run_training(const TrainConfig& config, const TrainOptions& options);
+
+// Reads a run directory's run.toml (for --resume); throws ConfigError when it has none.
+TrainConfig load_run_config(const std::string& run_dir);
+
+// Mean loss over `batches` fixed batches of a split (no autograd).
+double evaluate(const nn::GPT& model, const data::TokenDataset& dataset, data::Split split, int batches,
+                int batch_size, int64_t seed);
+
+}  // namespace tutti::train

@@ -1,0 +1,160 @@
+#include "tutti/train/config.hpp"
+
+#include <charconv>
+#include <sstream>
+#include <toml++/toml.h>
+
+#include "tutti/core/error.hpp"
+
+namespace tutti::train {
+
+void TrainConfig::validate() const {
+  model().validate();
+  auto positive = [](const char* name, int64_t v) {
+    TUTTI_CHECK_AS(ConfigError, v > 0, name, " must be positive, got ", v);
+  };
+  auto non_negative = [](const char* name, double v) {
+    TUTTI_CHECK_AS(ConfigError, v >= 0, name, " must be >= 0, got ", v);
+  };
+  positive("batch", batch);
+  positive("steps", steps);
+  positive("eval_interval", eval_interval);
+  positive("eval_batches", eval_batches);
+  positive("checkpoint_interval", checkpoint_interval);
+  positive("keep_checkpoints", keep_checkpoints);
+  positive("log_interval", log_interval);
+  non_negative("warmup", warmup);
+  non_negative("decay_steps", decay_steps);
+  non_negative("sample_tokens", sample_tokens);
+  non_negative("threads", threads);
+  non_negative("lr", lr);
+  non_negative("min_lr", min_lr);
+  non_negative("weight_decay", weight_decay);
+  non_negative("grad_clip", grad_clip);
+  TUTTI_CHECK_AS(ConfigError, beta1 >= 0 && beta1 < 1, "beta1 must be in [0, 1), got ", beta1);
+  TUTTI_CHECK_AS(ConfigError, beta2 >= 0 && beta2 < 1, "beta2 must be in [0, 1), got ", beta2);
+  TUTTI_CHECK_AS(ConfigError, decay == "cosine" || decay == "constant", "decay must be cosine or constant, got '",
+                 decay, "'");
+  TUTTI_CHECK_AS(ConfigError, !data.empty(), "data path is empty");
+  TUTTI_CHECK_AS(ConfigError, !out.empty(), "output directory is empty");
+}
+
+nn::GPTConfig TrainConfig::model() const {
+  nn::GPTConfig m;
+  m.n_layer = layers;
+  m.n_head = heads;
+  m.n_embd = dim;
+  m.block_size = context;
+  m.vocab_size = 256;
+  return m;
+}
+
+namespace {
+
+template <class T>
+T parse_number(const std::string& name, const std::string& text) {
+  T value{};
+  const char* end = text.data() + text.size();
+  auto [ptr, ec] = std::from_chars(text.data(), end, value);
+  TUTTI_CHECK_AS(ConfigError, ec == std::errc() && ptr == end, "setting ", name, ": '", text, "' is not a valid ",
+                 std::is_integral_v<T> ? "integer" : "number");
+  return value;
+}
+
+template <class T>
+Setting number(const std::string& name, const std::string& help, T& field) {
+  Setting s{name, help, std::is_integral_v<T> ? Setting::Kind::integer : Setting::Kind::real, {}, {}};
+  s.get = [&field] {
+    char buf[64];
+    auto [end, ec] = std::to_chars(buf, buf + sizeof buf, field);  // shortest text that reads back exactly
+    std::string t(buf, end);
+    if constexpr (!std::is_integral_v<T>)
+      if (t.find_first_of(".eEn") == std::string::npos) t += ".0";  // stays a TOML float
+    return t;
+  };
+  s.set = [&field, name](const std::string& text) { field = parse_number<T>(name, text); };
+  return s;
+}
+
+Setting text(const std::string& name, const std::string& help, std::string& field) {
+  Setting s{name, help, Setting::Kind::text, {}, {}};
+  s.get = [&field] {
+    std::string q = "\"";
+    for (char c : field) q += (c == '"' || c == '\\') ? std::string("\\") + c : std::string(1, c);
+    return q + "\"";
+  };
+  s.set = [&field](const std::string& t) { field = t; };
+  return s;
+}
+
+}  // namespace
+
+std::vector<Setting> settings(TrainConfig& c) {
+  return {
+      number("layers", "transformer blocks", c.layers),
+      number("heads", "attention heads per block (must divide dim)", c.heads),
+      number("dim", "embedding width", c.dim),
+      number("context", "context length in tokens (bytes)", c.context),
+      text("data", "training text; the last 10% of its bytes is the validation split", c.data),
+      text("out", "output directory of the run (checkpoints, run.toml, metrics.jsonl)", c.out),
+      number("batch", "sequences per step", c.batch),
+      number("steps", "optimizer steps", c.steps),
+      number("lr", "peak learning rate", c.lr),
+      number("min_lr", "learning rate at the end of the decay", c.min_lr),
+      number("warmup", "linear warmup steps", c.warmup),
+      text("decay", "learning-rate decay after warmup: cosine or constant", c.decay),
+      number("decay_steps", "step at which the decay reaches min_lr (0: steps)", c.decay_steps),
+      number("weight_decay", "AdamW weight decay (matrices and embeddings only)", c.weight_decay),
+      number("beta1", "AdamW beta1", c.beta1),
+      number("beta2", "AdamW beta2", c.beta2),
+      number("grad_clip", "clip the global gradient norm to this (0: off)", c.grad_clip),
+      number("seed", "seed of initialisation and data order", c.seed),
+      number("eval_interval", "evaluate the validation loss every N steps", c.eval_interval),
+      number("eval_batches", "batches per evaluation", c.eval_batches),
+      number("checkpoint_interval", "write a checkpoint every N steps (and at the end)", c.checkpoint_interval),
+      number("keep_checkpoints", "how many recent checkpoints to keep", c.keep_checkpoints),
+      number("log_interval", "log a line every N steps when not on a terminal", c.log_interval),
+      number("sample_tokens", "tokens of the sample printed at the end (0: none)", c.sample_tokens),
+      number("threads", "compute threads (0: every core)", c.threads),
+  };
+}
+
+void apply_toml_file(TrainConfig& config, const std::string& path) {
+  toml::table table;
+  try {
+    table = toml::parse_file(path);
+  } catch (const toml::parse_error& e) {
+    std::ostringstream where;
+    where << e.source().begin;
+    TUTTI_FAIL(ConfigError, "config file '", path, "': ", e.description(), " at ", where.str());
+  }
+  auto all = settings(config);
+  for (auto&& [key, node] : table) {
+    const std::string name(key.str());
+    auto it = std::find_if(all.begin(), all.end(), [&](const Setting& s) { return s.name == name; });
+    TUTTI_CHECK_AS(ConfigError, it != all.end(), "config file '", path, "': unknown key '", name, "'");
+    std::string value;
+    if (it->kind == Setting::Kind::text) {
+      TUTTI_CHECK_AS(ConfigError, node.is_string(), "config file '", path, "': '", name, "' must be a string");
+      value = *node.value<std::string>();
+    } else if (node.is_integer()) {
+      value = std::to_string(*node.value<int64_t>());
+    } else {
+      TUTTI_CHECK_AS(ConfigError, node.is_floating_point() && it->kind == Setting::Kind::real, "config file '", path,
+                     "': '", name, "' must be ", it->kind == Setting::Kind::integer ? "an integer" : "a number");
+      std::ostringstream o;
+      o.precision(9);
+      o << *node.value<double>();
+      value = o.str();
+    }
+    it->set(value);
+  }
+}
+
+std::string to_toml(TrainConfig config) {
+  std::string out = "# tutti training run; every key is also a flag of `tutti train`\n";
+  for (const Setting& s : settings(config)) out += s.name + " = " + s.get() + "\n";
+  return out;
+}
+
+}  // namespace tutti::train

@@ -1,0 +1,214 @@
+#include "tutti/train/trainer.hpp"
+
+#include <unistd.h>
+
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <iostream>
+#include <nlohmann/json.hpp>
+
+#include "tutti/autograd/node.hpp"
+#include "tutti/ckpt/safetensors.hpp"
+#include "tutti/core/threads.hpp"
+#include "tutti/train/run_dir.hpp"
+
+namespace fs = std::filesystem;
+
+namespace tutti::train {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+constexpr uint64_t kEvalStream = 0x5EEDE7A1ull;  // evaluation batches come from their own stream
+
+std::string format_duration(double seconds) {
+  const int s = static_cast<int>(std::max(0.0, seconds));
+  char buf[32];
+  if (s >= 3600) std::snprintf(buf, sizeof buf, "%dh%02dm", s / 3600, s / 60 % 60);
+  else std::snprintf(buf, sizeof buf, "%dm%02ds", s / 60, s % 60);
+  return buf;
+}
+
+// Refuses to start a new run in a directory that holds anything; for a resume, needs a run.
+void prepare_run_dir(const TrainConfig& config, bool resume) {
+  const fs::path out(config.out);
+  if (resume) {
+    TUTTI_CHECK_AS(ConfigError, fs::exists(out / "run.toml"), "cannot resume: '", config.out,
+                   "' holds no run (no run.toml)");
+    return;
+  }
+  if (fs::exists(out)) {
+    TUTTI_CHECK_AS(ConfigError, fs::is_directory(out), "output path '", config.out, "' exists and is not a directory");
+    TUTTI_CHECK_AS(ConfigError, fs::is_empty(out), "output directory '", config.out,
+                   "' already holds a run or other files; continue it with --resume ", config.out,
+                   " or choose another --out");
+  }
+  fs::create_directories(out);
+  ckpt::write_file_atomic((out / "run.toml").string(), to_toml(config));
+}
+
+class Progress {
+ public:
+  Progress(std::ostream& out, bool live, int64_t first, int64_t last, int log_interval)
+      : out_(out), live_(live), first_(first), last_(last), log_interval_(log_interval), start_(Clock::now()) {}
+
+  void step(int64_t step, double loss, float lr, double tokens_per_second) {
+    const double elapsed = std::chrono::duration<double>(Clock::now() - start_).count();
+    const double eta = step > first_ ? elapsed / double(step - first_) * double(last_ - step) : 0.0;
+    char line[160];
+    std::snprintf(line, sizeof line, "step %6lld/%lld | loss %.4f | lr %.2e | %8.0f tok/s | ETA %s",
+                  static_cast<long long>(step), static_cast<long long>(last_), loss, lr, tokens_per_second,
+                  format_duration(eta).c_str());
+    if (live_) {
+      out_ << "\r" << line << "\033[K" << std::flush;
+      dirty_ = true;
+    } else if (step % log_interval_ == 0 || step == last_) {
+      out_ << line << "\n" << std::flush;
+    }
+  }
+  // A line that stays (evaluation, checkpoint): clears the live line first.
+  std::ostream& line() {
+    if (dirty_) out_ << "\r\033[K";
+    dirty_ = false;
+    return out_;
+  }
+
+ private:
+  std::ostream& out_;
+  bool live_;
+  int64_t first_, last_;
+  int log_interval_;
+  Clock::time_point start_;
+  bool dirty_ = false;
+};
+
+std::string bytes_to_text(const std::vector<int32_t>& tokens) {
+  std::string s;
+  for (int32_t t : tokens) s += static_cast<char>(t);
+  return s;
+}
+
+}  // namespace
+
+double evaluate(const nn::GPT& model, const data::TokenDataset& dataset, data::Split split, int batches,
+                int batch_size, int64_t seed) {
+  NoGradGuard no_grad;
+  double total = 0.0;
+  for (int i = 0; i < batches; ++i) {
+    data::Batch b = dataset.batch(split, batch_size, static_cast<uint64_t>(seed) ^ kEvalStream, static_cast<uint64_t>(i));
+    total += model.loss(b.inputs, b.targets).item();
+  }
+  return total / batches;
+}
+
+TrainConfig load_run_config(const std::string& run_dir) {
+  const fs::path path = fs::path(run_dir) / "run.toml";
+  TUTTI_CHECK_AS(ConfigError, fs::exists(path), "cannot resume: '", run_dir, "' holds no run (no run.toml)");
+  TrainConfig config;
+  apply_toml_file(config, path.string());
+  config.out = run_dir;
+  return config;
+}
+
+TrainResult run_training(const TrainConfig& config, const TrainOptions& options) {
+  config.validate();
+  std::ostream& log = options.log ? *options.log : std::cout;
+  set_num_threads(config.threads > 0 ? config.threads : hardware_threads());
+  data::TokenDataset dataset(config.data, config.context);  // before touching the output directory
+  prepare_run_dir(config, options.resume);
+
+  nn::GPT model(config.model());
+  Rng init_rng(static_cast<uint64_t>(config.seed));
+  model.init_weights(init_rng);
+  optim::AdamW optimizer(model.named_parameters(),
+                         {config.lr, config.beta1, config.beta2, 1e-8f, config.weight_decay});
+  const optim::LrSchedule schedule{config.lr, config.min_lr, config.warmup,
+                                   config.decay_steps > 0 ? config.decay_steps : config.steps, config.decay == "cosine"};
+  TrainerState state;
+  state.seed = config.seed;
+  state.data_path = config.data;
+  state.sample_rng_state = static_cast<uint64_t>(config.seed) * 0x9E3779B97F4A7C15ull + 1;
+  TrainResult result;
+  if (options.resume) {
+    result.checkpoint = resolve_checkpoint(config.out);
+    state = load_checkpoint(result.checkpoint, model, optimizer);
+    state.data_path = config.data;
+    log << "resumed from " << result.checkpoint << " at step " << state.step << "\n";
+  }
+  const int64_t tokens_per_step = int64_t{config.batch} * config.context;
+  log << "tutti train: " << model.num_parameters() << " parameters (" << config.layers << " layers, " << config.heads
+      << " heads, dim " << config.dim << ", context " << config.context << "), " << tokens_per_step
+      << " tokens/step, " << num_threads() << " threads, data " << config.data << " (" << dataset.tokens(data::Split::train)
+      << " train / " << dataset.tokens(data::Split::val) << " val tokens), out " << config.out << "\n";
+
+  std::ofstream metrics(fs::path(config.out) / "metrics.jsonl", std::ios::app);
+  auto eval_and_log = [&](int64_t step, Progress& progress) {
+    const auto t0 = Clock::now();
+    result.train_loss = evaluate(model, dataset, data::Split::train, config.eval_batches, config.batch, config.seed);
+    result.val_loss = evaluate(model, dataset, data::Split::val, config.eval_batches, config.batch, config.seed);
+    const double secs = std::chrono::duration<double>(Clock::now() - t0).count();
+    char line[128];
+    std::snprintf(line, sizeof line, "step %lld: train loss %.4f, val loss %.4f (eval %.1fs)",
+                  static_cast<long long>(step), result.train_loss, result.val_loss, secs);
+    progress.line() << line << "\n" << std::flush;
+    metrics << nlohmann::json{{"step", step}, {"train_loss", result.train_loss}, {"val_loss", result.val_loss}}.dump()
+            << "\n" << std::flush;
+  };
+
+  Progress progress(log, options.live_progress, state.step, config.steps, config.log_interval);
+  if (state.step == 0) eval_and_log(0, progress);
+  const auto run_start = Clock::now();
+  const int64_t first_step = state.step;
+  double tokens_per_second = 0.0;  // smoothed, for the progress line
+  for (int64_t step = state.step; step < config.steps; ++step) {
+    const auto t0 = Clock::now();
+    data::Batch batch = dataset.batch(data::Split::train, config.batch, static_cast<uint64_t>(config.seed),
+                                      static_cast<uint64_t>(step));
+    Tensor loss = model.loss(batch.inputs, batch.targets);
+    optimizer.zero_grad();
+    loss.backward();
+    const double norm = optim::grad_norm(model.parameters());
+    const float lr = schedule.at(step);
+    optimizer.step(lr, optim::clip_scale(norm, config.grad_clip));
+    const double loss_value = loss.item();
+    TUTTI_CHECK(std::isfinite(loss_value), "loss became ", loss_value, " at step ", step + 1,
+                "; lower the learning rate or enable grad_clip");
+
+    const double secs = std::chrono::duration<double>(Clock::now() - t0).count();
+    const double rate = double(tokens_per_step) / secs;
+    tokens_per_second = tokens_per_second == 0.0 ? rate : 0.9 * tokens_per_second + 0.1 * rate;
+    state.step = step + 1;
+    state.data_position = step + 1;
+    state.last_loss = loss_value;
+    char loss_text[32];
+    std::snprintf(loss_text, sizeof loss_text, "%.9g", loss_value);
+    metrics << "{\"step\":" << state.step << ",\"loss\":" << loss_text << ",\"lr\":" << lr << ",\"grad_norm\":" << norm
+            << ",\"ms\":" << secs * 1e3 << "}\n";
+    progress.step(state.step, loss_value, lr, tokens_per_second);
+
+    if (state.step % config.eval_interval == 0 || state.step == config.steps) eval_and_log(state.step, progress);
+    if (state.step % config.checkpoint_interval == 0 || state.step == config.steps) {
+      result.checkpoint = save_checkpoint(config.out, model, optimizer, state, config.keep_checkpoints);
+      progress.line() << "checkpoint " << result.checkpoint << "\n" << std::flush;
+    }
+  }
+  metrics.flush();
+  const double total = std::chrono::duration<double>(Clock::now() - run_start).count();
+  result.steps = state.step;
+  result.tokens_per_second = total > 0 ? double(tokens_per_step * (result.steps - first_step)) / total : 0.0;
+  if (config.sample_tokens > 0) {
+    nn::SampleOptions sample;
+    sample.max_tokens = config.sample_tokens;
+    sample.temperature = 0.8f;
+    sample.top_k = 0;
+    sample.seed = state.sample_rng_state;
+    result.sample = bytes_to_text(nn::generate(model, {'\n'}, sample));
+    progress.line() << "--- sample (" << config.sample_tokens << " bytes, temperature 0.8) ---\n"
+                    << result.sample << "\n---\n" << std::flush;
+  }
+  return result;
+}
+
+}  // namespace tutti::train
