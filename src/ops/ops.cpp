@@ -139,8 +139,9 @@ Tensor linear(const Tensor& x_in, const Tensor& w, const Tensor& bias) {
     TUTTI_CHECK_AS(InvalidArgument, bias.ndim() == 1 && bias.size(0) == out_features, "linear: bias ", bias.str(),
                    " does not match weight ", w.str());
   }
-  const Tensor x = x_in.contiguous().view({-1, in});  // (N, in)
-  const int64_t n = x.size(0);
+  int64_t n = 1;  // rows: the leading dimensions (not numel / in, which fails when in == 0)
+  for (int i = 0; i + 1 < x_in.ndim(); ++i) n *= x_in.size(i);
+  const Tensor x = x_in.contiguous().view({n, in});  // (N, in)
   Shape out_shape = x_in.shape();
   out_shape[-1] = out_features;
   Tensor y = new_like(x, {n, out_features});
@@ -155,7 +156,7 @@ Tensor linear(const Tensor& x_in, const Tensor& w, const Tensor& bias) {
   if (has_bias) inputs.push_back(bias);
   return record_op(y, OpKind::linear, inputs, [x, w, need_x, need_w, has_bias, need_b, x_shape](const Tensor& g_in) {
     const int64_t out_features = w.size(1);
-    const Tensor g = g_in.contiguous().view({-1, out_features});  // (N, out)
+    const Tensor g = g_in.contiguous().view({x.size(0), out_features});  // (N, out)
     std::vector<Tensor> grads(has_bias ? 3 : 2);
     if (need_x) grads[0] = gemm_new(g, false, w, true).view(x_shape);  // (N, in)
     if (need_w) grads[1] = gemm_new(x, true, g, false);                // (in, out)
