@@ -17,6 +17,26 @@ class FnNode final : public Node {
   using Rule = std::function<std::vector<Tensor>(const Tensor&)>;
   FnNode(OpKind kind, std::vector<Tensor> inputs, Rule rule)
       : Node(std::move(inputs)), kind_(kind), rule_(std::move(rule)) {}
+  // Freeing a graph frees node -> input tensor -> its node -> ... recursively, several stack
+  // frames per op: a chain of ~20k ops (debug build) or ~200k (release) overflowed the stack.
+  // Nodes that only this one still reaches go to the outermost teardown's list, freed in a loop.
+  ~FnNode() override {
+    thread_local std::vector<std::shared_ptr<Node>>* outer_list = nullptr;
+    rule_ = nullptr;  // drop the saved tensors first: they may hold the inputs a second time
+    std::vector<std::shared_ptr<Node>> orphans;
+    std::vector<std::shared_ptr<Node>>& list = outer_list ? *outer_list : orphans;
+    for (const Tensor& t : inputs())
+      if (t.defined() && t.impl_ptr().use_count() == 1 && t.impl().grad_fn.use_count() == 1)
+        list.push_back(std::move(t.impl().grad_fn));  // that input dies with this node anyway
+    if (outer_list) return;
+    outer_list = &orphans;
+    while (!orphans.empty()) {
+      std::shared_ptr<Node> next = std::move(orphans.back());
+      orphans.pop_back();
+      next.reset();  // may append its own orphans
+    }
+    outer_list = nullptr;
+  }
   const char* name() const override { return op_name(kind_); }
   std::vector<Tensor> backward(const Tensor& grad_output) override { return rule_(grad_output); }
 
