@@ -310,7 +310,8 @@ def step_b(args, report):
 
     def save():
         torch.manual_seed(args.seed)
-        config = GPT2Config(n_layer=2, n_head=2, n_embd=64, n_positions=32, vocab_size=256)
+        config = GPT2Config(n_layer=2, n_head=2, n_embd=64, n_positions=32, vocab_size=256,
+                            bos_token_id=255, eos_token_id=255)  # defaults (50256) lie outside 256
         model = GPT2LMHeadModel(config)
         with torch.no_grad():  # biases and LayerNorms away from 0 and 1, so a mix-up shows
             for p in model.parameters():
