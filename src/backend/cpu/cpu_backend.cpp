@@ -35,6 +35,32 @@ void sgemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const
               " k=", k);
 }
 
+// Per-thread partial sums, combined in thread order after the parallel region: with a static
+// schedule each thread always gets the same rows, so the result is the same run after run.
+template <class T>
+class ThreadPartials {
+ public:
+  ThreadPartials(bool parallel, int64_t width)
+      : threads_(parallel ? omp_get_max_threads() : 1), width_(width),
+        data_(static_cast<size_t>(threads_ * width), T(0)) {}
+  int threads() const { return threads_; }
+  T* of_this_thread() { return data_.data() + static_cast<int64_t>(omp_get_thread_num()) * width_; }
+  void add_to(float* out) const {
+    for (int t = 0; t < threads_; ++t)
+      for (int64_t c = 0; c < width_; ++c) out[c] += static_cast<float>(data_[static_cast<size_t>(t * width_ + c)]);
+  }
+  double total() const {
+    double s = 0.0;
+    for (T v : data_) s += v;
+    return s;
+  }
+
+ private:
+  int threads_;
+  int64_t width_;
+  std::vector<T> data_;
+};
+
 float gelu_tanh_scalar(float x) {
   constexpr float k = 0.7978845608028654f;
   return 0.5f * x * (1.0f + std::tanh(k * (x + 0.044715f * x * x * x)));
@@ -115,33 +141,42 @@ void CpuBackend::scale(const float* x, float s, float* y, int64_t n) {
 
 void CpuBackend::sum_rows(const float* x, float* out, int64_t rows, int64_t cols, bool accumulate) {
   if (!accumulate) std::fill(out, out + cols, 0.0f);
-  const bool parallel = rows * cols > kParallelGrain;
-#pragma omp parallel if (parallel)
+  ThreadPartials<float> part(rows * cols > kParallelGrain, cols);
+#pragma omp parallel num_threads(part.threads())
   {
-    std::vector<float> part(static_cast<size_t>(cols), 0.0f);
-#pragma omp for schedule(static) nowait
+    float* mine = part.of_this_thread();
+#pragma omp for schedule(static)
     for (int64_t r = 0; r < rows; ++r) {
       const float* row = x + r * cols;
 #pragma omp simd
-      for (int64_t c = 0; c < cols; ++c) part[c] += row[c];
+      for (int64_t c = 0; c < cols; ++c) mine[c] += row[c];
     }
-#pragma omp critical
-    for (int64_t c = 0; c < cols; ++c) out[c] += part[c];
   }
+  part.add_to(out);
 }
 
 double CpuBackend::sum(const float* x, int64_t n) {
-  double total = 0.0;
-#pragma omp parallel for reduction(+ : total) schedule(static) if (n > kParallelGrain)
-  for (int64_t i = 0; i < n; ++i) total += x[i];
-  return total;
+  ThreadPartials<double> part(n > kParallelGrain, 1);
+#pragma omp parallel num_threads(part.threads())
+  {
+    double total = 0.0;
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < n; ++i) total += x[i];
+    part.of_this_thread()[0] = total;
+  }
+  return part.total();
 }
 
 double CpuBackend::sum_squares(const float* x, int64_t n) {
-  double total = 0.0;
-#pragma omp parallel for reduction(+ : total) schedule(static) if (n > kParallelGrain)
-  for (int64_t i = 0; i < n; ++i) total += static_cast<double>(x[i]) * x[i];
-  return total;
+  ThreadPartials<double> part(n > kParallelGrain, 1);
+#pragma omp parallel num_threads(part.threads())
+  {
+    double total = 0.0;
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < n; ++i) total += static_cast<double>(x[i]) * x[i];
+    part.of_this_thread()[0] = total;
+  }
+  return part.total();
 }
 
 // GELU, tanh form: y = x/2 (1 + tanh(k (x + 0.044715 x^3))), k = sqrt(2/pi).
@@ -251,10 +286,13 @@ void CpuBackend::layer_norm_forward(const float* x, const float* w, const float*
 
 void CpuBackend::layer_norm_backward(const float* x, const float* w, const float* mean, const float* rstd,
                                      const float* dy, float* dx, float* dw, float* db, int64_t rows, int64_t cols) {
-#pragma omp parallel if (rows * cols > kParallelGrain)
+  const bool parallel = rows * cols > kParallelGrain;
+  ThreadPartials<float> dw_parts(parallel, cols), db_parts(parallel, cols);
+#pragma omp parallel num_threads(dw_parts.threads())
   {
-    std::vector<float> dw_part(static_cast<size_t>(cols), 0.0f), db_part(static_cast<size_t>(cols), 0.0f);
-#pragma omp for schedule(static) nowait
+    float* dw_part = dw_parts.of_this_thread();
+    float* db_part = db_parts.of_this_thread();
+#pragma omp for schedule(static)
     for (int64_t r = 0; r < rows; ++r) {
       const float* xr = x + r * cols;
       const float* dyr = dy + r * cols;
@@ -278,12 +316,9 @@ void CpuBackend::layer_norm_backward(const float* x, const float* w, const float
         dxr[c] = rs * (dyr[c] * w[c] - mg - xhat * mgx);
       }
     }
-#pragma omp critical
-    for (int64_t c = 0; c < cols; ++c) {
-      dw[c] += dw_part[c];
-      db[c] += db_part[c];
-    }
   }
+  dw_parts.add_to(dw);
+  db_parts.add_to(db);
 }
 
 // ------------------------------------------------------------------------------------------
