@@ -1,0 +1,421 @@
+// The CUDA backend: device memory, copies, cuBLAS matrix products, and the launch of tutti's own
+// kernels (cuda_kernels.cu), all on one stream per GPU. Work is asynchronous; only what hands
+// data to the host (copy_to_host, copy_from_host, sum, sum_squares, synchronize) waits for it.
+// Letters: B batch, T time, C channels, H heads, D head size (C / H).
+#include "backend/cuda/cuda_backend.hpp"
+
+#include <cublas_v2.h>
+#include <cuda_runtime_api.h>
+
+#include <climits>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <mutex>
+#include <vector>
+
+#include "backend/cuda/cuda_check.hpp"
+#include "backend/cuda/cuda_kernels.cuh"
+#include "tutti/core/error.hpp"
+
+namespace tutti::cuda {
+namespace {
+
+static_assert(kernels::kMaxDims == kMaxDims, "cuda_kernels.cuh must pass shapes of up to tutti::kMaxDims dims");
+
+// ------------------------------------------------------------------------------------------------
+// Owned CUDA resources
+
+class Stream {
+ public:
+  Stream() { CUDA_CHECK(cudaStreamCreate(&stream_)); }
+  ~Stream() { cudaStreamDestroy(stream_); }
+  Stream(const Stream&) = delete;
+  Stream& operator=(const Stream&) = delete;
+  cudaStream_t get() const { return stream_; }
+
+ private:
+  cudaStream_t stream_ = nullptr;
+};
+
+class CublasHandle {
+ public:
+  CublasHandle() { CUBLAS_CHECK(cublasCreate(&handle_)); }
+  ~CublasHandle() { cublasDestroy(handle_); }
+  CublasHandle(const CublasHandle&) = delete;
+  CublasHandle& operator=(const CublasHandle&) = delete;
+  cublasHandle_t get() const { return handle_; }
+
+ private:
+  cublasHandle_t handle_ = nullptr;
+};
+
+// Scratch memory that only grows. Work queued on the stream may still read the old block when it
+// grows: cudaFree waits for the device, so that is safe.
+class DeviceBuffer {
+ public:
+  DeviceBuffer() = default;
+  ~DeviceBuffer() { cudaFree(data_); }
+  DeviceBuffer(const DeviceBuffer&) = delete;
+  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
+  void* reserve(size_t bytes) {
+    if (bytes > bytes_) {
+      CUDA_CHECK(cudaFree(data_));
+      data_ = nullptr;
+      bytes_ = 0;
+      CUDA_CHECK(cudaMalloc(&data_, bytes));
+      bytes_ = bytes;
+    }
+    return data_;
+  }
+
+ private:
+  void* data_ = nullptr;
+  size_t bytes_ = 0;
+};
+
+int checked_int(int64_t v, const char* what) {
+  TUTTI_CHECK_AS(InvalidArgument, v >= 0 && v <= INT_MAX, "cuda gemm: ", what, " = ", v, " does not fit cuBLAS's int");
+  return static_cast<int>(v);
+}
+
+// ------------------------------------------------------------------------------------------------
+// The backend of one GPU
+
+class CudaBackend final : public Backend {
+ public:
+  explicit CudaBackend(int index) : index_(index) {
+    activate();
+    stream_ = std::make_unique<Stream>();
+    cublas_ = std::make_unique<CublasHandle>();
+    CUBLAS_CHECK(cublasSetStream(cublas_->get(), stream_->get()));
+    // Full fp32 by default so results match the CPU to ~1e-5; TUTTI_CUDA_TF32=1 trades that for
+    // the tensor cores' tf32 mode (about 3e-4 relative error).
+    const char* tf32 = std::getenv("TUTTI_CUDA_TF32");
+    const bool use_tf32 = tf32 != nullptr && std::strcmp(tf32, "1") == 0;
+    CUBLAS_CHECK(cublasSetMathMode(cublas_->get(), use_tf32 ? CUBLAS_TF32_TENSOR_OP_MATH : CUBLAS_DEFAULT_MATH));
+    CUDA_CHECK(cudaDeviceGetAttribute(&limits_.multiprocessors, cudaDevAttrMultiProcessorCount, index_));
+  }
+
+  Device device() const override { return Device::cuda(index_); }
+  const char* name() const override { return "cuda"; }
+  cudaStream_t stream() const { return stream_->get(); }
+
+  // -- memory and copies -------------------------------------------------------------------------
+  void* raw_allocate(size_t bytes) override {
+    activate();
+    void* p = nullptr;
+    const cudaError_t err = cudaMalloc(&p, bytes);
+    if (err == cudaErrorMemoryAllocation) {
+      cudaGetLastError();  // clear it; the exception carries it
+      size_t free_bytes = 0, total_bytes = 0;
+      cudaMemGetInfo(&free_bytes, &total_bytes);
+      TUTTI_FAIL(Error, "out of memory on ", device().str(), " allocating ", bytes, " bytes (", free_bytes,
+                 " bytes free of ", total_bytes, "); empty_cache(", device().str(), ") may return cached blocks");
+    }
+    CUDA_CHECK(err);
+    return p;
+  }
+
+  // Never throws: it runs from Storage's destructor, and after main returns the runtime may already
+  // be unloading. A real error here is sticky and the next checked call reports it.
+  void raw_deallocate(void* ptr, size_t) override {
+    cudaSetDevice(index_);
+    cudaFree(ptr);
+  }
+
+  void copy_from_host(void* dst, const void* src, size_t bytes) override {
+    activate();
+    CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, stream()));
+    CUDA_CHECK(cudaStreamSynchronize(stream()));  // the caller may free `src` on return
+  }
+  void copy_to_host(void* dst, const void* src, size_t bytes) override {
+    activate();
+    CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, stream()));
+    CUDA_CHECK(cudaStreamSynchronize(stream()));
+  }
+  void copy_on_device(void* dst, const void* src, size_t bytes) override {
+    activate();
+    CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, stream()));
+  }
+  void strided_copy(const void* src, const Shape& shape, const Strides& strides, size_t elem, void* dst) override {
+    activate();
+    kernels::StridedLayout layout{};
+    layout.ndim = shape.ndim();
+    for (int i = 0; i < shape.ndim(); ++i) {
+      layout.shape[i] = shape[i];
+      layout.strides[i] = strides[i];
+    }
+    CUDA_CHECK(kernels::strided_copy(src, layout, shape.numel(), elem, dst, limits_, stream()));
+  }
+  void synchronize() override {
+    activate();
+    CUDA_CHECK(cudaStreamSynchronize(stream()));
+  }
+
+  // -- element-wise ------------------------------------------------------------------------------
+  void fill(float* dst, int64_t n, float value) override {
+    activate();
+    CUDA_CHECK(kernels::fill(dst, n, value, limits_, stream()));
+  }
+  void add(const float* a, const float* b, float* out, int64_t outer, int64_t inner) override {
+    activate();
+    CUDA_CHECK(kernels::add(a, b, out, outer, inner, limits_, stream()));
+  }
+  void axpy(float alpha, const float* x, float* y, int64_t n) override {
+    activate();
+    CUDA_CHECK(kernels::axpy(alpha, x, y, n, limits_, stream()));
+  }
+  void scale(const float* x, float s, float* y, int64_t n) override {
+    activate();
+    CUDA_CHECK(kernels::scale(x, s, y, n, limits_, stream()));
+  }
+  void sum_rows(const float* x, float* out, int64_t rows, int64_t cols, bool accumulate) override {
+    activate();
+    std::lock_guard lock(scratch_mutex_);
+    void* ws = scratch_.reserve(kernels::sum_rows_workspace_bytes(rows, cols, limits_));
+    CUDA_CHECK(kernels::sum_rows(x, out, rows, cols, accumulate, ws, limits_, stream()));
+  }
+  double sum(const float* x, int64_t n) override { return total(x, n, false); }
+  double sum_squares(const float* x, int64_t n) override { return total(x, n, true); }
+  void gelu_forward(const float* x, float* y, int64_t n) override {
+    activate();
+    CUDA_CHECK(kernels::gelu_forward(x, y, n, limits_, stream()));
+  }
+  void gelu_backward(const float* x, const float* dy, float* dx, int64_t n) override {
+    activate();
+    CUDA_CHECK(kernels::gelu_backward(x, dy, dx, n, limits_, stream()));
+  }
+  void relu_forward(const float* x, float* y, int64_t n) override {
+    activate();
+    CUDA_CHECK(kernels::relu_forward(x, y, n, limits_, stream()));
+  }
+  void relu_backward(const float* x, const float* dy, float* dx, int64_t n) override {
+    activate();
+    CUDA_CHECK(kernels::relu_backward(x, dy, dx, n, limits_, stream()));
+  }
+
+  // -- GEMM ----------------------------------------------------------------------------------------
+  // tutti's Gemm is row-major. A row-major matrix read as column-major is its transpose, so
+  // row-major C = op(A) op(B) is column-major C^T = op(B)^T op(A)^T: the same call with the
+  // operands swapped and m, n exchanged; the trans flags and leading dimensions carry over.
+  void gemm(const Gemm& g) override {
+    if (g.m == 0 || g.n == 0 || g.batch == 0) return;
+    activate();
+    if (g.k == 0) {  // C = beta C; cuBLAS would reject the zero leading dimensions
+      CUDA_CHECK(kernels::scale_matrices(g.c, g.m, g.n, g.ldc, g.stride_c, g.batch, g.beta, limits_, stream()));
+      return;
+    }
+    const int m = checked_int(g.m, "m"), n = checked_int(g.n, "n"), k = checked_int(g.k, "k");
+    const int lda = checked_int(g.lda, "lda"), ldb = checked_int(g.ldb, "ldb"), ldc = checked_int(g.ldc, "ldc");
+    const cublasOperation_t op_a = g.trans_a ? CUBLAS_OP_T : CUBLAS_OP_N;
+    const cublasOperation_t op_b = g.trans_b ? CUBLAS_OP_T : CUBLAS_OP_N;
+    if (g.batch == 1) {
+      CUBLAS_CHECK(cublasSgemm(cublas_->get(), op_b, op_a, n, m, k, &g.alpha, g.b, ldb, g.a, lda, &g.beta, g.c, ldc));
+    } else {
+      CUBLAS_CHECK(cublasSgemmStridedBatched(cublas_->get(), op_b, op_a, n, m, k, &g.alpha, g.b, ldb, g.stride_b, g.a,
+                                             lda, g.stride_a, &g.beta, g.c, ldc, g.stride_c,
+                                             checked_int(g.batch, "batch")));
+    }
+  }
+
+  // -- fused ops -----------------------------------------------------------------------------------
+  void layer_norm_forward(const float* x, const float* w, const float* b, float* y, float* mean, float* rstd,
+                          int64_t rows, int64_t cols, float eps) override {
+    activate();
+    CUDA_CHECK(kernels::layer_norm_forward(x, w, b, y, mean, rstd, rows, cols, eps, stream()));
+  }
+  void layer_norm_backward(const float* x, const float* w, const float* mean, const float* rstd, const float* dy,
+                           float* dx, float* dw, float* db, int64_t rows, int64_t cols) override {
+    activate();
+    std::lock_guard lock(scratch_mutex_);
+    void* ws = scratch_.reserve(kernels::layer_norm_backward_workspace_bytes(rows, cols, limits_));
+    CUDA_CHECK(kernels::layer_norm_backward(x, w, mean, rstd, dy, dx, dw, db, rows, cols, ws, limits_, stream()));
+  }
+  void attention_forward(const float* qkv, float* y, float* probs, int64_t B, int64_t T, int64_t C,
+                         int64_t H) override;
+  void attention_backward(const float* qkv, const float* probs, const float* dy, float* dqkv, int64_t B, int64_t T,
+                          int64_t C, int64_t H) override;
+  void attention_decode(const float* q, const float* k, const float* v, float* y, int64_t n, int64_t past,
+                        int64_t C, int64_t H) override;
+  void embedding_forward(const int32_t* idx, const float* table, float* out, int64_t n, int64_t C,
+                         int64_t V) override {
+    activate();
+    CUDA_CHECK(kernels::embedding_forward(idx, table, out, n, C, V, limits_, stream()));
+  }
+  void embedding_backward(const int32_t* idx, const float* dout, float* dtable, int64_t n, int64_t C) override {
+    activate();
+    CUDA_CHECK(kernels::embedding_backward(idx, dout, dtable, n, C, limits_, stream()));
+  }
+  void cross_entropy_forward(const float* logits, const int32_t* targets, float* probs, float* losses, int64_t N,
+                             int64_t V) override {
+    activate();
+    CUDA_CHECK(kernels::cross_entropy_forward(logits, targets, probs, losses, N, V, stream()));
+  }
+  void cross_entropy_backward(const float* probs, const int32_t* targets, float dloss, float* dlogits, int64_t N,
+                              int64_t V) override {
+    activate();
+    CUDA_CHECK(kernels::cross_entropy_backward(probs, targets, dloss, dlogits, N, V, limits_, stream()));
+  }
+  void softmax(const float* x, float* y, int64_t rows, int64_t cols) override {
+    activate();
+    CUDA_CHECK(kernels::softmax(x, y, rows, cols, stream()));
+  }
+  void adamw(float* param, const float* grad, float* m, float* v, int64_t n, const AdamWStep& s) override {
+    activate();
+    const kernels::AdamWFolded folded{s.beta1,
+                                      s.beta2,
+                                      s.eps,
+                                      1.0f - s.lr * s.weight_decay,
+                                      s.lr / s.bias_correction1,
+                                      1.0f / std::sqrt(s.bias_correction2),
+                                      s.grad_scale};
+    CUDA_CHECK(kernels::adamw(param, grad, m, v, n, folded, limits_, stream()));
+  }
+
+ private:
+  // Work of this backend runs on its GPU whichever GPU the calling thread last used.
+  void activate() const { CUDA_CHECK(cudaSetDevice(index_)); }
+
+  double total(const float* x, int64_t n, bool squares) {
+    activate();
+    double result = 0.0;
+    {
+      std::lock_guard lock(scratch_mutex_);
+      auto* ws = static_cast<char*>(scratch_.reserve(sizeof(double) + kernels::sum_workspace_bytes(n, limits_)));
+      auto* device_result = reinterpret_cast<double*>(ws);
+      CUDA_CHECK(kernels::sum(x, n, squares, device_result, ws + sizeof(double), limits_, stream()));
+      CUDA_CHECK(cudaMemcpyAsync(&result, device_result, sizeof(double), cudaMemcpyDeviceToHost, stream()));
+      CUDA_CHECK(cudaStreamSynchronize(stream()));
+    }
+    return result;
+  }
+
+  int index_;
+  std::unique_ptr<Stream> stream_;
+  std::unique_ptr<CublasHandle> cublas_;
+  kernels::LaunchLimits limits_{};
+  std::mutex scratch_mutex_;  // scratch_ is shared by the reductions and attention
+  DeviceBuffer scratch_;
+};
+
+// ------------------------------------------------------------------------------------------------
+// Causal attention: probs (B, H, T, T) are materialised, as on the CPU. Per batch element, each
+// product is one strided-batched GEMM over the heads (head h of q, k, v starts h D columns in).
+
+Gemm head_gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
+               int64_t stride_a, const float* b, int64_t ldb, int64_t stride_b, float* c, int64_t ldc,
+               int64_t stride_c, int64_t H) {
+  Gemm g;
+  g.trans_a = ta;
+  g.trans_b = tb;
+  g.m = m;
+  g.n = n;
+  g.k = k;
+  g.alpha = alpha;
+  g.a = a;
+  g.lda = lda;
+  g.stride_a = stride_a;
+  g.b = b;
+  g.ldb = ldb;
+  g.stride_b = stride_b;
+  g.c = c;
+  g.ldc = ldc;
+  g.stride_c = stride_c;
+  g.batch = H;
+  return g;
+}
+
+void CudaBackend::attention_forward(const float* qkv, float* y, float* probs, int64_t B, int64_t T, int64_t C,
+                                    int64_t H) {
+  activate();
+  const int64_t D = C / H, ld = 3 * C, TT = T * T;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(D));
+  for (int64_t b = 0; b < B; ++b) {  // S = scale Q K^T  (H, T, T)
+    const float* q = qkv + b * T * ld;
+    gemm(head_gemm(false, true, T, T, D, scale, q, ld, D, q + C, ld, D, probs + b * H * TT, T, TT, H));
+  }
+  CUDA_CHECK(kernels::causal_softmax(probs, B * H * T, T, T, 0, stream()));
+  for (int64_t b = 0; b < B; ++b) {  // Y = P V  (T, D) per head, heads side by side in (T, C)
+    const float* v = qkv + b * T * ld + 2 * C;
+    gemm(head_gemm(false, false, T, D, T, 1.0f, probs + b * H * TT, T, TT, v, ld, D, y + b * T * C, C, D, H));
+  }
+}
+
+void CudaBackend::attention_backward(const float* qkv, const float* probs, const float* dy, float* dqkv, int64_t B,
+                                     int64_t T, int64_t C, int64_t H) {
+  activate();
+  const int64_t D = C / H, ld = 3 * C, TT = T * T;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(D));
+  std::lock_guard lock(scratch_mutex_);
+  auto* dp = static_cast<float*>(scratch_.reserve(static_cast<size_t>(B * H * TT) * sizeof(float)));  // (B, H, T, T)
+  for (int64_t b = 0; b < B; ++b) {
+    const float* v = qkv + b * T * ld + 2 * C;
+    const float* dyb = dy + b * T * C;
+    // dV = P^T dY;  dP = dY V^T
+    gemm(head_gemm(true, false, T, D, T, 1.0f, probs + b * H * TT, T, TT, dyb, C, D, dqkv + b * T * ld + 2 * C, ld, D,
+                   H));
+    gemm(head_gemm(false, true, T, T, D, 1.0f, dyb, C, D, v, ld, D, dp + b * H * TT, T, TT, H));
+  }
+  CUDA_CHECK(kernels::causal_softmax_backward(probs, dp, B * H * T, T, scale, stream()));  // dP -> dS
+  for (int64_t b = 0; b < B; ++b) {
+    const float* q = qkv + b * T * ld;
+    float* dq = dqkv + b * T * ld;
+    // dQ = dS K;  dK = dS^T Q
+    gemm(head_gemm(false, false, T, D, T, 1.0f, dp + b * H * TT, T, TT, q + C, ld, D, dq, ld, D, H));
+    gemm(head_gemm(true, false, T, D, T, 1.0f, dp + b * H * TT, T, TT, q, ld, D, dq + C, ld, D, H));
+  }
+}
+
+// Decoding: n new queries (n, C) at positions past..past+n-1 against the cache k, v (L, C),
+// L = past + n. Scores (H, n, L) live in scratch; same three steps as attention_forward.
+void CudaBackend::attention_decode(const float* q, const float* k, const float* v, float* y, int64_t n, int64_t past,
+                                   int64_t C, int64_t H) {
+  activate();
+  const int64_t D = C / H, L = past + n;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(D));
+  std::lock_guard lock(scratch_mutex_);
+  auto* s = static_cast<float*>(scratch_.reserve(static_cast<size_t>(H * n * L) * sizeof(float)));
+  gemm(head_gemm(false, true, n, L, D, scale, q, C, D, k, C, D, s, L, n * L, H));  // S = scale Q K^T
+  CUDA_CHECK(kernels::causal_softmax(s, H * n, n, L, past, stream()));
+  gemm(head_gemm(false, false, n, D, L, 1.0f, s, L, n * L, v, C, D, y, C, D, H));  // Y = P V
+}
+
+// ------------------------------------------------------------------------------------------------
+// Registry
+
+std::mutex registry_mutex;
+
+CudaBackend& backend_at(int index) {
+  const int count = device_count();
+  TUTTI_CHECK_AS(InvalidArgument, index >= 0 && index < count, "device cuda:", index, " is not available: ", count,
+                 " CUDA device(s) visible");
+  // Leaked on purpose, like the caching allocators above it: tensors held by static objects free
+  // their memory through the backend after main returns.
+  static auto* backends = new std::vector<std::unique_ptr<CudaBackend>>(static_cast<size_t>(count));
+  std::lock_guard lock(registry_mutex);
+  auto& slot = (*backends)[static_cast<size_t>(index)];
+  if (!slot) slot = std::make_unique<CudaBackend>(index);
+  return *slot;
+}
+
+}  // namespace
+
+int device_count() {
+  static const int count = [] {
+    int n = 0;
+    if (cudaGetDeviceCount(&n) != cudaSuccess) {
+      cudaGetLastError();  // no driver or no GPU: not an error for a CPU-only run
+      return 0;
+    }
+    return n;
+  }();
+  return count;
+}
+
+Backend& cuda_backend(int index) { return backend_at(index); }
+
+CUstream_st* stream(int index) { return backend_at(index).stream(); }
+
+}  // namespace tutti::cuda

@@ -1,0 +1,695 @@
+// tutti's own CUDA kernels: element-wise loops, deterministic reductions and the row-wise fused ops
+// (softmax, cross-entropy, LayerNorm, the causal-attention softmax). Matrix products are not here:
+// they go through cuBLAS in cuda_backend.cpp. Every formula matches the CPU backend's
+// (src/backend/cpu/cpu_backend.cpp), which is the reference the tests compare against.
+// Letters: N rows, V vocabulary, T time, C channels.
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+
+#include "backend/cuda/cuda_kernels.cuh"
+
+namespace tutti::cuda::kernels {
+namespace {
+
+constexpr int kThreads = 256;
+// Grid-stride loops get this many blocks per multiprocessor at most: several waves of 256-thread
+// blocks keep enough loads in flight, and a fixed cap keeps the reductions' partials bounded.
+constexpr int kBlocksPerSm = 8;
+
+unsigned grid_for(int64_t n, const LaunchLimits& lim) {
+  const int64_t blocks = (n + kThreads - 1) / kThreads;
+  const int64_t cap = static_cast<int64_t>(std::max(lim.multiprocessors, 1)) * kBlocksPerSm * 4;
+  return static_cast<unsigned>(std::max<int64_t>(1, std::min(blocks, cap)));
+}
+
+__device__ __forceinline__ int64_t global_thread() {
+  return static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+}
+__device__ __forceinline__ int64_t grid_threads() { return static_cast<int64_t>(blockDim.x) * gridDim.x; }
+
+// ------------------------------------------------------------------------------------------------
+// Block-wide reductions (blockDim.x a multiple of 32, at most 1024); every thread gets the result.
+
+struct SumOp {
+  template <class T>
+  __device__ T operator()(T a, T b) const { return a + b; }
+};
+struct MaxOp {
+  __device__ float operator()(float a, float b) const { return fmaxf(a, b); }
+};
+
+template <class T, class Op>
+__device__ T warp_reduce(T v, Op op) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) v = op(v, __shfl_xor_sync(0xffffffffu, v, offset));
+  return v;
+}
+
+template <class T, class Op>
+__device__ T block_reduce(T v, Op op, T identity) {
+  __shared__ T shared[32];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = (blockDim.x + 31) >> 5;
+  v = warp_reduce(v, op);
+  if (lane == 0) shared[warp] = v;
+  __syncthreads();
+  if (warp == 0) {
+    v = lane < warps ? shared[lane] : identity;
+    v = warp_reduce(v, op);
+    if (lane == 0) shared[0] = v;
+  }
+  __syncthreads();
+  const T result = shared[0];
+  __syncthreads();  // the next call may overwrite shared[]
+  return result;
+}
+
+__device__ __forceinline__ float block_sum(float v) { return block_reduce(v, SumOp{}, 0.0f); }
+__device__ __forceinline__ float block_max(float v) { return block_reduce(v, MaxOp{}, -INFINITY); }
+
+// Threads per block for kernels that give one block to each row of `cols` elements.
+int row_threads(int64_t cols) {
+  if (cols >= 4096) return 512;
+  if (cols >= 1024) return 256;
+  if (cols >= 256) return 128;
+  return 32;
+}
+
+// ------------------------------------------------------------------------------------------------
+// Element-wise: a grid-stride kernel over an index functor (ops that index other than i).
+
+template <class F>
+__global__ void elementwise_kernel(int64_t n, F f) {
+  for (int64_t i = global_thread(); i < n; i += grid_threads()) f(i);
+}
+
+template <class F>
+cudaError_t launch_elementwise(int64_t n, const LaunchLimits& lim, cudaStream_t stream, F f) {
+  if (n <= 0) return cudaSuccess;
+  elementwise_kernel<<<grid_for(n, lim), kThreads, 0, stream>>>(n, f);
+  return cudaGetLastError();
+}
+
+// Same-shape maps out[i] = f(in_0[i], ..., in_{K-1}[i]). When every pointer is 16-byte aligned
+// each thread moves float4s (four times the bytes in flight per load), the tail one by one.
+template <int K>
+struct MapArgs {
+  const float* in[K > 0 ? K : 1];
+  float* out;
+};
+
+template <int K, class F>
+__device__ __forceinline__ float apply(const F& f, const float* v) {
+  if constexpr (K == 0) {
+    return f();
+  } else if constexpr (K == 1) {
+    return f(v[0]);
+  } else {
+    return f(v[0], v[1]);
+  }
+}
+
+template <int K, class F>
+__global__ void map_kernel(F f, MapArgs<K> args, int64_t n, bool vectorized) {
+  int64_t start = 0;
+  if (vectorized) {
+    const int64_t n4 = n / 4;
+    for (int64_t q = global_thread(); q < n4; q += grid_threads()) {
+      float4 in[K > 0 ? K : 1];
+#pragma unroll
+      for (int k = 0; k < K; ++k) in[k] = reinterpret_cast<const float4*>(args.in[k])[q];
+      float lane[4][K > 0 ? K : 1];
+#pragma unroll
+      for (int k = 0; k < K; ++k) {
+        lane[0][k] = in[k].x;
+        lane[1][k] = in[k].y;
+        lane[2][k] = in[k].z;
+        lane[3][k] = in[k].w;
+      }
+      reinterpret_cast<float4*>(args.out)[q] =
+          make_float4(apply<K>(f, lane[0]), apply<K>(f, lane[1]), apply<K>(f, lane[2]), apply<K>(f, lane[3]));
+    }
+    start = n4 * 4;
+  }
+  for (int64_t i = start + global_thread(); i < n; i += grid_threads()) {
+    float v[K > 0 ? K : 1];
+#pragma unroll
+    for (int k = 0; k < K; ++k) v[k] = args.in[k][i];
+    args.out[i] = apply<K>(f, v);
+  }
+}
+
+bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+template <int K, class F>
+cudaError_t launch_map(F f, MapArgs<K> args, int64_t n, const LaunchLimits& lim, cudaStream_t stream) {
+  if (n <= 0) return cudaSuccess;
+  bool vectorized = aligned16(args.out);
+  for (int k = 0; k < K; ++k) vectorized = vectorized && aligned16(args.in[k]);
+  map_kernel<K><<<grid_for(vectorized ? (n + 3) / 4 : n, lim), kThreads, 0, stream>>>(f, args, n, vectorized);
+  return cudaGetLastError();
+}
+
+struct Constant {
+  float value;
+  __device__ float operator()() const { return value; }
+};
+struct Plus {
+  __device__ float operator()(float a, float b) const { return a + b; }
+};
+struct AddBroadcastOp {  // b (inner) repeated over the outer dimension
+  const float *a, *b;
+  float* out;
+  int64_t inner;
+  __device__ void operator()(int64_t i) const { out[i] = a[i] + b[i % inner]; }
+};
+struct Axpy {  // (x, y) -> y + alpha x
+  float alpha;
+  __device__ float operator()(float x, float y) const { return y + alpha * x; }
+};
+struct Times {
+  float s;
+  __device__ float operator()(float x) const { return s * x; }
+};
+
+// GELU, tanh form: y = x/2 (1 + tanh(k (x + 0.044715 x^3))), k = sqrt(2/pi).
+constexpr float kGeluK = 0.7978845608028654f;
+constexpr float kGeluC = 0.044715f;
+struct Gelu {
+  __device__ float operator()(float x) const { return 0.5f * x * (1.0f + tanhf(kGeluK * (x + kGeluC * x * x * x))); }
+};
+// dy/dx = (1 + t)/2 + x/2 (1 - t^2) k (1 + 3 * 0.044715 x^2), t = tanh(k (x + 0.044715 x^3)).
+struct GeluBackward {  // (x, dy) -> dx
+  __device__ float operator()(float x, float dy) const {
+    const float t = tanhf(kGeluK * (x + kGeluC * x * x * x));
+    const float g = 0.5f * (1.0f + t) + 0.5f * x * (1.0f - t * t) * kGeluK * (1.0f + 3.0f * kGeluC * x * x);
+    return g * dy;
+  }
+};
+struct Relu {
+  __device__ float operator()(float x) const { return x > 0.0f ? x : 0.0f; }
+};
+struct ReluBackward {  // (x, dy) -> dx
+  __device__ float operator()(float x, float dy) const { return x > 0.0f ? dy : 0.0f; }
+};
+// AdamW as in PyTorch: p *= 1 - lr wd; m, v updated; p -= lr/bc1 * m / (sqrt(v)/sqrt(bc2) + eps).
+struct AdamWOp {
+  float *param, *m, *v;
+  const float* grad;
+  AdamWFolded s;
+  __device__ void operator()(int64_t i) const {
+    const float g = grad[i] * s.grad_scale;
+    const float mi = s.beta1 * m[i] + (1.0f - s.beta1) * g;
+    const float vi = s.beta2 * v[i] + (1.0f - s.beta2) * g * g;
+    m[i] = mi;
+    v[i] = vi;
+    param[i] = param[i] * s.decay - s.step * mi / (sqrtf(vi) * s.inv_sqrt_bc2 + s.eps);
+  }
+};
+struct ScaleMatricesOp {  // C (m, n) with row stride ldc, batch matrices stride_c apart
+  float* c;
+  int64_t m, n, ldc, stride_c;
+  float beta;
+  __device__ void operator()(int64_t i) const {
+    const int64_t col = i % n, row = (i / n) % m, b = i / (m * n);
+    float* p = c + b * stride_c + row * ldc + col;
+    *p = beta == 0.0f ? 0.0f : beta * *p;
+  }
+};
+struct EmbeddingOp {  // out (n, C) = table[idx]; NaN rows for indices outside [0, V)
+  const int32_t* idx;
+  const float* table;
+  float* out;
+  int64_t C, V;
+  __device__ void operator()(int64_t i) const {
+    const int64_t row = idx[i / C];
+    out[i] = (row >= 0 && row < V) ? table[row * C + i % C] : NAN;
+  }
+};
+struct EmbeddingBackwardOp {
+  const int32_t* idx;
+  const float* dout;
+  float* dtable;
+  int64_t C;
+  __device__ void operator()(int64_t i) const {
+    atomicAdd(dtable + static_cast<int64_t>(idx[i / C]) * C + i % C, dout[i]);
+  }
+};
+struct CrossEntropyBackwardOp {  // d = p dloss, minus dloss at the target
+  const float* probs;
+  const int32_t* targets;
+  float dloss;
+  float* dlogits;
+  int64_t V;
+  __device__ void operator()(int64_t i) const {
+    const float d = probs[i] * dloss;
+    dlogits[i] = (i % V == targets[i / V]) ? d - dloss : d;
+  }
+};
+
+// ------------------------------------------------------------------------------------------------
+// Strided gather into a dense buffer.
+
+// Element offset in the source of dense index i. The loop is unrolled over kMaxDims so the
+// layout stays in registers (a run-time index would copy it to local memory).
+__device__ __forceinline__ int64_t source_offset(const StridedLayout& layout, int64_t i) {
+  int64_t rest = i, offset = 0;
+#pragma unroll
+  for (int d = kMaxDims - 1; d >= 0; --d) {
+    if (d < layout.ndim) {
+      offset += (rest % layout.shape[d]) * layout.strides[d];
+      rest /= layout.shape[d];
+    }
+  }
+  return offset;
+}
+
+template <class T>
+__global__ void strided_copy_kernel(const T* src, StridedLayout layout, int64_t total, T* dst) {
+  for (int64_t i = global_thread(); i < total; i += grid_threads()) {
+    const int64_t offset = source_offset(layout, i);
+    dst[i] = src[offset];
+  }
+}
+
+// Element sizes other than 1, 2, 4 and 8 bytes: byte by byte.
+__global__ void strided_copy_bytes_kernel(const char* src, StridedLayout layout, int64_t total, size_t elem,
+                                          char* dst) {
+  for (int64_t i = global_thread(); i < total; i += grid_threads()) {
+    const int64_t offset = source_offset(layout, i);
+    for (size_t b = 0; b < elem; ++b) dst[static_cast<size_t>(i) * elem + b] = src[static_cast<size_t>(offset) * elem + b];
+  }
+}
+
+template <class T>
+cudaError_t launch_strided_copy(const void* src, const StridedLayout& layout, int64_t total, void* dst,
+                                const LaunchLimits& lim, cudaStream_t stream) {
+  strided_copy_kernel<T><<<grid_for(total, lim), kThreads, 0, stream>>>(static_cast<const T*>(src), layout, total,
+                                                                         static_cast<T*>(dst));
+  return cudaGetLastError();
+}
+
+// ------------------------------------------------------------------------------------------------
+// Whole-tensor sums, in double: per-block partials, then one block over the partials.
+
+unsigned sum_blocks(int64_t n, const LaunchLimits& lim) {
+  const int64_t cap = static_cast<int64_t>(std::max(lim.multiprocessors, 1)) * kBlocksPerSm;
+  return static_cast<unsigned>(std::max<int64_t>(1, std::min((n + kThreads - 1) / kThreads, cap)));
+}
+
+__global__ void sum_partials_kernel(const float* x, int64_t n, bool squares, double* partials) {
+  double acc = 0.0;
+  for (int64_t i = global_thread(); i < n; i += grid_threads()) {
+    const double v = x[i];
+    acc += squares ? v * v : v;
+  }
+  acc = block_reduce(acc, SumOp{}, 0.0);
+  if (threadIdx.x == 0) partials[blockIdx.x] = acc;
+}
+
+__global__ void sum_finish_kernel(const double* partials, unsigned count, double* result) {
+  double acc = 0.0;
+  for (unsigned i = threadIdx.x; i < count; i += blockDim.x) acc += partials[i];
+  acc = block_reduce(acc, SumOp{}, 0.0);
+  if (threadIdx.x == 0) *result = acc;
+}
+
+// ------------------------------------------------------------------------------------------------
+// Column sums over rows (sum_rows, LayerNorm's dw and db). Blocks of 32 columns x 8 row-threads;
+// the rows are cut into `splits` ranges (grid.y) so that short, wide and tall, narrow inputs both
+// fill the GPU. With one split the block writes the result; with more, each writes its partial
+// and a second kernel adds the partials in a fixed order (deterministic, no atomics).
+
+constexpr int kColTile = 32, kRowThreads = 8;
+
+struct ColumnSplit {
+  int64_t splits, rows_per_split;
+};
+
+ColumnSplit column_split(int64_t rows, int64_t cols, const LaunchLimits& lim) {
+  const int64_t tiles = std::max<int64_t>(1, (cols + kColTile - 1) / kColTile);
+  const int64_t target = static_cast<int64_t>(std::max(lim.multiprocessors, 1)) * kBlocksPerSm;
+  int64_t splits = std::min((target + tiles - 1) / tiles, (rows + 31) / 32);  // >= 32 rows per split
+  splits = std::clamp<int64_t>(splits, 1, 65535);
+  const int64_t per = std::max<int64_t>(1, (rows + splits - 1) / splits);
+  return {std::max<int64_t>(1, (rows + per - 1) / per), per};
+}
+
+template <int K>
+struct ColumnOutputs {
+  float* out[K];
+};
+
+struct RowsLoad {  // sum_rows: x (rows, cols)
+  const float* x;
+  __device__ void operator()(int64_t r, int64_t c, int64_t cols, float (&v)[1]) const { v[0] = x[r * cols + c]; }
+};
+struct LayerNormParamLoad {  // dw += dy xhat, db += dy
+  const float *x, *dy, *mean, *rstd;
+  __device__ void operator()(int64_t r, int64_t c, int64_t cols, float (&v)[2]) const {
+    const float g = dy[r * cols + c];
+    v[0] = g * (x[r * cols + c] - mean[r]) * rstd[r];
+    v[1] = g;
+  }
+};
+
+// direct: dst.out[k][c] (+)= column sum; else dst.out[k][split * cols + c] = partial.
+template <int K, class Load>
+__global__ void column_sum_kernel(Load load, int64_t rows, int64_t cols, int64_t rows_per_split,
+                                  ColumnOutputs<K> dst, bool direct, bool accumulate) {
+  __shared__ float tile[K][kRowThreads][kColTile + 1];
+  const int tx = threadIdx.x, ty = threadIdx.y;
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * kColTile + tx;
+  const int64_t r0 = static_cast<int64_t>(blockIdx.y) * rows_per_split;
+  const int64_t r1 = min(rows, r0 + rows_per_split);
+  float acc[K];
+#pragma unroll
+  for (int k = 0; k < K; ++k) acc[k] = 0.0f;
+  if (c < cols) {
+    for (int64_t r = r0 + ty; r < r1; r += kRowThreads) {
+      float v[K];
+      load(r, c, cols, v);
+#pragma unroll
+      for (int k = 0; k < K; ++k) acc[k] += v[k];
+    }
+  }
+#pragma unroll
+  for (int k = 0; k < K; ++k) tile[k][ty][tx] = acc[k];
+  __syncthreads();
+  if (ty != 0 || c >= cols) return;
+#pragma unroll
+  for (int k = 0; k < K; ++k) {
+    float s = 0.0f;
+#pragma unroll
+    for (int y = 0; y < kRowThreads; ++y) s += tile[k][y][tx];
+    if (direct) {
+      dst.out[k][c] = accumulate ? dst.out[k][c] + s : s;
+    } else {
+      dst.out[k][blockIdx.y * cols + c] = s;
+    }
+  }
+}
+
+template <int K>
+__global__ void column_finish_kernel(ColumnOutputs<K> partials, int64_t splits, int64_t cols, ColumnOutputs<K> out,
+                                     bool accumulate) {
+  for (int64_t c = global_thread(); c < cols; c += grid_threads()) {
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      float s = 0.0f;
+      for (int64_t p = 0; p < splits; ++p) s += partials.out[k][p * cols + c];
+      out.out[k][c] = accumulate ? out.out[k][c] + s : s;
+    }
+  }
+}
+
+size_t column_workspace_bytes(int K, int64_t rows, int64_t cols, const LaunchLimits& lim) {
+  const ColumnSplit split = column_split(rows, cols, lim);
+  return split.splits > 1 ? static_cast<size_t>(K * split.splits * cols) * sizeof(float) : 0;
+}
+
+template <int K, class Load>
+cudaError_t launch_column_sum(Load load, int64_t rows, int64_t cols, ColumnOutputs<K> out, bool accumulate,
+                              void* workspace, const LaunchLimits& lim, cudaStream_t stream) {
+  if (cols <= 0) return cudaSuccess;
+  const ColumnSplit split = column_split(rows, cols, lim);
+  const dim3 grid(static_cast<unsigned>((cols + kColTile - 1) / kColTile), static_cast<unsigned>(split.splits));
+  const dim3 block(kColTile, kRowThreads);
+  if (split.splits == 1) {
+    column_sum_kernel<K><<<grid, block, 0, stream>>>(load, rows, cols, split.rows_per_split, out, true, accumulate);
+    return cudaGetLastError();
+  }
+  ColumnOutputs<K> partials;
+  for (int k = 0; k < K; ++k) partials.out[k] = static_cast<float*>(workspace) + k * split.splits * cols;
+  column_sum_kernel<K><<<grid, block, 0, stream>>>(load, rows, cols, split.rows_per_split, partials, false, false);
+  column_finish_kernel<K><<<grid_for(cols, lim), kThreads, 0, stream>>>(partials, split.splits, cols, out, accumulate);
+  return cudaGetLastError();
+}
+
+// ------------------------------------------------------------------------------------------------
+// One block per row.
+
+__global__ void softmax_kernel(const float* x, float* y, int64_t cols) {
+  const float* xr = x + static_cast<int64_t>(blockIdx.x) * cols;
+  float* yr = y + static_cast<int64_t>(blockIdx.x) * cols;
+  float mx = -INFINITY;
+  for (int64_t j = threadIdx.x; j < cols; j += blockDim.x) mx = fmaxf(mx, xr[j]);
+  mx = block_max(mx);
+  float total = 0.0f;
+  for (int64_t j = threadIdx.x; j < cols; j += blockDim.x) total += expf(xr[j] - mx);
+  const float inv = 1.0f / block_sum(total);
+  for (int64_t j = threadIdx.x; j < cols; j += blockDim.x) yr[j] = expf(xr[j] - mx) * inv;
+}
+
+// probs = softmax(logits); losses = log(sum exp(x - max)) + max - x[target] (NaN for a bad target).
+__global__ void cross_entropy_forward_kernel(const float* logits, const int32_t* targets, float* probs, float* losses,
+                                             int64_t V) {
+  const int64_t row = blockIdx.x;
+  const float* xr = logits + row * V;
+  float* pr = probs + row * V;
+  float mx = -INFINITY;
+  for (int64_t j = threadIdx.x; j < V; j += blockDim.x) mx = fmaxf(mx, xr[j]);
+  mx = block_max(mx);
+  float total = 0.0f;
+  for (int64_t j = threadIdx.x; j < V; j += blockDim.x) total += expf(xr[j] - mx);
+  total = block_sum(total);
+  const float inv = 1.0f / total;
+  for (int64_t j = threadIdx.x; j < V; j += blockDim.x) pr[j] = expf(xr[j] - mx) * inv;
+  if (threadIdx.x == 0) {
+    const int64_t t = targets[row];
+    losses[row] = (t >= 0 && t < V) ? logf(total) + mx - xr[t] : NAN;
+  }
+}
+
+__global__ void layer_norm_forward_kernel(const float* x, const float* w, const float* b, float* y, float* mean,
+                                          float* rstd, int64_t cols, float eps) {
+  const int64_t row = blockIdx.x;
+  const float* xr = x + row * cols;
+  float* yr = y + row * cols;
+  float s = 0.0f;
+  for (int64_t c = threadIdx.x; c < cols; c += blockDim.x) s += xr[c];
+  const float m = block_sum(s) / static_cast<float>(cols);
+  float v = 0.0f;
+  for (int64_t c = threadIdx.x; c < cols; c += blockDim.x) v += (xr[c] - m) * (xr[c] - m);
+  const float rs = 1.0f / sqrtf(block_sum(v) / static_cast<float>(cols) + eps);
+  for (int64_t c = threadIdx.x; c < cols; c += blockDim.x) yr[c] = (xr[c] - m) * rs * w[c] + b[c];
+  if (threadIdx.x == 0) {
+    mean[row] = m;
+    rstd[row] = rs;
+  }
+}
+
+// dx = rstd (dy w - mean(dy w) - xhat mean(dy w xhat))
+__global__ void layer_norm_dx_kernel(const float* x, const float* w, const float* mean, const float* rstd,
+                                     const float* dy, float* dx, int64_t cols) {
+  const int64_t row = blockIdx.x;
+  const float* xr = x + row * cols;
+  const float* dyr = dy + row * cols;
+  float* dxr = dx + row * cols;
+  const float m = mean[row], rs = rstd[row];
+  float sum_g = 0.0f, sum_gx = 0.0f;
+  for (int64_t c = threadIdx.x; c < cols; c += blockDim.x) {
+    const float g = dyr[c] * w[c];
+    sum_g += g;
+    sum_gx += g * (xr[c] - m) * rs;
+  }
+  const float inv = 1.0f / static_cast<float>(cols);
+  const float mg = block_sum(sum_g) * inv, mgx = block_sum(sum_gx) * inv;
+  for (int64_t c = threadIdx.x; c < cols; c += blockDim.x) {
+    const float xhat = (xr[c] - m) * rs;
+    dxr[c] = rs * (dyr[c] * w[c] - mg - xhat * mgx);
+  }
+}
+
+// Row r is row i = r mod rows_per_matrix of a score matrix whose rows hold `len` keys; keys
+// 0..past+i are visible (training: past = 0, a square (T, T) matrix; decoding: the cache).
+__global__ void causal_softmax_kernel(float* scores, int64_t rows_per_matrix, int64_t len, int64_t past) {
+  const int64_t row = blockIdx.x, n = past + row % rows_per_matrix + 1;
+  float* s = scores + row * len;
+  float mx = -INFINITY;
+  for (int64_t j = threadIdx.x; j < n; j += blockDim.x) mx = fmaxf(mx, s[j]);
+  mx = block_max(mx);
+  float total = 0.0f;
+  for (int64_t j = threadIdx.x; j < n; j += blockDim.x) total += expf(s[j] - mx);
+  const float inv = 1.0f / block_sum(total);
+  for (int64_t j = threadIdx.x; j < len; j += blockDim.x) s[j] = j < n ? expf(s[j] - mx) * inv : 0.0f;
+}
+
+__global__ void causal_softmax_backward_kernel(const float* probs, float* dprobs, int64_t T, float scale) {
+  const int64_t row = blockIdx.x, n = row % T + 1;
+  const float* p = probs + row * T;
+  float* d = dprobs + row * T;
+  float dot = 0.0f;
+  for (int64_t j = threadIdx.x; j < n; j += blockDim.x) dot += p[j] * d[j];
+  dot = block_sum(dot);
+  for (int64_t j = threadIdx.x; j < T; j += blockDim.x) d[j] = j < n ? scale * p[j] * (d[j] - dot) : 0.0f;
+}
+
+// A grid of one block per row needs rows < 2^31.
+bool rows_fit(int64_t rows) { return rows <= 0x7fffffff; }
+
+}  // namespace
+
+// ================================================================================================
+// Launchers
+
+cudaError_t strided_copy(const void* src, const StridedLayout& layout, int64_t total, size_t elem, void* dst,
+                         const LaunchLimits& lim, cudaStream_t stream) {
+  if (total <= 0) return cudaSuccess;
+  switch (elem) {
+    case 1: return launch_strided_copy<uint8_t>(src, layout, total, dst, lim, stream);
+    case 2: return launch_strided_copy<uint16_t>(src, layout, total, dst, lim, stream);
+    case 4: return launch_strided_copy<uint32_t>(src, layout, total, dst, lim, stream);
+    case 8: return launch_strided_copy<uint64_t>(src, layout, total, dst, lim, stream);
+    default:
+      strided_copy_bytes_kernel<<<grid_for(total, lim), kThreads, 0, stream>>>(
+          static_cast<const char*>(src), layout, total, elem, static_cast<char*>(dst));
+      return cudaGetLastError();
+  }
+}
+
+cudaError_t fill(float* dst, int64_t n, float value, const LaunchLimits& lim, cudaStream_t stream) {
+  return launch_map<0>(Constant{value}, MapArgs<0>{{nullptr}, dst}, n, lim, stream);
+}
+
+cudaError_t add(const float* a, const float* b, float* out, int64_t outer, int64_t inner, const LaunchLimits& lim,
+                cudaStream_t stream) {
+  const int64_t n = outer * inner;
+  if (outer == 1) return launch_map<2>(Plus{}, MapArgs<2>{{a, b}, out}, n, lim, stream);
+  return launch_elementwise(n, lim, stream, AddBroadcastOp{a, b, out, inner});
+}
+
+cudaError_t axpy(float alpha, const float* x, float* y, int64_t n, const LaunchLimits& lim, cudaStream_t stream) {
+  return launch_map<2>(Axpy{alpha}, MapArgs<2>{{x, y}, y}, n, lim, stream);
+}
+
+cudaError_t scale(const float* x, float s, float* y, int64_t n, const LaunchLimits& lim, cudaStream_t stream) {
+  return launch_map<1>(Times{s}, MapArgs<1>{{x}, y}, n, lim, stream);
+}
+
+cudaError_t gelu_forward(const float* x, float* y, int64_t n, const LaunchLimits& lim, cudaStream_t stream) {
+  return launch_map<1>(Gelu{}, MapArgs<1>{{x}, y}, n, lim, stream);
+}
+
+cudaError_t gelu_backward(const float* x, const float* dy, float* dx, int64_t n, const LaunchLimits& lim,
+                          cudaStream_t stream) {
+  return launch_map<2>(GeluBackward{}, MapArgs<2>{{x, dy}, dx}, n, lim, stream);
+}
+
+cudaError_t relu_forward(const float* x, float* y, int64_t n, const LaunchLimits& lim, cudaStream_t stream) {
+  return launch_map<1>(Relu{}, MapArgs<1>{{x}, y}, n, lim, stream);
+}
+
+cudaError_t relu_backward(const float* x, const float* dy, float* dx, int64_t n, const LaunchLimits& lim,
+                          cudaStream_t stream) {
+  return launch_map<2>(ReluBackward{}, MapArgs<2>{{x, dy}, dx}, n, lim, stream);
+}
+
+cudaError_t adamw(float* param, const float* grad, float* m, float* v, int64_t n, const AdamWFolded& s,
+                  const LaunchLimits& lim, cudaStream_t stream) {
+  return launch_elementwise(n, lim, stream, AdamWOp{param, m, v, grad, s});
+}
+
+cudaError_t scale_matrices(float* c, int64_t m, int64_t n, int64_t ldc, int64_t stride_c, int64_t batch, float beta,
+                           const LaunchLimits& lim, cudaStream_t stream) {
+  if (m <= 0 || n <= 0) return cudaSuccess;
+  return launch_elementwise(m * n * batch, lim, stream, ScaleMatricesOp{c, m, n, ldc, stride_c, beta});
+}
+
+size_t sum_workspace_bytes(int64_t n, const LaunchLimits& lim) { return sum_blocks(n, lim) * sizeof(double); }
+
+cudaError_t sum(const float* x, int64_t n, bool squares, double* result, void* workspace, const LaunchLimits& lim,
+                cudaStream_t stream) {
+  if (n <= 0) return cudaMemsetAsync(result, 0, sizeof(double), stream);
+  const unsigned blocks = sum_blocks(n, lim);
+  auto* partials = static_cast<double*>(workspace);
+  sum_partials_kernel<<<blocks, kThreads, 0, stream>>>(x, n, squares, partials);
+  sum_finish_kernel<<<1, 1024, 0, stream>>>(partials, blocks, result);
+  return cudaGetLastError();
+}
+
+size_t sum_rows_workspace_bytes(int64_t rows, int64_t cols, const LaunchLimits& lim) {
+  return column_workspace_bytes(1, rows, cols, lim);
+}
+
+cudaError_t sum_rows(const float* x, float* out, int64_t rows, int64_t cols, bool accumulate, void* workspace,
+                     const LaunchLimits& lim, cudaStream_t stream) {
+  return launch_column_sum<1>(RowsLoad{x}, rows, cols, ColumnOutputs<1>{{out}}, accumulate, workspace, lim, stream);
+}
+
+cudaError_t softmax(const float* x, float* y, int64_t rows, int64_t cols, cudaStream_t stream) {
+  if (rows <= 0 || cols <= 0) return cudaSuccess;
+  if (!rows_fit(rows)) return cudaErrorInvalidValue;
+  softmax_kernel<<<static_cast<unsigned>(rows), row_threads(cols), 0, stream>>>(x, y, cols);
+  return cudaGetLastError();
+}
+
+cudaError_t cross_entropy_forward(const float* logits, const int32_t* targets, float* probs, float* losses, int64_t N,
+                                  int64_t V, cudaStream_t stream) {
+  if (N <= 0 || V <= 0) return cudaSuccess;
+  if (!rows_fit(N)) return cudaErrorInvalidValue;
+  cross_entropy_forward_kernel<<<static_cast<unsigned>(N), row_threads(V), 0, stream>>>(logits, targets, probs,
+                                                                                          losses, V);
+  return cudaGetLastError();
+}
+
+cudaError_t cross_entropy_backward(const float* probs, const int32_t* targets, float dloss, float* dlogits, int64_t N,
+                                   int64_t V, const LaunchLimits& lim, cudaStream_t stream) {
+  return launch_elementwise(N * V, lim, stream, CrossEntropyBackwardOp{probs, targets, dloss, dlogits, V});
+}
+
+cudaError_t layer_norm_forward(const float* x, const float* w, const float* b, float* y, float* mean, float* rstd,
+                               int64_t rows, int64_t cols, float eps, cudaStream_t stream) {
+  if (rows <= 0 || cols <= 0) return cudaSuccess;
+  if (!rows_fit(rows)) return cudaErrorInvalidValue;
+  layer_norm_forward_kernel<<<static_cast<unsigned>(rows), row_threads(cols), 0, stream>>>(x, w, b, y, mean, rstd,
+                                                                                             cols, eps);
+  return cudaGetLastError();
+}
+
+size_t layer_norm_backward_workspace_bytes(int64_t rows, int64_t cols, const LaunchLimits& lim) {
+  return column_workspace_bytes(2, rows, cols, lim);
+}
+
+cudaError_t layer_norm_backward(const float* x, const float* w, const float* mean, const float* rstd, const float* dy,
+                                float* dx, float* dw, float* db, int64_t rows, int64_t cols, void* workspace,
+                                const LaunchLimits& lim, cudaStream_t stream) {
+  if (rows <= 0 || cols <= 0) return cudaSuccess;
+  if (!rows_fit(rows)) return cudaErrorInvalidValue;
+  layer_norm_dx_kernel<<<static_cast<unsigned>(rows), row_threads(cols), 0, stream>>>(x, w, mean, rstd, dy, dx, cols);
+  const cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) return err;
+  return launch_column_sum<2>(LayerNormParamLoad{x, dy, mean, rstd}, rows, cols, ColumnOutputs<2>{{dw, db}}, true,
+                              workspace, lim, stream);
+}
+
+cudaError_t embedding_forward(const int32_t* idx, const float* table, float* out, int64_t n, int64_t C, int64_t V,
+                              const LaunchLimits& lim, cudaStream_t stream) {
+  return launch_elementwise(n * C, lim, stream, EmbeddingOp{idx, table, out, C, V});
+}
+
+cudaError_t embedding_backward(const int32_t* idx, const float* dout, float* dtable, int64_t n, int64_t C,
+                               const LaunchLimits& lim, cudaStream_t stream) {
+  return launch_elementwise(n * C, lim, stream, EmbeddingBackwardOp{idx, dout, dtable, C});
+}
+
+cudaError_t causal_softmax(float* scores, int64_t rows, int64_t rows_per_matrix, int64_t len, int64_t past,
+                           cudaStream_t stream) {
+  if (rows <= 0 || len <= 0) return cudaSuccess;
+  if (!rows_fit(rows)) return cudaErrorInvalidValue;
+  causal_softmax_kernel<<<static_cast<unsigned>(rows), row_threads(len), 0, stream>>>(scores, rows_per_matrix, len,
+                                                                                       past);
+  return cudaGetLastError();
+}
+
+cudaError_t causal_softmax_backward(const float* probs, float* dprobs, int64_t rows, int64_t T, float scale,
+                                    cudaStream_t stream) {
+  if (rows <= 0 || T <= 0) return cudaSuccess;
+  if (!rows_fit(rows)) return cudaErrorInvalidValue;
+  causal_softmax_backward_kernel<<<static_cast<unsigned>(rows), row_threads(T), 0, stream>>>(probs, dprobs, T, scale);
+  return cudaGetLastError();
+}
+
+}  // namespace tutti::cuda::kernels

@@ -1,0 +1,96 @@
+// Launchers of tutti's own CUDA kernels, callable from host C++ (cuda_backend.cpp). Each enqueues
+// its kernel(s) on `stream` and returns the launch status (cudaGetLastError), which the caller
+// checks with CUDA_CHECK. Pointers are device pointers; sizes are element counts. Kernel bodies
+// are in cuda_kernels.cu, which includes no tutti header, so it builds as C++17 under any nvcc.
+// Letters: N rows, V vocabulary, B batch, H heads, T time.
+#pragma once
+#include <cuda_runtime_api.h>
+
+#include <cstddef>
+#include <cstdint>
+
+namespace tutti::cuda::kernels {
+
+constexpr int kMaxDims = 6;  // == tutti::kMaxDims (checked in cuda_backend.cpp)
+
+// A strided view's geometry, passed to the kernel by value.
+struct StridedLayout {
+  int ndim;
+  int64_t shape[kMaxDims];
+  int64_t strides[kMaxDims];
+};
+
+// Limits read once per device, used to size grids.
+struct LaunchLimits {
+  int multiprocessors;
+};
+
+// Adam(W) hyper-parameters of one step, already folded (see AdamWStep in backend.hpp).
+struct AdamWFolded {
+  float beta1, beta2, eps, decay, step, inv_sqrt_bc2, grad_scale;
+};
+
+// -- copies and element-wise ---------------------------------------------------------------------
+cudaError_t strided_copy(const void* src, const StridedLayout& layout, int64_t total, size_t elem, void* dst,
+                         const LaunchLimits& lim, cudaStream_t stream);
+cudaError_t fill(float* dst, int64_t n, float value, const LaunchLimits& lim, cudaStream_t stream);
+cudaError_t add(const float* a, const float* b, float* out, int64_t outer, int64_t inner, const LaunchLimits& lim,
+                cudaStream_t stream);
+cudaError_t axpy(float alpha, const float* x, float* y, int64_t n, const LaunchLimits& lim, cudaStream_t stream);
+cudaError_t scale(const float* x, float s, float* y, int64_t n, const LaunchLimits& lim, cudaStream_t stream);
+cudaError_t gelu_forward(const float* x, float* y, int64_t n, const LaunchLimits& lim, cudaStream_t stream);
+cudaError_t gelu_backward(const float* x, const float* dy, float* dx, int64_t n, const LaunchLimits& lim,
+                          cudaStream_t stream);
+cudaError_t relu_forward(const float* x, float* y, int64_t n, const LaunchLimits& lim, cudaStream_t stream);
+cudaError_t relu_backward(const float* x, const float* dy, float* dx, int64_t n, const LaunchLimits& lim,
+                          cudaStream_t stream);
+cudaError_t adamw(float* param, const float* grad, float* m, float* v, int64_t n, const AdamWFolded& s,
+                  const LaunchLimits& lim, cudaStream_t stream);
+// C (m, n), row stride ldc, `batch` matrices stride_c apart: C *= beta (C = 0 when beta == 0).
+// The k == 0 case of a GEMM, which cuBLAS rejects through its leading-dimension checks.
+cudaError_t scale_matrices(float* c, int64_t m, int64_t n, int64_t ldc, int64_t stride_c, int64_t batch, float beta,
+                           const LaunchLimits& lim, cudaStream_t stream);
+
+// -- reductions ---------------------------------------------------------------------------------
+// Deterministic: a fixed grid writes per-block partials to `workspace`, one block sums them.
+// Workspace sizes (in bytes) come from the *_workspace_bytes functions.
+size_t sum_workspace_bytes(int64_t n, const LaunchLimits& lim);
+// result (one double, device memory) = sum x or sum x^2, accumulated in double.
+cudaError_t sum(const float* x, int64_t n, bool squares, double* result, void* workspace, const LaunchLimits& lim,
+                cudaStream_t stream);
+size_t sum_rows_workspace_bytes(int64_t rows, int64_t cols, const LaunchLimits& lim);
+// out[c] (+)= sum_r x[r, c]
+cudaError_t sum_rows(const float* x, float* out, int64_t rows, int64_t cols, bool accumulate, void* workspace,
+                     const LaunchLimits& lim, cudaStream_t stream);
+
+// -- row-wise fused ops -------------------------------------------------------------------------
+cudaError_t softmax(const float* x, float* y, int64_t rows, int64_t cols, cudaStream_t stream);
+cudaError_t cross_entropy_forward(const float* logits, const int32_t* targets, float* probs, float* losses, int64_t N,
+                                  int64_t V, cudaStream_t stream);
+cudaError_t cross_entropy_backward(const float* probs, const int32_t* targets, float dloss, float* dlogits, int64_t N,
+                                   int64_t V, const LaunchLimits& lim, cudaStream_t stream);
+cudaError_t layer_norm_forward(const float* x, const float* w, const float* b, float* y, float* mean, float* rstd,
+                               int64_t rows, int64_t cols, float eps, cudaStream_t stream);
+size_t layer_norm_backward_workspace_bytes(int64_t rows, int64_t cols, const LaunchLimits& lim);
+// dx written; dw and db accumulated (+=), as on the CPU.
+cudaError_t layer_norm_backward(const float* x, const float* w, const float* mean, const float* rstd, const float* dy,
+                                float* dx, float* dw, float* db, int64_t rows, int64_t cols, void* workspace,
+                                const LaunchLimits& lim, cudaStream_t stream);
+// out (n, C) = table[idx]; a row whose index is outside [0, V) comes out NaN (the GPU cannot throw).
+cudaError_t embedding_forward(const int32_t* idx, const float* table, float* out, int64_t n, int64_t C, int64_t V,
+                              const LaunchLimits& lim, cudaStream_t stream);
+// dtable[idx[i]] += dout[i] with atomicAdd: the order of additions to a repeated row is not fixed.
+cudaError_t embedding_backward(const int32_t* idx, const float* dout, float* dtable, int64_t n, int64_t C,
+                               const LaunchLimits& lim, cudaStream_t stream);
+
+// -- causal attention pieces (the matrix products go through cuBLAS) ------------------------------
+// Each of `rows` rows of `len` scores is row i = (r mod rows_per_matrix) of a score matrix whose
+// query sits at position past + i: softmax in place over keys 0..past+i, zeros after. Training
+// passes (T, T, 0); decoding against a cache passes (n, past + n, past).
+cudaError_t causal_softmax(float* scores, int64_t rows, int64_t rows_per_matrix, int64_t len, int64_t past,
+                           cudaStream_t stream);
+// dprobs (in) -> dscores (out, in place): scale * P * (dP - sum_j P dP), zero above the diagonal.
+cudaError_t causal_softmax_backward(const float* probs, float* dprobs, int64_t rows, int64_t T, float scale,
+                                    cudaStream_t stream);
+
+}  // namespace tutti::cuda::kernels

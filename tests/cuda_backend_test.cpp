@@ -1,0 +1,741 @@
+// The CUDA backend against the CPU backend: every kernel it implements, on random inputs of several
+// sizes (1, odd, and over a million elements), then the public ops with autograd on cuda:0. Without
+// a GPU (or a build without CUDA) the GPU tests skip; the device query tests run everywhere.
+// Letters: B batch, T time, C channels, H heads, N rows, V vocabulary.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <functional>
+#include <limits>
+#include <sstream>
+#include <vector>
+
+#include "backend/backend.hpp"
+#include "tutti/core/random.hpp"
+#include "tutti/core/tensor.hpp"
+#include "tutti/ops/ops.hpp"
+
+using namespace tutti;
+
+namespace {
+
+const Device kGpu = Device::cuda(0);
+const Device kCpu = Device::cpu();
+constexpr int64_t kSizes[] = {1, 37, 1000, 1000003};
+
+// ------------------------------------------------------------------------------------------------
+// Helpers
+
+Tensor random_tensor(const Shape& shape, Rng& rng, double lo = -1.0, double hi = 1.0) {
+  std::vector<float> v(static_cast<size_t>(shape.numel()));
+  for (float& x : v) x = static_cast<float>(lo + (hi - lo) * rng.uniform());
+  return Tensor::from_vector(shape, v);
+}
+
+Tensor random_indices(const Shape& shape, int64_t n, Rng& rng) {
+  std::vector<int32_t> v(static_cast<size_t>(shape.numel()));
+  for (int32_t& x : v) x = static_cast<int32_t>(rng.below(static_cast<uint64_t>(n)));
+  return Tensor::from_vector(shape, v);
+}
+
+// An output buffer full of NaN, so an element the kernel forgot to write fails the comparison.
+Tensor poisoned(const Shape& shape, Device device) {
+  return Tensor::full(shape, std::numeric_limits<float>::quiet_NaN(), device);
+}
+
+float* f32(const Tensor& t) { return t.data<float>(); }
+const int32_t* i32(const Tensor& t) { return t.data<int32_t>(); }
+
+// |actual - expected| <= atol + rtol |expected| for every element; NaN never passes.
+::testing::AssertionResult all_close(const Tensor& actual, const Tensor& expected, double rtol, double atol) {
+  if (!(actual.shape() == expected.shape()))
+    return ::testing::AssertionFailure() << "shapes differ: " << actual.str() << " vs " << expected.str();
+  const std::vector<float> a = actual.to_vector<float>(), e = expected.to_vector<float>();
+  int64_t bad = 0, first = -1;
+  double worst = 0.0;
+  for (size_t i = 0; i < a.size(); ++i) {
+    const double diff = std::abs(static_cast<double>(a[i]) - e[i]);
+    const bool ok = diff <= atol + rtol * std::abs(static_cast<double>(e[i]));  // false for NaN
+    if (!ok) {
+      if (first < 0) first = static_cast<int64_t>(i);
+      ++bad;
+    }
+    if (!(diff <= worst)) worst = diff;
+  }
+  if (bad == 0) return ::testing::AssertionSuccess();
+  return ::testing::AssertionFailure() << bad << " of " << a.size() << " elements differ; first at " << first
+                                       << ": " << a[static_cast<size_t>(first)] << " vs "
+                                       << e[static_cast<size_t>(first)] << "; worst |diff| " << worst;
+}
+
+// GELU (tanh form) and its derivative in double, rounded to f32 at the end.
+Tensor gelu_f64(const Tensor& x) {
+  std::vector<float> v = x.to_vector<float>();
+  for (float& e : v) {
+    const double d = e, t = std::tanh(0.7978845608028654 * (d + 0.044715 * d * d * d));
+    e = static_cast<float>(0.5 * d * (1.0 + t));
+  }
+  return Tensor::from_vector(x.shape(), v);
+}
+Tensor gelu_backward_f64(const Tensor& x, const Tensor& dy) {
+  std::vector<float> v = x.to_vector<float>();
+  const std::vector<float> g = dy.to_vector<float>();
+  for (size_t i = 0; i < v.size(); ++i) {
+    const double d = v[i], k = 0.7978845608028654, t = std::tanh(k * (d + 0.044715 * d * d * d));
+    const double grad = 0.5 * (1.0 + t) + 0.5 * d * (1.0 - t * t) * k * (1.0 + 3.0 * 0.044715 * d * d);
+    v[i] = static_cast<float>(grad * g[i]);
+  }
+  return Tensor::from_vector(x.shape(), v);
+}
+
+Backend& cpu() { return backend_for(kCpu); }
+Backend& gpu() { return backend_for(kGpu); }
+
+}  // namespace
+
+// ================================================================================================
+// Device query: runs on every machine
+
+TEST(CudaDevice, QueryNeverThrows) {
+  bool available = false;
+  EXPECT_NO_THROW(available = device_available(kGpu));
+  EXPECT_FALSE(device_available(Device::cuda(-1)));
+  EXPECT_FALSE(device_available(Device::cuda(1 << 20)));
+  if (!available) EXPECT_THROW(backend_for(kGpu), InvalidArgument);
+}
+
+TEST(CudaDevice, MissingDeviceIsAClearError) {
+  EXPECT_THROW(backend_for(Device::cuda(1 << 20)), InvalidArgument);
+}
+
+// ================================================================================================
+// Memory, copies, strided gather
+
+TEST(CudaBackend, CopiesRoundTrip) {
+  if (!tutti::device_available(tutti::Device::cuda(0))) GTEST_SKIP() << "no CUDA device";
+  EXPECT_STREQ(gpu().name(), "cuda");
+  EXPECT_EQ(gpu().device(), kGpu);
+  Rng rng(1);
+  for (int64_t n : kSizes) {
+    Tensor x = random_tensor({n}, rng);
+    Tensor xg = x.to(kGpu);
+    EXPECT_EQ(xg.device(), kGpu);
+    Tensor yg = xg.clone();  // device to device
+    EXPECT_TRUE(all_close(yg.to(kCpu), x, 0.0, 0.0)) << "n=" << n;
+    Tensor idx = random_indices({n}, 1000, rng);
+    EXPECT_EQ(idx.to(kGpu).to_vector<int32_t>(), idx.to_vector<int32_t>()) << "n=" << n;
+  }
+  Tensor zi = Tensor::zeros({37}, DType::i32, kGpu);
+  EXPECT_EQ(zi.to_vector<int32_t>(), std::vector<int32_t>(37, 0));
+  Tensor zf = Tensor::zeros({0}, DType::f32, kGpu);  // empty: nothing to copy
+  EXPECT_EQ(zf.to_vector<float>().size(), 0u);
+  gpu().synchronize();
+}
+
+TEST(CudaBackend, StridedCopyOfViews) {
+  if (!tutti::device_available(tutti::Device::cuda(0))) GTEST_SKIP() << "no CUDA device";
+  Rng rng(2);
+  for (const Shape& shape : {Shape{1, 1}, Shape{37, 5}, Shape{3, 7, 11}, Shape{2, 3, 4, 5, 6}, Shape{1000, 1003}}) {
+    Tensor x = random_tensor(shape, rng);
+    Tensor xg = x.to(kGpu);
+    const int last = shape.ndim() - 1;
+    Tensor t = x.transpose(0, last), tg = xg.transpose(0, last);
+    EXPECT_TRUE(all_close(tg.contiguous(), t.contiguous(), 0.0, 0.0)) << shape.str();
+    if (shape[last] > 2) {
+      Tensor s = x.slice(last, 1, shape[last] - 1), sg = xg.slice(last, 1, shape[last] - 1);
+      EXPECT_TRUE(all_close(sg.contiguous(), s.contiguous(), 0.0, 0.0)) << shape.str();
+    }
+  }
+  // 4-byte integers and a single element through the same kernel.
+  Tensor idx = random_indices({37, 41}, 100, rng);
+  EXPECT_EQ(idx.to(kGpu).transpose(0, 1).contiguous().to_vector<int32_t>(),
+            idx.transpose(0, 1).contiguous().to_vector<int32_t>());
+  Tensor one = random_tensor({1, 1}, rng);
+  EXPECT_TRUE(all_close(one.to(kGpu).transpose(0, 1).contiguous(), one, 0.0, 0.0));
+}
+
+// ================================================================================================
+// Element-wise kernels
+
+TEST(CudaBackend, Fill) {
+  if (!tutti::device_available(tutti::Device::cuda(0))) GTEST_SKIP() << "no CUDA device";
+  for (int64_t n : kSizes) {
+    Tensor g = poisoned({n}, kGpu);
+    gpu().fill(f32(g), n, 3.25f);
+    EXPECT_TRUE(all_close(g, Tensor::full({n}, 3.25f), 0.0, 0.0)) << "n=" << n;
+  }
+}
+
+TEST(CudaBackend, AddWithBroadcast) {
+  if (!tutti::device_available(tutti::Device::cuda(0))) GTEST_SKIP() << "no CUDA device";
+  Rng rng(3);
+  const int64_t cases[][2] = {{1, 1}, {1, 37}, {37, 1}, {1001, 37}, {3, 1000003}, {1000003, 1}};
+  for (const auto& c : cases) {
+    const int64_t outer = c[0], inner = c[1];
+    Tensor a = random_tensor({outer * inner}, rng), b = random_tensor({inner}, rng);
+    Tensor out = Tensor::empty({outer * inner}), out_g = poisoned({outer * inner}, kGpu);
+    Tensor ag = a.to(kGpu), bg = b.to(kGpu);
+    cpu().add(f32(a), f32(b), f32(out), outer, inner);
+    gpu().add(f32(ag), f32(bg), f32(out_g), outer, inner);
+    EXPECT_TRUE(all_close(out_g, out, 1e-6, 1e-7)) << outer << " x " << inner;
+  }
+}
+
+TEST(CudaBackend, AxpyAndScale) {
+  if (!tutti::device_available(tutti::Device::cuda(0))) GTEST_SKIP() << "no CUDA device";
+  Rng rng(4);
+  for (int64_t n : kSizes) {
+    Tensor x = random_tensor({n}, rng), y = random_tensor({n}, rng);
+    Tensor xg = x.to(kGpu), yg = y.to(kGpu);
+    cpu().axpy(-0.75f, f32(x), f32(y), n);
+    gpu().axpy(-0.75f, f32(xg), f32(yg), n);
+    EXPECT_TRUE(all_close(yg, y, 1e-5, 1e-6)) << "axpy n=" << n;
+    Tensor s = Tensor::empty({n}), sg = poisoned({n}, kGpu);
+    cpu().scale(f32(x), 1.5f, f32(s), n);
+    gpu().scale(f32(xg), 1.5f, f32(sg), n);
+    EXPECT_TRUE(all_close(sg, s, 1e-6, 0.0)) << "scale n=" << n;
+  }
+}
+
+TEST(CudaBackend, GeluAndReluForwardBackward) {
+  if (!tutti::device_available(tutti::Device::cuda(0))) GTEST_SKIP() << "no CUDA device";
+  Rng rng(5);
+  for (int64_t n : kSizes) {
+    Tensor x = random_tensor({n}, rng, -6.0, 6.0), dy = random_tensor({n}, rng);
+    Tensor xg = x.to(kGpu), dyg = dy.to(kGpu);
+    Tensor y = Tensor::empty({n}), yg = poisoned({n}, kGpu);
+    Tensor dx = Tensor::empty({n}), dxg = poisoned({n}, kGpu);
+    cpu().gelu_forward(f32(x), f32(y), n);
+    gpu().gelu_forward(f32(xg), f32(yg), n);
+    EXPECT_TRUE(all_close(yg, y, 1e-5, 1e-6)) << "gelu n=" << n;
+    EXPECT_TRUE(all_close(yg, gelu_f64(x), 1e-5, 1e-6)) << "gelu vs float64, n=" << n;
+    cpu().gelu_backward(f32(x), f32(dy), f32(dx), n);
+    gpu().gelu_backward(f32(xg), f32(dyg), f32(dxg), n);
+    // In float, 1 - t^2 loses absolute precision as |t| -> 1 (t off by an ulp moves it ~2.4e-7),
+    // and x/2 k (1 + 3c x^2) scales that up to ~14 on [-6, 6]: ~4e-6 either side of the truth.
+    EXPECT_TRUE(all_close(dxg, dx, 1e-5, 8e-6)) << "gelu_backward n=" << n;
+    EXPECT_TRUE(all_close(dxg, gelu_backward_f64(x, dy), 1e-5, 4e-6)) << "gelu_backward vs float64, n=" << n;
+    cpu().relu_forward(f32(x), f32(y), n);
+    gpu().relu_forward(f32(xg), f32(yg), n);
+    EXPECT_TRUE(all_close(yg, y, 0.0, 0.0)) << "relu n=" << n;
+    cpu().relu_backward(f32(x), f32(dy), f32(dx), n);
+    gpu().relu_backward(f32(xg), f32(dyg), f32(dxg), n);
+    EXPECT_TRUE(all_close(dxg, dx, 0.0, 0.0)) << "relu_backward n=" << n;
+  }
+}
+
+// Pointers one float past a 16-byte boundary take the kernels' scalar path instead of float4s.
+TEST(CudaBackend, ElementwiseOnUnalignedPointers) {
+  if (!tutti::device_available(tutti::Device::cuda(0))) GTEST_SKIP() << "no CUDA device";
+  Rng rng(17);
+  for (int64_t n : {int64_t{2}, int64_t{38}, int64_t{1000004}}) {
+    const int64_t m = n - 1;
+    Tensor x = random_tensor({n}, rng, -3.0, 3.0), y = random_tensor({n}, rng);
+    Tensor xg = x.to(kGpu), yg = y.to(kGpu);
+    Tensor out = random_tensor({n}, rng);
+    Tensor out_g = out.to(kGpu);
+    cpu().gelu_forward(f32(x) + 1, f32(out) + 1, m);
+    gpu().gelu_forward(f32(xg) + 1, f32(out_g) + 1, m);
+    EXPECT_TRUE(all_close(out_g, out, 1e-5, 1e-6)) << "gelu n=" << m;
+    cpu().add(f32(x) + 1, f32(y), f32(out), 1, m);
+    gpu().add(f32(xg) + 1, f32(yg), f32(out_g), 1, m);
+    EXPECT_TRUE(all_close(out_g, out, 1e-6, 1e-7)) << "add n=" << m;
+    cpu().axpy(0.5f, f32(x), f32(y) + 1, m);
+    gpu().axpy(0.5f, f32(xg), f32(yg) + 1, m);
+    EXPECT_TRUE(all_close(yg, y, 1e-5, 1e-6)) << "axpy n=" << m;
+    cpu().fill(f32(out) + 1, m, -2.0f);
+    gpu().fill(f32(out_g) + 1, m, -2.0f);
+    EXPECT_TRUE(all_close(out_g, out, 0.0, 0.0)) << "fill n=" << m;
+  }
+}
+
+TEST(CudaBackend, AdamW) {
+  if (!tutti::device_available(tutti::Device::cuda(0))) GTEST_SKIP() << "no CUDA device";
+  Rng rng(6);
+  const AdamWStep step{1e-3f, 0.9f, 0.95f, 1e-8f, 0.1f, 1.0f - 0.9f * 0.9f * 0.9f, 1.0f - 0.95f * 0.95f * 0.95f, 0.5f};
+  for (int64_t n : kSizes) {
+    Tensor p = random_tensor({n}, rng), g = random_tensor({n}, rng), m = random_tensor({n}, rng, -0.1, 0.1),
+           v = random_tensor({n}, rng, 0.0, 0.01);
+    Tensor pg = p.to(kGpu), gg = g.to(kGpu), mg = m.to(kGpu), vg = v.to(kGpu);
+    cpu().adamw(f32(p), f32(g), f32(m), f32(v), n, step);
+    gpu().adamw(f32(pg), f32(gg), f32(mg), f32(vg), n, step);
+    EXPECT_TRUE(all_close(pg, p, 1e-5, 1e-7)) << "param n=" << n;
+    EXPECT_TRUE(all_close(mg, m, 1e-5, 1e-8)) << "m n=" << n;
+    EXPECT_TRUE(all_close(vg, v, 1e-5, 1e-10)) << "v n=" << n;
+  }
+}
+
+// ================================================================================================
+// Reductions
+
+TEST(CudaBackend, SumAndSumSquares) {
+  if (!tutti::device_available(tutti::Device::cuda(0))) GTEST_SKIP() << "no CUDA device";
+  Rng rng(7);
+  for (int64_t n : {int64_t{0}, int64_t{1}, int64_t{37}, int64_t{1000}, int64_t{1000003}, int64_t{5000011}}) {
+    Tensor x = random_tensor({n}, rng, -1.0, 3.0);
+    Tensor xg = x.to(kGpu);
+    // Both sides add the same floats in double: only the order differs.
+    const double sum = cpu().sum(f32(x), n), squares = cpu().sum_squares(f32(x), n);
+    EXPECT_NEAR(gpu().sum(f32(xg), n), sum, 1e-10 * (std::abs(sum) + 1.0)) << "n=" << n;
+    EXPECT_NEAR(gpu().sum_squares(f32(xg), n), squares, 1e-10 * (squares + 1.0)) << "n=" << n;
+  }
+}
+
+TEST(CudaBackend, SumRows) {
+  if (!tutti::device_available(tutti::Device::cuda(0))) GTEST_SKIP() << "no CUDA device";
+  Rng rng(8);
+  const int64_t cases[][2] = {{1, 1}, {37, 1}, {1, 37}, {1000, 37}, {100003, 3}, {64, 4097}, {5000, 1000}, {0, 5}};
+  for (const auto& c : cases) {
+    const int64_t rows = c[0], cols = c[1];
+    Tensor x = random_tensor({rows, cols}, rng);
+    Tensor xg = x.to(kGpu);
+    for (bool accumulate : {false, true}) {
+      Tensor out = random_tensor({cols}, rng);
+      Tensor out_g = accumulate ? out.to(kGpu) : poisoned({cols}, kGpu);
+      cpu().sum_rows(f32(x), f32(out), rows, cols, accumulate);
+      gpu().sum_rows(f32(xg), f32(out_g), rows, cols, accumulate);
+      const double atol = 1e-6 * std::sqrt(static_cast<double>(rows)) + 1e-6;
+      EXPECT_TRUE(all_close(out_g, out, 1e-4, atol)) << rows << " x " << cols << " accumulate=" << accumulate;
+    }
+  }
+}
+
+// ================================================================================================
+// GEMM
+
+namespace {
+
+struct GemmCase {
+  int64_t m, n, k;
+  bool trans_a, trans_b;
+  int64_t batch = 1;
+  bool shared_a = false, shared_b = false;  // stride 0: one matrix for the whole batch
+  float alpha = 1.0f, beta = 0.0f;
+  int64_t pad = 0;  // extra columns in every leading dimension
+};
+
+std::string describe(const GemmCase& c) {
+  std::ostringstream s;
+  s << "m=" << c.m << " n=" << c.n << " k=" << c.k << " ta=" << c.trans_a << " tb=" << c.trans_b
+    << " batch=" << c.batch << " shared_a=" << c.shared_a << " shared_b=" << c.shared_b << " alpha=" << c.alpha
+    << " beta=" << c.beta << " pad=" << c.pad;
+  return s.str();
+}
+
+void expect_gemm_matches(const GemmCase& c, Rng& rng) {
+  const int64_t rows_a = c.trans_a ? c.k : c.m, cols_a = c.trans_a ? c.m : c.k;
+  const int64_t rows_b = c.trans_b ? c.n : c.k, cols_b = c.trans_b ? c.k : c.n;
+  const int64_t lda = cols_a + c.pad, ldb = cols_b + c.pad, ldc = c.n + c.pad;
+  const int64_t mats_a = c.shared_a ? 1 : c.batch, mats_b = c.shared_b ? 1 : c.batch;
+  Tensor a = random_tensor({mats_a * rows_a * lda}, rng), b = random_tensor({mats_b * rows_b * ldb}, rng);
+  Tensor out = random_tensor({c.batch * c.m * ldc}, rng);
+  Tensor ag = a.to(kGpu), bg = b.to(kGpu), out_g = out.to(kGpu);
+  Gemm g;
+  g.trans_a = c.trans_a;
+  g.trans_b = c.trans_b;
+  g.m = c.m;
+  g.n = c.n;
+  g.k = c.k;
+  g.alpha = c.alpha;
+  g.beta = c.beta;
+  g.lda = lda;
+  g.ldb = ldb;
+  g.ldc = ldc;
+  g.batch = c.batch;
+  g.stride_a = c.shared_a ? 0 : rows_a * lda;
+  g.stride_b = c.shared_b ? 0 : rows_b * ldb;
+  g.stride_c = c.m * ldc;
+  Gemm gg = g;
+  g.a = f32(a);
+  g.b = f32(b);
+  g.c = f32(out);
+  gg.a = f32(ag);
+  gg.b = f32(bg);
+  gg.c = f32(out_g);
+  cpu().gemm(g);
+  gpu().gemm(gg);
+  const double atol = 2e-6 * static_cast<double>(c.k) + 1e-6;
+  EXPECT_TRUE(all_close(out_g, out, 1e-4, atol)) << describe(c);
+}
+
+}  // namespace
+
+TEST(CudaBackend, GemmAllTransposes) {
+  if (!tutti::device_available(tutti::Device::cuda(0))) GTEST_SKIP() << "no CUDA device";
+  Rng rng(9);
+  const int64_t dims[][3] = {{1, 1, 1}, {37, 1, 5}, {1, 37, 129}, {64, 64, 64}, {129, 257, 67}, {1000, 37, 1003}};
+  for (const auto& d : dims)
+    for (bool ta : {false, true})
+      for (bool tb : {false, true}) expect_gemm_matches({d[0], d[1], d[2], ta, tb}, rng);
+}
+
+TEST(CudaBackend, GemmBatchedAlphaBetaAndLeadingDimensions) {
+  if (!tutti::device_available(tutti::Device::cuda(0))) GTEST_SKIP() << "no CUDA device";
+  Rng rng(10);
+  for (bool ta : {false, true}) {
+    for (bool tb : {false, true}) {
+      expect_gemm_matches({37, 41, 43, ta, tb, 3}, rng);
+      expect_gemm_matches({37, 41, 43, ta, tb, 5, true, false}, rng);
+      expect_gemm_matches({37, 41, 43, ta, tb, 5, false, true}, rng);
+      expect_gemm_matches({33, 17, 65, ta, tb, 2, false, false, 0.5f, 0.25f}, rng);
+      expect_gemm_matches({33, 17, 65, ta, tb, 1, false, false, -1.0f, 1.0f, 3}, rng);
+      expect_gemm_matches({33, 17, 65, ta, tb, 4, false, false, 1.0f, 0.0f, 5}, rng);
+    }
+  }
+  // k == 0: C = beta C (padded so that no leading dimension is 0, which BLAS rejects).
+  expect_gemm_matches({5, 7, 0, false, false, 1, false, false, 1.0f, 0.5f, 1}, rng);
+  expect_gemm_matches({5, 7, 0, false, false, 3, false, false, 1.0f, 0.0f, 1}, rng);
+}
+
+TEST(CudaBackend, GemmRejectsSizesBeyondInt) {
+  if (!tutti::device_available(tutti::Device::cuda(0))) GTEST_SKIP() << "no CUDA device";
+  Gemm g;
+  g.m = int64_t{1} << 32;
+  g.n = 1;
+  g.k = 1;
+  g.lda = g.ldb = g.ldc = 1;
+  EXPECT_THROW(gpu().gemm(g), InvalidArgument);
+}
+
+// ================================================================================================
+// Row-wise fused kernels
+
+TEST(CudaBackend, Softmax) {
+  if (!tutti::device_available(tutti::Device::cuda(0))) GTEST_SKIP() << "no CUDA device";
+  Rng rng(11);
+  const int64_t cases[][2] = {{1, 1}, {37, 37}, {1000, 3}, {1, 1000003}, {64, 50257}};
+  for (const auto& c : cases) {
+    const int64_t rows = c[0], cols = c[1];
+    Tensor x = random_tensor({rows, cols}, rng, -8.0, 8.0);
+    Tensor y = Tensor::empty({rows, cols}), yg = poisoned({rows, cols}, kGpu);
+    Tensor xg = x.to(kGpu);
+    cpu().softmax(f32(x), f32(y), rows, cols);
+    gpu().softmax(f32(xg), f32(yg), rows, cols);
+    EXPECT_TRUE(all_close(yg, y, 1e-4, 1e-9)) << rows << " x " << cols;
+  }
+}
+
+TEST(CudaBackend, CrossEntropyForwardBackward) {
+  if (!tutti::device_available(tutti::Device::cuda(0))) GTEST_SKIP() << "no CUDA device";
+  Rng rng(12);
+  const int64_t cases[][2] = {{1, 1}, {37, 37}, {1000, 3}, {64, 50257}};
+  for (const auto& c : cases) {
+    const int64_t N = c[0], V = c[1];
+    Tensor logits = random_tensor({N, V}, rng, -8.0, 8.0), targets = random_indices({N}, V, rng);
+    Tensor probs = Tensor::empty({N, V}), losses = Tensor::empty({N});
+    Tensor lg = logits.to(kGpu), tg = targets.to(kGpu);
+    Tensor probs_g = poisoned({N, V}, kGpu), losses_g = poisoned({N}, kGpu);
+    cpu().cross_entropy_forward(f32(logits), i32(targets), f32(probs), f32(losses), N, V);
+    gpu().cross_entropy_forward(f32(lg), i32(tg), f32(probs_g), f32(losses_g), N, V);
+    EXPECT_TRUE(all_close(probs_g, probs, 1e-4, 1e-9)) << N << " x " << V;
+    EXPECT_TRUE(all_close(losses_g, losses, 1e-5, 1e-5)) << N << " x " << V;
+    const float dloss = 1.0f / static_cast<float>(N);
+    Tensor d = Tensor::empty({N, V}), dg = poisoned({N, V}, kGpu);
+    cpu().cross_entropy_backward(f32(probs), i32(targets), dloss, f32(d), N, V);
+    gpu().cross_entropy_backward(f32(probs_g), i32(tg), dloss, f32(dg), N, V);
+    EXPECT_TRUE(all_close(dg, d, 1e-4, 1e-9)) << N << " x " << V;
+  }
+}
+
+TEST(CudaBackend, LayerNormForwardBackward) {
+  if (!tutti::device_available(tutti::Device::cuda(0))) GTEST_SKIP() << "no CUDA device";
+  Rng rng(13);
+  const int64_t cases[][2] = {{1, 1}, {37, 37}, {1000, 768}, {4097, 3}, {3, 100003}};
+  for (const auto& c : cases) {
+    const int64_t rows = c[0], cols = c[1];
+    Tensor x = random_tensor({rows, cols}, rng, -2.0, 3.0), w = random_tensor({cols}, rng),
+           b = random_tensor({cols}, rng), dy = random_tensor({rows, cols}, rng);
+    Tensor xg = x.to(kGpu), wg = w.to(kGpu), bg = b.to(kGpu), dyg = dy.to(kGpu);
+    Tensor y = Tensor::empty({rows, cols}), mean = Tensor::empty({rows}), rstd = Tensor::empty({rows});
+    Tensor yg = poisoned({rows, cols}, kGpu), mean_g = poisoned({rows}, kGpu), rstd_g = poisoned({rows}, kGpu);
+    cpu().layer_norm_forward(f32(x), f32(w), f32(b), f32(y), f32(mean), f32(rstd), rows, cols, 1e-5f);
+    gpu().layer_norm_forward(f32(xg), f32(wg), f32(bg), f32(yg), f32(mean_g), f32(rstd_g), rows, cols, 1e-5f);
+    const std::string what = std::to_string(rows) + " x " + std::to_string(cols);
+    EXPECT_TRUE(all_close(yg, y, 1e-4, 1e-4)) << what;
+    EXPECT_TRUE(all_close(mean_g, mean, 1e-4, 1e-5)) << what;
+    EXPECT_TRUE(all_close(rstd_g, rstd, 1e-4, 1e-5)) << what;
+    // dw and db accumulate into what is there.
+    Tensor dx = Tensor::empty({rows, cols}), dw = random_tensor({cols}, rng), db = random_tensor({cols}, rng);
+    Tensor dxg = poisoned({rows, cols}, kGpu), dwg = dw.to(kGpu), dbg = db.to(kGpu);
+    cpu().layer_norm_backward(f32(x), f32(w), f32(mean), f32(rstd), f32(dy), f32(dx), f32(dw), f32(db), rows, cols);
+    gpu().layer_norm_backward(f32(xg), f32(wg), f32(mean_g), f32(rstd_g), f32(dyg), f32(dxg), f32(dwg), f32(dbg),
+                              rows, cols);
+    const double atol = 1e-5 * std::sqrt(static_cast<double>(rows)) + 1e-4;
+    EXPECT_TRUE(all_close(dxg, dx, 1e-3, 1e-4)) << what;
+    EXPECT_TRUE(all_close(dwg, dw, 1e-4, atol)) << what;
+    EXPECT_TRUE(all_close(dbg, db, 1e-4, atol)) << what;
+  }
+}
+
+TEST(CudaBackend, EmbeddingForwardBackward) {
+  if (!tutti::device_available(tutti::Device::cuda(0))) GTEST_SKIP() << "no CUDA device";
+  Rng rng(14);
+  const int64_t cases[][3] = {{1, 1, 1}, {37, 37, 5}, {1000, 768, 50}, {100003, 3, 1000}};  // n, C, V
+  for (const auto& c : cases) {
+    const int64_t n = c[0], C = c[1], V = c[2];
+    Tensor idx = random_indices({n}, V, rng), table = random_tensor({V, C}, rng), dout = random_tensor({n, C}, rng);
+    Tensor idx_g = idx.to(kGpu), table_g = table.to(kGpu), dout_g = dout.to(kGpu);
+    Tensor out = Tensor::empty({n, C}), out_g = poisoned({n, C}, kGpu);
+    cpu().embedding_forward(i32(idx), f32(table), f32(out), n, C, V);
+    gpu().embedding_forward(i32(idx_g), f32(table_g), f32(out_g), n, C, V);
+    EXPECT_TRUE(all_close(out_g, out, 0.0, 0.0)) << n << " " << C << " " << V;
+    Tensor dt = random_tensor({V, C}, rng);
+    Tensor dt_g = dt.to(kGpu);
+    cpu().embedding_backward(i32(idx), f32(dout), f32(dt), n, C);
+    gpu().embedding_backward(i32(idx_g), f32(dout_g), f32(dt_g), n, C);
+    // Repeated rows add in a different order (atomics).
+    const double atol = 1e-6 * std::sqrt(static_cast<double>(n)) + 1e-6;
+    EXPECT_TRUE(all_close(dt_g, dt, 1e-5, atol)) << n << " " << C << " " << V;
+  }
+}
+
+TEST(CudaBackend, CausalAttentionForwardBackward) {
+  if (!tutti::device_available(tutti::Device::cuda(0))) GTEST_SKIP() << "no CUDA device";
+  Rng rng(15);
+  const int64_t cases[][4] = {{1, 1, 4, 1}, {2, 37, 48, 3}, {2, 64, 128, 4}, {1, 257, 64, 2}, {3, 5, 12, 12}};
+  for (const auto& c : cases) {
+    const int64_t B = c[0], T = c[1], C = c[2], H = c[3];
+    const std::string what = "B=" + std::to_string(B) + " T=" + std::to_string(T) + " C=" + std::to_string(C) +
+                             " H=" + std::to_string(H);
+    Tensor qkv = random_tensor({B, T, 3 * C}, rng, -2.0, 2.0), dy = random_tensor({B, T, C}, rng);
+    Tensor qkv_g = qkv.to(kGpu), dy_g = dy.to(kGpu);
+    Tensor y = Tensor::empty({B, T, C}), probs = Tensor::empty({B, H, T, T});
+    Tensor y_g = poisoned({B, T, C}, kGpu), probs_g = poisoned({B, H, T, T}, kGpu);
+    cpu().attention_forward(f32(qkv), f32(y), f32(probs), B, T, C, H);
+    gpu().attention_forward(f32(qkv_g), f32(y_g), f32(probs_g), B, T, C, H);
+    EXPECT_TRUE(all_close(probs_g, probs, 1e-4, 1e-6)) << what;
+    EXPECT_TRUE(all_close(y_g, y, 1e-4, 1e-5)) << what;
+    Tensor dqkv = Tensor::empty({B, T, 3 * C}), dqkv_g = poisoned({B, T, 3 * C}, kGpu);
+    cpu().attention_backward(f32(qkv), f32(probs), f32(dy), f32(dqkv), B, T, C, H);
+    gpu().attention_backward(f32(qkv_g), f32(probs_g), f32(dy_g), f32(dqkv_g), B, T, C, H);
+    EXPECT_TRUE(all_close(dqkv_g, dqkv, 1e-4, 1e-5)) << what;
+  }
+}
+
+TEST(CudaBackend, AttentionDecode) {
+  if (!tutti::device_available(tutti::Device::cuda(0))) GTEST_SKIP() << "no CUDA device";
+  Rng rng(16);
+  const int64_t cases[][4] = {{1, 0, 4, 1}, {1, 37, 48, 3}, {5, 100, 64, 4}, {37, 0, 48, 2}, {1, 1000, 768, 12}};
+  for (const auto& c : cases) {  // n, past, C, H
+    const int64_t n = c[0], past = c[1], C = c[2], H = c[3], L = past + n;
+    Tensor q = random_tensor({n, C}, rng, -2.0, 2.0), k = random_tensor({L, C}, rng, -2.0, 2.0),
+           v = random_tensor({L, C}, rng);
+    Tensor y = Tensor::empty({n, C}), y_g = poisoned({n, C}, kGpu);
+    Tensor qg = q.to(kGpu), kg = k.to(kGpu), vg = v.to(kGpu);
+    cpu().attention_decode(f32(q), f32(k), f32(v), f32(y), n, past, C, H);
+    gpu().attention_decode(f32(qg), f32(kg), f32(vg), f32(y_g), n, past, C, H);
+    EXPECT_TRUE(all_close(y_g, y, 1e-4, 1e-5)) << "n=" << n << " past=" << past << " C=" << C << " H=" << H;
+  }
+}
+
+// ================================================================================================
+// The public ops on cuda:0, with autograd
+
+namespace {
+
+using OpFn = std::function<Tensor(const std::vector<Tensor>&)>;
+
+// Reduces an op's output to a scalar with uneven weights per column (so every upstream gradient is
+// not the same), on the output's device.
+Tensor weighted_sum(const Tensor& out, const Tensor& weights) {
+  if (out.numel() == 1) return ops::reshape(out, {});
+  const int64_t cols = out.size(-1);
+  return ops::sum(ops::linear(ops::reshape(out, {-1, cols}), weights.to(out.device())));
+}
+
+// Runs f on the CPU inputs and on copies of them on cuda:0, with every f32 input requiring grad;
+// compares the outputs and each input's gradient.
+void expect_op_matches(const std::vector<Tensor>& inputs, const OpFn& f, double rtol, double atol,
+                       const std::string& what) {
+  std::vector<Tensor> on_cpu, on_gpu;
+  for (const Tensor& t : inputs) {
+    Tensor c = t.clone(), g = t.to(kGpu);
+    if (t.dtype() == DType::f32) {
+      c.set_requires_grad(true);
+      g.set_requires_grad(true);
+    }
+    on_cpu.push_back(c);
+    on_gpu.push_back(g);
+  }
+  Tensor out_c = f(on_cpu), out_g = f(on_gpu);
+  ASSERT_EQ(out_g.device(), kGpu) << what;
+  EXPECT_TRUE(all_close(out_g, out_c, rtol, atol)) << what << ": output";
+  Rng rng(99);
+  const Tensor weights = random_tensor({out_c.ndim() ? out_c.size(-1) : 1, 1}, rng);
+  weighted_sum(out_c, weights).backward();
+  weighted_sum(out_g, weights).backward();
+  for (size_t i = 0; i < inputs.size(); ++i) {
+    if (inputs[i].dtype() != DType::f32) continue;
+    ASSERT_TRUE(on_cpu[i].grad().defined()) << what << ": input " << i;
+    ASSERT_TRUE(on_gpu[i].grad().defined()) << what << ": input " << i;
+    EXPECT_EQ(on_gpu[i].grad().device(), kGpu) << what << ": input " << i;
+    EXPECT_TRUE(all_close(on_gpu[i].grad(), on_cpu[i].grad(), rtol, atol)) << what << ": grad of input " << i;
+  }
+}
+
+}  // namespace
+
+TEST(CudaOps, MatmulAndLinear) {
+  if (!tutti::device_available(tutti::Device::cuda(0))) GTEST_SKIP() << "no CUDA device";
+  Rng rng(20);
+  for (bool ta : {false, true}) {
+    for (bool tb : {false, true}) {
+      Tensor a = ta ? random_tensor({43, 37}, rng) : random_tensor({37, 43}, rng);
+      Tensor b = tb ? random_tensor({29, 43}, rng) : random_tensor({43, 29}, rng);
+      expect_op_matches({a, b}, [=](const std::vector<Tensor>& t) { return ops::matmul(t[0], t[1], ta, tb); }, 1e-4,
+                        1e-4, "matmul ta=" + std::to_string(ta) + " tb=" + std::to_string(tb));
+    }
+  }
+  // Batched (B, M, K) x (K, N): the 2-D operand's gradient is reduced over the batch.
+  expect_op_matches({random_tensor({3, 17, 33}, rng), random_tensor({33, 9}, rng)},
+                    [](const std::vector<Tensor>& t) { return ops::matmul(t[0], t[1]); }, 1e-4, 1e-4,
+                    "batched matmul, broadcast b");
+  expect_op_matches({random_tensor({4, 17, 33}, rng), random_tensor({4, 9, 33}, rng)},
+                    [](const std::vector<Tensor>& t) { return ops::matmul(t[0], t[1], false, true); }, 1e-4, 1e-4,
+                    "batched matmul");
+  expect_op_matches({random_tensor({2, 37, 65}, rng), random_tensor({65, 130}, rng), random_tensor({130}, rng)},
+                    [](const std::vector<Tensor>& t) { return ops::linear(t[0], t[1], t[2]); }, 1e-4, 1e-4,
+                    "linear with bias");
+  expect_op_matches({random_tensor({1, 1}, rng), random_tensor({1, 1}, rng)},
+                    [](const std::vector<Tensor>& t) { return ops::linear(t[0], t[1]); }, 1e-4, 1e-4,
+                    "linear 1x1, no bias");
+}
+
+TEST(CudaOps, ElementwiseAndReductions) {
+  if (!tutti::device_available(tutti::Device::cuda(0))) GTEST_SKIP() << "no CUDA device";
+  Rng rng(21);
+  expect_op_matches({random_tensor({37, 41}, rng), random_tensor({41}, rng)},
+                    [](const std::vector<Tensor>& t) { return ops::add(t[0], t[1]); }, 1e-5, 1e-5,
+                    "add, broadcast");
+  expect_op_matches({random_tensor({5, 7}, rng), random_tensor({5, 7}, rng)},
+                    [](const std::vector<Tensor>& t) { return ops::add(t[0], t[1]); }, 1e-5, 1e-5, "add");
+  for (int64_t n : {int64_t{1}, int64_t{37}, int64_t{1000003}}) {
+    const std::string size = " n=" + std::to_string(n);
+    expect_op_matches({random_tensor({n}, rng, -4.0, 4.0)},
+                      [](const std::vector<Tensor>& t) { return ops::gelu(t[0]); }, 1e-5, 1e-5, "gelu" + size);
+    expect_op_matches({random_tensor({n}, rng, -4.0, 4.0)},
+                      [](const std::vector<Tensor>& t) { return ops::relu(t[0]); }, 1e-5, 1e-5, "relu" + size);
+    expect_op_matches({random_tensor({n}, rng)}, [](const std::vector<Tensor>& t) { return ops::scale(t[0], -2.5f); },
+                      1e-5, 1e-5, "scale" + size);
+    expect_op_matches({random_tensor({n}, rng)}, [](const std::vector<Tensor>& t) { return ops::sum(t[0]); }, 1e-5,
+                      1e-4, "sum" + size);
+    expect_op_matches({random_tensor({n}, rng)}, [](const std::vector<Tensor>& t) { return ops::mean(t[0]); }, 1e-5,
+                      1e-6, "mean" + size);
+  }
+}
+
+TEST(CudaOps, FusedOps) {
+  if (!tutti::device_available(tutti::Device::cuda(0))) GTEST_SKIP() << "no CUDA device";
+  Rng rng(22);
+  expect_op_matches({random_tensor({2, 37, 96}, rng, -2.0, 2.0), random_tensor({96}, rng), random_tensor({96}, rng)},
+                    [](const std::vector<Tensor>& t) { return ops::layer_norm(t[0], t[1], t[2]); }, 1e-4, 1e-4,
+                    "layer_norm");
+  expect_op_matches({random_tensor({37, 101}, rng, -5.0, 5.0), random_indices({37}, 101, rng)},
+                    [](const std::vector<Tensor>& t) { return ops::cross_entropy(t[0], t[1]); }, 1e-5, 1e-5,
+                    "cross_entropy");
+  expect_op_matches({random_indices({3, 37}, 50, rng), random_tensor({50, 24}, rng)},
+                    [](const std::vector<Tensor>& t) { return ops::embedding(t[0], t[1]); }, 1e-5, 1e-5,
+                    "embedding");
+  expect_op_matches({random_tensor({2, 37, 3 * 48}, rng, -2.0, 2.0)},
+                    [](const std::vector<Tensor>& t) { return ops::causal_attention(t[0], 4); }, 1e-4, 1e-4,
+                    "causal_attention");
+  Tensor x = random_tensor({37, 1001}, rng, -6.0, 6.0);
+  EXPECT_TRUE(all_close(ops::softmax(x.to(kGpu)), ops::softmax(x), 1e-4, 1e-9)) << "softmax";
+}
+
+// x -> linear -> gelu -> layer_norm -> linear -> cross_entropy, gradients of every parameter.
+TEST(CudaOps, SmallNetworkGradients) {
+  if (!tutti::device_available(tutti::Device::cuda(0))) GTEST_SKIP() << "no CUDA device";
+  Rng rng(23);
+  const int64_t N = 16, D = 37, Hd = 64, V = 11;
+  std::vector<Tensor> inputs{random_tensor({N, D}, rng),  random_tensor({D, Hd}, rng, -0.3, 0.3),
+                             random_tensor({Hd}, rng),     random_tensor({Hd}, rng, 0.5, 1.5),
+                             random_tensor({Hd}, rng),     random_tensor({Hd, V}, rng, -0.3, 0.3),
+                             random_tensor({V}, rng),      random_indices({N}, V, rng)};
+  expect_op_matches(
+      inputs,
+      [](const std::vector<Tensor>& t) {
+        Tensor h = ops::gelu(ops::linear(t[0], t[1], t[2]));
+        h = ops::layer_norm(h, t[3], t[4]);
+        return ops::cross_entropy(ops::linear(h, t[5], t[6]), t[7]);
+      },
+      1e-4, 1e-5, "small network");
+}
+
+TEST(CudaOps, MixedDevicesAreRejected) {
+  if (!tutti::device_available(tutti::Device::cuda(0))) GTEST_SKIP() << "no CUDA device";
+  Rng rng(24);
+  Tensor a = random_tensor({3, 4}, rng), b = random_tensor({4, 5}, rng);
+  EXPECT_THROW(ops::matmul(a.to(kGpu), b), InvalidArgument);
+  EXPECT_THROW(ops::add(a.to(kGpu), a), InvalidArgument);
+}
+
+// ================================================================================================
+// Timings (not a test: run with TUTTI_CUDA_TIMING=1 to print a table of achieved rates)
+
+namespace {
+
+// Median over 5 rounds of the mean time of `reps` back-to-back calls, in milliseconds.
+double time_ms(const std::function<void()>& f, int reps = 20) {
+  f();
+  gpu().synchronize();
+  std::vector<double> rounds;
+  for (int r = 0; r < 5; ++r) {
+    const auto t0 = std::chrono::steady_clock::now();
+    for (int i = 0; i < reps; ++i) f();
+    gpu().synchronize();
+    const auto t1 = std::chrono::steady_clock::now();
+    rounds.push_back(std::chrono::duration<double, std::milli>(t1 - t0).count() / reps);
+  }
+  std::sort(rounds.begin(), rounds.end());
+  return rounds[2];
+}
+
+}  // namespace
+
+TEST(CudaBackendTiming, PrintsRates) {
+  if (!tutti::device_available(tutti::Device::cuda(0))) GTEST_SKIP() << "no CUDA device";
+  const char* on = std::getenv("TUTTI_CUDA_TIMING");
+  if (on == nullptr || std::string(on) != "1") GTEST_SKIP() << "set TUTTI_CUDA_TIMING=1 to time the kernels";
+  Rng rng(30);
+  const int64_t n = int64_t{1} << 26;  // 256 MiB of f32
+  Tensor x = random_tensor({n}, rng).to(kGpu), y = random_tensor({n}, rng).to(kGpu), z = Tensor::empty({n}, DType::f32, kGpu);
+  const double gb = static_cast<double>(n) * sizeof(float) / 1e9;
+  std::printf("%-34s %10s %12s\n", "kernel", "ms", "rate");
+  auto row = [](const char* name, double ms, double amount, const char* unit) {
+    std::printf("%-34s %10.4f %9.1f %s\n", name, ms, amount / (ms * 1e-3), unit);
+  };
+  row("copy_on_device 2^26 (r+w)", time_ms([&] { gpu().copy_on_device(f32(z), f32(x), n * sizeof(float)); }), 2 * gb,
+      "GB/s");
+  row("fill 2^26 (w)", time_ms([&] { gpu().fill(f32(z), n, 1.0f); }), gb, "GB/s");
+  row("scale 2^26 (r+w)", time_ms([&] { gpu().scale(f32(x), 2.0f, f32(z), n); }), 2 * gb, "GB/s");
+  row("add 2^26 (2r+w)", time_ms([&] { gpu().add(f32(x), f32(y), f32(z), 1, n); }), 3 * gb, "GB/s");
+  row("add bcast 2^16 x 1024 (r+w)", time_ms([&] { gpu().add(f32(x), f32(y), f32(z), n / 1024, 1024); }), 2 * gb,
+      "GB/s");
+  row("gelu_forward 2^26 (r+w)", time_ms([&] { gpu().gelu_forward(f32(x), f32(z), n); }), 2 * gb, "GB/s");
+  row("gelu_backward 2^26 (2r+w)", time_ms([&] { gpu().gelu_backward(f32(x), f32(y), f32(z), n); }), 3 * gb, "GB/s");
+  row("sum 2^26 (r, incl. copy to host)", time_ms([&] { gpu().sum(f32(x), n); }), gb, "GB/s");
+  row("sum_rows 65536 x 1024 (r)", time_ms([&] { gpu().sum_rows(f32(x), f32(z), n / 1024, 1024, false); }), gb,
+      "GB/s");
+  row("softmax 1024 x 65536 (r+w)", time_ms([&] { gpu().softmax(f32(x), f32(z), 1024, n / 1024); }), 2 * gb, "GB/s");
+  row("layer_norm_fwd 87381 x 768 (r+w)",
+      time_ms([&] {
+        gpu().layer_norm_forward(f32(x), f32(y), f32(y), f32(z), f32(y) + 768, f32(y) + 768 + 87381, 87381, 768,
+                                 1e-5f);
+      }),
+      2.0 * 87381 * 768 * 4 / 1e9, "GB/s");
+  for (int64_t s : {int64_t{1024}, int64_t{4096}}) {
+    Gemm g;
+    g.m = g.n = g.k = s;
+    g.a = f32(x);
+    g.b = f32(y);
+    g.c = f32(z);
+    g.lda = g.ldb = g.ldc = s;
+    const std::string name = "gemm fp32 " + std::to_string(s) + "^3";
+    row(name.c_str(), time_ms([&] { gpu().gemm(g); }, 10), 2.0 * s * s * s / 1e12, "TFLOP/s");
+  }
+}
