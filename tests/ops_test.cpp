@@ -69,10 +69,10 @@ Vec attention_ref(const Vec& qkv, int64_t B, int64_t T, int64_t C, int64_t H) {
   for (int64_t b = 0; b < B; ++b)
     for (int64_t h = 0; h < H; ++h)
       for (int64_t i = 0; i < T; ++i) {
-        const double* q = &qkv[(b * T + i) * 3 * C + h * D];
+        const double* q = qkv.data() + (b * T + i) * 3 * C + h * D;
         double mx = -std::numeric_limits<double>::infinity(), total = 0.0;
         for (int64_t j = 0; j <= i; ++j) {
-          const double* k = &qkv[(b * T + j) * 3 * C + C + h * D];
+          const double* k = qkv.data() + (b * T + j) * 3 * C + C + h * D;
           double s = 0.0;
           for (int64_t d = 0; d < D; ++d) s += q[d] * k[d];
           p[j] = s / std::sqrt(static_cast<double>(D));
@@ -80,7 +80,7 @@ Vec attention_ref(const Vec& qkv, int64_t B, int64_t T, int64_t C, int64_t H) {
         }
         for (int64_t j = 0; j <= i; ++j) total += (p[j] = std::exp(p[j] - mx));
         for (int64_t j = 0; j <= i; ++j) {
-          const double* v = &qkv[(b * T + j) * 3 * C + 2 * C + h * D];
+          const double* v = qkv.data() + (b * T + j) * 3 * C + 2 * C + h * D;
           for (int64_t d = 0; d < D; ++d) y[(b * T + i) * C + h * D + d] += p[j] / total * v[d];
         }
       }
