@@ -61,11 +61,6 @@ class ThreadPartials {
   std::vector<T> data_;
 };
 
-float gelu_tanh_scalar(float x) {
-  constexpr float k = 0.7978845608028654f;
-  return 0.5f * x * (1.0f + std::tanh(k * (x + 0.044715f * x * x * x)));
-}
-
 }  // namespace
 
 void* CpuBackend::raw_allocate(size_t bytes) {
@@ -179,58 +174,64 @@ double CpuBackend::sum_squares(const float* x, int64_t n) {
   return part.total();
 }
 
-// GELU, tanh form: y = x/2 (1 + tanh(k (x + 0.044715 x^3))), k = sqrt(2/pi).
-void CpuBackend::gelu_forward(const float* x, float* y, int64_t n) {
+// GELU, tanh form: y = x/2 (1 + tanh(u)), u = k (x + 0.044715 x^3), k = sqrt(2/pi). Computed as
+// y = x s with s = sigmoid(2u) = (1 + tanh(u))/2, which does not cancel for negative x.
+// dy/dx = s + x * 2 s (1 - s) * k (1 + 3 * 0.044715 x^2).
+namespace {
+constexpr float kGeluK = 0.7978845608028654f, kGeluC = 0.044715f;
+
+float gelu_sigmoid_scalar(float x) { return 1.0f / (1.0f + std::exp(-2.0f * kGeluK * (x + kGeluC * x * x * x))); }
+
+#ifdef TUTTI_AVX2
+inline __m256 gelu_sigmoid8(__m256 v) {  // sigmoid(2u)
+  const __m256 minus_2k = _mm256_set1_ps(-2.0f * kGeluK), c = _mm256_set1_ps(kGeluC), one = _mm256_set1_ps(1.0f);
+  const __m256 u = _mm256_fmadd_ps(_mm256_mul_ps(c, v), _mm256_mul_ps(v, v), v);
+  return _mm256_div_ps(one, _mm256_add_ps(one, exp8(_mm256_mul_ps(minus_2k, u))));
+}
+#endif
+
+// Runs body(begin, end) over chunks of n in parallel.
+template <class Body>
+void chunked(int64_t n, Body body) {
   constexpr int64_t kChunk = 4096;
   const int64_t chunks = (n + kChunk - 1) / kChunk;
 #pragma omp parallel for schedule(static) if (n > kParallelGrain)
-  for (int64_t ch = 0; ch < chunks; ++ch) {
-    int64_t i = ch * kChunk;
-    const int64_t end = std::min(n, i + kChunk);
+  for (int64_t ch = 0; ch < chunks; ++ch) body(ch * kChunk, std::min(n, (ch + 1) * kChunk));
+}
+}  // namespace
+
+void CpuBackend::gelu_forward(const float* x, float* y, int64_t n) {
+  chunked(n, [&](int64_t i, int64_t end) {
 #ifdef TUTTI_AVX2
-    const __m256 k = _mm256_set1_ps(0.7978845608028654f), c = _mm256_set1_ps(0.044715f);
-    const __m256 half = _mm256_set1_ps(0.5f), one = _mm256_set1_ps(1.0f);
     for (; i + 8 <= end; i += 8) {
-      __m256 v = _mm256_loadu_ps(x + i);
-      __m256 inner = _mm256_mul_ps(k, _mm256_fmadd_ps(_mm256_mul_ps(c, v), _mm256_mul_ps(v, v), v));
-      __m256 t = tanh8(inner);
-      _mm256_storeu_ps(y + i, _mm256_mul_ps(_mm256_mul_ps(half, v), _mm256_add_ps(one, t)));
+      const __m256 v = _mm256_loadu_ps(x + i);
+      _mm256_storeu_ps(y + i, _mm256_mul_ps(v, gelu_sigmoid8(v)));
     }
 #endif
-    for (; i < end; ++i) y[i] = gelu_tanh_scalar(x[i]);
-  }
+    for (; i < end; ++i) y[i] = x[i] * gelu_sigmoid_scalar(x[i]);
+  });
 }
 
-// dy/dx = (1 + t)/2 + x/2 (1 - t^2) k (1 + 3 * 0.044715 x^2), t = tanh(k (x + 0.044715 x^3)).
 void CpuBackend::gelu_backward(const float* x, const float* dy, float* dx, int64_t n) {
-  constexpr int64_t kChunk = 4096;
-  const int64_t chunks = (n + kChunk - 1) / kChunk;
-#pragma omp parallel for schedule(static) if (n > kParallelGrain)
-  for (int64_t ch = 0; ch < chunks; ++ch) {
-    int64_t i = ch * kChunk;
-    const int64_t end = std::min(n, i + kChunk);
+  chunked(n, [&](int64_t i, int64_t end) {
 #ifdef TUTTI_AVX2
-    const __m256 k = _mm256_set1_ps(0.7978845608028654f), c = _mm256_set1_ps(0.044715f);
-    const __m256 c3 = _mm256_set1_ps(3.0f * 0.044715f), half = _mm256_set1_ps(0.5f), one = _mm256_set1_ps(1.0f);
+    const __m256 two_k = _mm256_set1_ps(2.0f * kGeluK), c3 = _mm256_set1_ps(3.0f * kGeluC);
+    const __m256 one = _mm256_set1_ps(1.0f);
     for (; i + 8 <= end; i += 8) {
-      __m256 v = _mm256_loadu_ps(x + i);
-      __m256 v2 = _mm256_mul_ps(v, v);
-      __m256 t = tanh8(_mm256_mul_ps(k, _mm256_fmadd_ps(_mm256_mul_ps(c, v), v2, v)));
-      __m256 sech2 = _mm256_fnmadd_ps(t, t, one);
-      __m256 dinner = _mm256_mul_ps(k, _mm256_fmadd_ps(c3, v2, one));
-      __m256 g = _mm256_fmadd_ps(_mm256_mul_ps(half, v), _mm256_mul_ps(sech2, dinner),
-                                 _mm256_mul_ps(half, _mm256_add_ps(one, t)));
+      const __m256 v = _mm256_loadu_ps(x + i);
+      const __m256 s = gelu_sigmoid8(v);
+      const __m256 du = _mm256_mul_ps(two_k, _mm256_fmadd_ps(c3, _mm256_mul_ps(v, v), one));  // 2 du/dx
+      const __m256 ds = _mm256_mul_ps(_mm256_mul_ps(s, _mm256_sub_ps(one, s)), du);
+      const __m256 g = _mm256_fmadd_ps(v, ds, s);
       _mm256_storeu_ps(dx + i, _mm256_mul_ps(g, _mm256_loadu_ps(dy + i)));
     }
 #endif
     for (; i < end; ++i) {
-      constexpr float k_s = 0.7978845608028654f;
-      const float v = x[i];
-      const float t = std::tanh(k_s * (v + 0.044715f * v * v * v));
-      const float g = 0.5f * (1.0f + t) + 0.5f * v * (1.0f - t * t) * k_s * (1.0f + 3.0f * 0.044715f * v * v);
+      const float v = x[i], s = gelu_sigmoid_scalar(v);
+      const float g = s + v * s * (1.0f - s) * 2.0f * kGeluK * (1.0f + 3.0f * kGeluC * v * v);
       dx[i] = g * dy[i];
     }
-  }
+  });
 }
 
 void CpuBackend::relu_forward(const float* x, float* y, int64_t n) {

@@ -1,4 +1,4 @@
-// Vectorised math for the CPU kernels: exp and tanh on 8 floats with AVX2+FMA, scalar elsewhere.
+// Vectorised math for the CPU kernels: exp on 8 floats with AVX2+FMA, scalar elsewhere.
 #pragma once
 #include <cmath>
 #include <cstdint>
@@ -26,11 +26,6 @@ inline __m256 exp8(__m256 x) {
   p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
   __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
   return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
-}
-// tanh(x) = 1 - 2 / (e^{2x} + 1)
-inline __m256 tanh8(__m256 x) {
-  __m256 e = exp8(_mm256_add_ps(x, x));
-  return _mm256_sub_ps(_mm256_set1_ps(1.0f), _mm256_div_ps(_mm256_set1_ps(2.0f), _mm256_add_ps(e, _mm256_set1_ps(1.0f))));
 }
 inline float hsum8(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
