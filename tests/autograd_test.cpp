@@ -259,3 +259,35 @@ TEST(Autograd, VeryDeepChainTeardown) {
   }  // the graph goes here
   EXPECT_TRUE(all_close(x.grad(), Vec(3, 1.0), 0, 0));
 }
+
+// ------------------------------------------------------------------------------------------
+// on_grad_ready: data parallelism starts a bucket's reduction from this hook, so it must fire
+// exactly once per backward, only when every use of the leaf has delivered its gradient.
+
+TEST(Autograd, GradReadyHookFiresOnceWhenTheGradientIsFinal) {
+  Rng rng(21);
+  Tensor table = leaf(rng, {5, 3});  // used twice, like GPT's tied embedding and LM head
+  Tensor other = leaf(rng, {3});
+  std::vector<std::string> events;
+  table.impl().on_grad_ready = [&](TensorImpl& t) {
+    events.push_back("table");
+    EXPECT_TRUE(t.grad != nullptr);
+  };
+  other.impl().on_grad_ready = [&](TensorImpl&) { events.push_back("other"); };
+  const Tensor idx = Tensor::from_vector({2}, std::vector<int32_t>{1, 4});
+  const Tensor emb = ops::embedding(idx, table);                            // first use (oldest node)
+  const Tensor logits = ops::matmul(ops::add(emb, other), table, false, true);  // second use
+  ops::sum(logits).backward();
+  ASSERT_EQ(events.size(), 2u);
+  EXPECT_EQ(events.back(), "table") << "the table's gradient is final only after the embedding's backward";
+  // Its gradient at that moment is the complete one: the same as without the hook.
+  Tensor again = table.detach().clone().set_requires_grad(true);
+  Tensor other2 = other.detach().clone().set_requires_grad(true);
+  ops::sum(ops::matmul(ops::add(ops::embedding(idx, again), other2), again, false, true)).backward();
+  EXPECT_TRUE(all_close(table.grad(), to_f64(again.grad()), 0, 0));
+  events.clear();
+  ops::sum(ops::matmul(ops::add(ops::embedding(idx, table), other), table, false, true)).backward();
+  EXPECT_EQ(events.size(), 2u) << "once per backward";
+  table.impl().on_grad_ready = nullptr;
+  other.impl().on_grad_ready = nullptr;
+}

@@ -125,11 +125,14 @@ TEST(Trainer, ResumeNeedsARun) {
 
 TEST(Trainer, LearnsShakespeareBytes) {
   const fs::path dir = temp_dir("learn");
-  train::TrainConfig c = tiny_run(dir, 150);
+  train::TrainConfig c = tiny_run(dir, 300);
   c.lr = 3e-3f;
-  c.decay_steps = 150;
-  c.checkpoint_interval = 150;
+  c.context = 32;
+  c.batch = 8;
+  c.eval_batches = 8;
+  c.decay_steps = 300;
+  c.checkpoint_interval = 300;
   const train::TrainResult r = run(c, false);
-  EXPECT_LT(r.val_loss, 3.4) << "150 steps must get well below the uniform 5.55";
+  EXPECT_LT(r.val_loss, 3.1) << "300 steps must get well below the uniform 5.55 (seeds 1-3 reach 2.78-2.90)";
   fs::remove_all(dir);
 }

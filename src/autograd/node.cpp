@@ -53,8 +53,32 @@ void run_backward(const Tensor& root) {
   Tensor seed = Tensor::full(root.shape(), 1.0f, root.device());
   if (!root.grad_fn()) {
     accumulate(root.impl().grad, seed);
+    if (root.impl().on_grad_ready) root.impl().on_grad_ready(root.impl());
     return;
   }
+  // How many edges of the reachable graph lead to each leaf: when all have delivered their
+  // gradient, the leaf's gradient is final and its on_grad_ready hook runs.
+  std::unordered_map<TensorImpl*, int> leaf_edges;
+  {
+    std::vector<Node*> stack{root.grad_fn().get()};
+    std::unordered_map<Node*, bool> seen{{root.grad_fn().get(), true}};
+    while (!stack.empty()) {
+      Node* n = stack.back();
+      stack.pop_back();
+      for (const Tensor& in : n->inputs()) {
+        if (!in.defined() || !in.requires_grad()) continue;
+        if (Node* next = in.grad_fn().get()) {
+          if (seen.emplace(next, true).second) stack.push_back(next);
+        } else if (in.impl().on_grad_ready) {
+          ++leaf_edges[&in.impl()];
+        }
+      }
+    }
+  }
+  auto edge_done = [&](TensorImpl& leaf) {
+    auto it = leaf_edges.find(&leaf);
+    if (it != leaf_edges.end() && --it->second == 0) leaf.on_grad_ready(leaf);
+  };
   // Pending output gradients per node, visited newest-first: the tape in reverse.
   std::map<uint64_t, std::pair<std::shared_ptr<Node>, Tensor>, std::greater<>> pending;
   pending.emplace(root.grad_fn()->sequence(), std::make_pair(root.grad_fn(), seed));
@@ -68,7 +92,11 @@ void run_backward(const Tensor& root) {
                 " gradients for ", node->inputs().size(), " inputs");
     for (size_t i = 0; i < grads.size(); ++i) {
       const Tensor& input = node->inputs()[i];
-      if (!grads[i].defined() || !input.requires_grad()) continue;
+      if (!input.defined() || !input.requires_grad()) continue;
+      if (!grads[i].defined()) {
+        if (!input.grad_fn()) edge_done(input.impl());
+        continue;
+      }
       TUTTI_CHECK(grads[i].shape() == input.shape(), "op ", node->name(), ": gradient ", grads[i].str(),
                   " for input ", input.str());
       if (const auto& fn = input.grad_fn()) {
@@ -80,6 +108,7 @@ void run_backward(const Tensor& root) {
         }
       } else {
         accumulate(input.impl().grad, grads[i]);
+        edge_done(input.impl());
       }
     }
   }

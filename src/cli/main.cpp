@@ -3,11 +3,13 @@
 
 #include <CLI/CLI.hpp>
 #include <algorithm>
+#include <cstdio>
 #include <filesystem>
 #include <iostream>
 #include <map>
 
 #include "tutti/ckpt/gpt_checkpoint.hpp"
+#include "tutti/comm/communicator.hpp"
 #include "tutti/ckpt/safetensors.hpp"
 #include "tutti/autograd/node.hpp"
 #include "tutti/core/error.hpp"
@@ -64,15 +66,17 @@ void add_train(CLI::App& app, TrainArgs& args) {
   for (const train::Setting& s : train::settings(defaults)) {
     std::string flag = "--" + s.name;
     std::replace(flag.begin(), flag.end(), '_', '-');
+    if (s.name == "batch") flag += ",--global-batch";
     cmd->add_option_function<std::string>(
            flag, [&args, name = s.name](const std::string& v) { args.values[name] = v; },
            s.help + " [default: " + s.get() + "]")
+        ->multi_option_policy(CLI::MultiOptionPolicy::TakeLast)  // a later flag overrides an earlier one
         ->type_name(s.kind == train::Setting::Kind::text ? "TEXT" : (s.kind == train::Setting::Kind::integer ? "INT" : "NUM"));
   }
   cmd->get_option("--config")->excludes(cmd->get_option("--resume"));
 }
 
-int run_train(const TrainArgs& args) {
+int run_train(const TrainArgs& args, comm::Communicator& world) {
   train::TrainConfig config;
   const bool resume = !args.resume.empty();
   if (resume) {
@@ -92,8 +96,10 @@ int run_train(const TrainArgs& args) {
   }
   train::TrainOptions options;
   options.resume = resume;
-  options.live_progress = ::isatty(STDOUT_FILENO) != 0;
+  options.live_progress = ::isatty(STDOUT_FILENO) != 0 && world.size() == 1;  // mpirun hands ranks a pty
+  options.world = &world;
   train::TrainResult r = train::run_training(config, options);
+  if (world.rank() != 0) return 0;
   std::cout << "done: " << r.steps << " steps, train loss " << r.train_loss << ", val loss " << r.val_loss << ", "
             << static_cast<int64_t>(r.tokens_per_second) << " tok/s, checkpoint " << r.checkpoint << "\n";
   return 0;
@@ -192,15 +198,26 @@ int main(int argc, char** argv) {
   } catch (const CLI::ParseError& e) {
     return app.exit(e);
   }
+  std::unique_ptr<comm::Communicator> world;
   try {
-    if (app.got_subcommand("train")) return run_train(train_args);
+    if (app.got_subcommand("train")) {
+      world = comm::make_world("auto");  // MPI under mpirun/srun, else a world of one
+      return run_train(train_args, *world);
+    }
     if (app.got_subcommand("generate")) return run_generate(generate_args);
     if (app.got_subcommand("eval")) return run_eval(eval_args);
-  } catch (const tutti::Error& e) {
-    std::cerr << "tutti: error: " << e.what() << "\n";
-    return 1;
   } catch (const std::exception& e) {
-    std::cerr << "tutti: error: " << e.what() << "\n";
+    const bool many = world && world->size() > 1;
+    const std::string where =
+        many ? " (rank " + std::to_string(world->rank()) + " of " + std::to_string(world->size()) + ")" : "";
+    const std::string line = "tutti: error" + where + ": " + e.what() + "\n";
+    std::fputs(line.c_str(), stderr);  // one write, so lines of several ranks do not interleave
+    std::fflush(stderr);
+    // Settings, data and checkpoints are checked alike on every rank, so every rank stops here
+    // and can finish cleanly; anything else may have left other ranks waiting: end the job.
+    const bool same_on_all_ranks = dynamic_cast<const ConfigError*>(&e) || dynamic_cast<const DataError*>(&e) ||
+                                   dynamic_cast<const CheckpointError*>(&e);
+    if (many && !same_on_all_ranks) world->abort(1);
     return 1;
   }
   return 2;

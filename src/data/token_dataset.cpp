@@ -51,15 +51,17 @@ int64_t TokenDataset::tokens(Split split) const {
   return static_cast<int64_t>(split == Split::train ? val_begin_ : file_->size() - val_begin_);
 }
 
-Batch TokenDataset::batch(Split split, int batch_size, uint64_t seed, uint64_t step) const {
-  TUTTI_CHECK_AS(InvalidArgument, batch_size > 0, "batch size must be positive, got ", batch_size);
+Batch TokenDataset::batch(Split split, uint64_t seed, uint64_t step, int64_t first, int count) const {
+  TUTTI_CHECK_AS(InvalidArgument, count > 0 && first >= 0, "batch of ", count, " samples from ", first,
+                 ": count must be positive and first non-negative");
   const uint8_t* base = file_->data() + (split == Split::train ? 0 : val_begin_);
   const uint64_t windows = static_cast<uint64_t>(tokens(split) - context_);  // valid start offsets
-  Rng rng = Rng::stream(seed, step, split == Split::train ? 0 : 1);
-  Batch b{Tensor::empty({batch_size, context_}, DType::i32), Tensor::empty({batch_size, context_}, DType::i32)};
+  const uint64_t split_bit = split == Split::train ? 0 : (1ull << 62);
+  Batch b{Tensor::empty({count, context_}, DType::i32), Tensor::empty({count, context_}, DType::i32)};
   int32_t* x = b.inputs.data<int32_t>();
   int32_t* y = b.targets.data<int32_t>();
-  for (int i = 0; i < batch_size; ++i) {
+  for (int i = 0; i < count; ++i) {
+    Rng rng = Rng::stream(seed, step, split_bit | static_cast<uint64_t>(first + i));
     const uint8_t* w = base + rng.below(windows);
     for (int t = 0; t < context_; ++t) {
       x[int64_t(i) * context_ + t] = w[t];

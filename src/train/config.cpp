@@ -27,6 +27,11 @@ void TrainConfig::validate() const {
   non_negative("decay_steps", decay_steps);
   non_negative("sample_tokens", sample_tokens);
   non_negative("threads", threads);
+  non_negative("dp", dp);
+  non_negative("micro_batch", micro_batch);
+  TUTTI_CHECK_AS(ConfigError, zero >= 0 && zero <= 2, "zero must be 0, 1 or 2, got ", zero);
+  positive("bucket_mib", bucket_mib);
+  positive("comm_timeout", comm_timeout);
   non_negative("lr", lr);
   non_negative("min_lr", min_lr);
   non_negative("weight_decay", weight_decay);
@@ -97,7 +102,7 @@ std::vector<Setting> settings(TrainConfig& c) {
       number("context", "context length in tokens (bytes)", c.context),
       text("data", "training text; the last 10% of its bytes is the validation split", c.data),
       text("out", "output directory of the run (checkpoints, run.toml, metrics.jsonl)", c.out),
-      number("batch", "sequences per step", c.batch),
+      number("batch", "global batch: sequences per optimizer step over all ranks (also --global-batch)", c.batch),
       number("steps", "optimizer steps", c.steps),
       number("lr", "peak learning rate", c.lr),
       number("min_lr", "learning rate at the end of the decay", c.min_lr),
@@ -115,7 +120,14 @@ std::vector<Setting> settings(TrainConfig& c) {
       number("keep_checkpoints", "how many recent checkpoints to keep", c.keep_checkpoints),
       number("log_interval", "log a line every N steps when not on a terminal", c.log_interval),
       number("sample_tokens", "tokens of the sample printed at the end (0: none)", c.sample_tokens),
-      number("threads", "compute threads (0: every core)", c.threads),
+      number("threads", "compute threads per rank (0: every core)", c.threads),
+      number("dp", "data-parallel ranks (0: the world size of the MPI launch)", c.dp),
+      number("micro_batch", "sequences per forward pass on a rank (0: batch / dp, no accumulation)", c.micro_batch),
+      number("zero", "0: plain data parallelism, 1: shard optimizer state, 2: shard gradients too", c.zero),
+      number("bucket_mib", "gradient bucket size in MiB (reduction starts per bucket during backward)",
+             c.bucket_mib),
+      number("comm_timeout", "seconds a collective may wait for the other ranks before the run fails",
+             c.comm_timeout),
   };
 }
 

@@ -42,8 +42,8 @@ void prune(const fs::path& checkpoints, int keep) {
 
 }  // namespace
 
-std::string save_checkpoint(const std::string& run_dir, const nn::GPT& model, const optim::AdamW& optimizer,
-                            const TrainerState& state, int keep) {
+std::string save_checkpoint(const std::string& run_dir, const nn::GPT& model, const NamedTensors& optimizer_state,
+                            int64_t optimizer_steps, const TrainerState& state, int keep) {
   const fs::path checkpoints = fs::path(run_dir) / "checkpoints";
   fs::create_directories(checkpoints);
   const std::string name = step_name(state.step);
@@ -51,10 +51,10 @@ std::string save_checkpoint(const std::string& run_dir, const nn::GPT& model, co
   fs::remove_all(tmp);  // a leftover of an interrupted save
   fs::create_directories(tmp);
   ckpt::save_gpt(tmp.string(), model);
-  ckpt::write_safetensors((tmp / "optimizer.safetensors").string(), optimizer.state());
+  ckpt::write_safetensors((tmp / "optimizer.safetensors").string(), optimizer_state);
   nlohmann::json j = {{"format", kStateFormat},
                       {"step", state.step},
-                      {"optimizer_steps", optimizer.steps_taken()},
+                      {"optimizer_steps", optimizer_steps},
                       {"seed", state.seed},
                       {"data", {{"path", state.data_path}, {"position", state.data_position}}},
                       {"sample_rng_state", std::to_string(state.sample_rng_state)},
@@ -86,7 +86,7 @@ std::string resolve_checkpoint(const std::string& dir) {
   return ckpt.string();
 }
 
-TrainerState load_checkpoint(const std::string& checkpoint_dir, nn::GPT& model, optim::AdamW& optimizer) {
+LoadedCheckpoint load_checkpoint(const std::string& checkpoint_dir, nn::GPT& model) {
   const fs::path dir(checkpoint_dir);
   const std::string state_path = (dir / "trainer_state.json").string();
   nlohmann::json j;
@@ -118,10 +118,9 @@ TrainerState load_checkpoint(const std::string& checkpoint_dir, nn::GPT& model, 
                  "checkpoint '", checkpoint_dir, "' holds a model of ", cfg.n_layer, " layers, ", cfg.n_head,
                  " heads, dim ", cfg.n_embd, ", context ", cfg.block_size, "; the run expects ", want.n_layer,
                  " layers, ", want.n_head, " heads, dim ", want.n_embd, ", context ", want.block_size);
-  auto opt_state = ckpt::read_safetensors((dir / "optimizer.safetensors").string());
-  optimizer.load_state(opt_state.tensors, opt_steps);
+  LoadedCheckpoint loaded{s, ckpt::read_safetensors((dir / "optimizer.safetensors").string()).tensors, opt_steps};
   ckpt::load_gpt_weights(checkpoint_dir, model);
-  return s;
+  return loaded;
 }
 
 }  // namespace tutti::train

@@ -13,6 +13,8 @@
 #include "tutti/autograd/node.hpp"
 #include "tutti/ckpt/safetensors.hpp"
 #include "tutti/core/threads.hpp"
+#include "tutti/ops/ops.hpp"
+#include "tutti/parallel/data_parallel.hpp"
 #include "tutti/train/run_dir.hpp"
 
 namespace fs = std::filesystem;
@@ -32,7 +34,8 @@ std::string format_duration(double seconds) {
 }
 
 // Refuses to start a new run in a directory that holds anything; for a resume, needs a run.
-void prepare_run_dir(const TrainConfig& config, bool resume) {
+// Every rank checks (so all fail alike); only rank 0 creates.
+void check_run_dir(const TrainConfig& config, bool resume) {
   const fs::path out(config.out);
   if (resume) {
     TUTTI_CHECK_AS(ConfigError, fs::exists(out / "run.toml"), "cannot resume: '", config.out,
@@ -45,8 +48,12 @@ void prepare_run_dir(const TrainConfig& config, bool resume) {
                    "' already holds a run or other files; continue it with --resume ", config.out,
                    " or choose another --out");
   }
-  fs::create_directories(out);
-  ckpt::write_file_atomic((out / "run.toml").string(), to_toml(config));
+}
+
+void create_run_dir(const TrainConfig& config, bool resume) {
+  if (resume) return;
+  fs::create_directories(config.out);
+  ckpt::write_file_atomic((fs::path(config.out) / "run.toml").string(), to_toml(config));
 }
 
 class Progress {
@@ -112,67 +119,168 @@ TrainConfig load_run_config(const std::string& run_dir) {
   return config;
 }
 
+namespace {
+
+// How the global batch splits over ranks and micro-batches.
+struct BatchPlan {
+  int dp, per_rank, micro, accumulation;
+};
+
+BatchPlan plan_batches(const TrainConfig& c, int world_size) {
+  const int dp = c.dp > 0 ? c.dp : world_size;
+  TUTTI_CHECK_AS(ConfigError, dp == world_size, "dp ", dp, " does not match the ", world_size,
+                 " ranks of the launch (data parallelism is the only kind so far: dp must equal the world size)");
+  TUTTI_CHECK_AS(ConfigError, c.batch % dp == 0, "global batch ", c.batch, " is not divisible by dp ", dp);
+  const int per_rank = c.batch / dp;
+  const int micro = c.micro_batch > 0 ? c.micro_batch : per_rank;
+  TUTTI_CHECK_AS(ConfigError, per_rank % micro == 0, "global batch ", c.batch, " over dp ", dp, " gives ", per_rank,
+                 " sequences per rank, not divisible into micro-batches of ", micro);
+  return {dp, per_rank, micro, per_rank / micro};
+}
+
+uint64_t fnv1a(const std::string& text) {
+  uint64_t h = 1469598103934665603ull;
+  for (unsigned char c : text) h = (h ^ c) * 1099511628211ull;
+  return h;
+}
+
+// Every rank must run the same binary with the same settings.
+void check_same_config(comm::Communicator& world, const TrainConfig& config) {
+  if (world.size() == 1) return;
+  const int64_t mine = static_cast<int64_t>(fnv1a(to_toml(config) + TUTTI_VERSION));
+  std::vector<int64_t> all(size_t(world.size()));
+  world.all_gather(std::span<const int64_t>(&mine, 1), std::span<int64_t>(all), std::vector<int64_t>(all.size(), 1))
+      ->wait();
+  for (size_t r = 1; r < all.size(); ++r)
+    TUTTI_CHECK_AS(ConfigError, all[r] == all[0], "the configuration or the tutti binary differs between ranks: rank ",
+                   r, " has hash ", std::hex, all[r], ", rank 0 has ", all[0]);
+}
+
+double all_mean(comm::Communicator& world, double value) {
+  if (world.size() == 1) return value;
+  world.all_reduce(std::span<double>(&value, 1))->wait();
+  return value / world.size();
+}
+
+// Evaluation batches spread over the ranks; the mean over all of them.
+double evaluate_distributed(comm::Communicator& world, const nn::GPT& model, const data::TokenDataset& dataset,
+                            data::Split split, int batches, int batch_size, int64_t seed) {
+  NoGradGuard no_grad;
+  double total = 0.0;
+  for (int i = world.rank(); i < batches; i += world.size()) {
+    data::Batch b = dataset.batch(split, batch_size, static_cast<uint64_t>(seed) ^ kEvalStream, static_cast<uint64_t>(i));
+    total += model.loss(b.inputs, b.targets).item();
+  }
+  if (world.size() > 1) world.all_reduce(std::span<double>(&total, 1))->wait();
+  return total / batches;
+}
+
+std::string mib(int64_t bytes) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%.1f MiB", double(bytes) / (1 << 20));
+  return buf;
+}
+
+}  // namespace
+
 TrainResult run_training(const TrainConfig& config, const TrainOptions& options) {
   config.validate();
-  std::ostream& log = options.log ? *options.log : std::cout;
+  std::unique_ptr<comm::Communicator> own_world;
+  if (!options.world) own_world = comm::make_local();
+  comm::Communicator& world = options.world ? *options.world : *own_world;
+  world.set_timeout(std::chrono::seconds(config.comm_timeout));
+  const BatchPlan plan = plan_batches(config, world.size());
+  check_same_config(world, config);
+  const bool lead = world.rank() == 0;
+  std::ostream null_stream(nullptr);
+  std::ostream& log = !lead ? null_stream : options.log ? *options.log : std::cout;
   set_num_threads(config.threads > 0 ? config.threads : hardware_threads());
   data::TokenDataset dataset(config.data, config.context);  // before touching the output directory
-  prepare_run_dir(config, options.resume);
+  check_run_dir(config, options.resume);
+  if (world.size() > 1) world.barrier()->wait();  // every rank has looked before rank 0 creates
+  if (lead) create_run_dir(config, options.resume);
+  if (world.size() > 1) world.barrier()->wait();
 
   nn::GPT model(config.model());
   Rng init_rng(static_cast<uint64_t>(config.seed));
   model.init_weights(init_rng);
-  optim::AdamW optimizer(model.named_parameters(),
-                         {config.lr, config.beta1, config.beta2, 1e-8f, config.weight_decay});
-  const optim::LrSchedule schedule{config.lr, config.min_lr, config.warmup,
-                                   config.decay_steps > 0 ? config.decay_steps : config.steps, config.decay == "cosine"};
   TrainerState state;
   state.seed = config.seed;
   state.data_path = config.data;
   state.sample_rng_state = static_cast<uint64_t>(config.seed) * 0x9E3779B97F4A7C15ull + 1;
   TrainResult result;
+  LoadedCheckpoint loaded;
   if (options.resume) {
     result.checkpoint = resolve_checkpoint(config.out);
-    state = load_checkpoint(result.checkpoint, model, optimizer);
+    loaded = load_checkpoint(result.checkpoint, model);
+    state = loaded.state;
     state.data_path = config.data;
+  }
+  const optim::AdamWOptions adamw{config.lr, config.beta1, config.beta2, 1e-8f, config.weight_decay};
+  parallel::DataParallel replica(model, world, adamw,
+                                 {int64_t(config.bucket_mib) << 20, world.size() > 1 ? config.zero : 0});
+  if (options.resume) {
+    replica.load_optimizer_state(loaded.optimizer_state, loaded.optimizer_steps);
     log << "resumed from " << result.checkpoint << " at step " << state.step << "\n";
   }
+  const optim::LrSchedule schedule{config.lr, config.min_lr, config.warmup,
+                                   config.decay_steps > 0 ? config.decay_steps : config.steps, config.decay == "cosine"};
   const int64_t tokens_per_step = int64_t{config.batch} * config.context;
   log << "tutti train: " << model.num_parameters() << " parameters (" << config.layers << " layers, " << config.heads
       << " heads, dim " << config.dim << ", context " << config.context << "), " << tokens_per_step
-      << " tokens/step, " << num_threads() << " threads, data " << config.data << " (" << dataset.tokens(data::Split::train)
-      << " train / " << dataset.tokens(data::Split::val) << " val tokens), out " << config.out << "\n";
+      << " tokens/step, " << num_threads() << " threads, data " << config.data << " ("
+      << dataset.tokens(data::Split::train) << " train / " << dataset.tokens(data::Split::val) << " val tokens), out "
+      << config.out << "\n";
+  if (world.size() > 1) {
+    const parallel::MemoryReport m = replica.memory();
+    log << "data parallel: dp " << plan.dp << " (" << world.backend() << "), zero " << config.zero << ", "
+        << plan.per_rank << " sequences per rank in " << plan.accumulation << " micro-batch(es) of " << plan.micro
+        << ", " << replica.num_buckets() << " gradient bucket(s) of up to " << config.bucket_mib
+        << " MiB; per rank: parameters " << mib(m.parameter_bytes) << ", gradients " << mib(m.gradient_bytes)
+        << ", optimizer state " << mib(m.optimizer_bytes) << "\n";
+  }
 
-  std::ofstream metrics(fs::path(config.out) / "metrics.jsonl", std::ios::app);
+  std::ofstream metrics;
+  if (lead) metrics.open(fs::path(config.out) / "metrics.jsonl", std::ios::app);
   auto eval_and_log = [&](int64_t step, Progress& progress) {
     const auto t0 = Clock::now();
-    result.train_loss = evaluate(model, dataset, data::Split::train, config.eval_batches, config.batch, config.seed);
-    result.val_loss = evaluate(model, dataset, data::Split::val, config.eval_batches, config.batch, config.seed);
+    result.train_loss = evaluate_distributed(world, model, dataset, data::Split::train, config.eval_batches,
+                                             config.batch, config.seed);
+    result.val_loss = evaluate_distributed(world, model, dataset, data::Split::val, config.eval_batches, config.batch,
+                                           config.seed);
     const double secs = std::chrono::duration<double>(Clock::now() - t0).count();
     char line[128];
     std::snprintf(line, sizeof line, "step %lld: train loss %.4f, val loss %.4f (eval %.1fs)",
                   static_cast<long long>(step), result.train_loss, result.val_loss, secs);
     progress.line() << line << "\n" << std::flush;
-    metrics << nlohmann::json{{"step", step}, {"train_loss", result.train_loss}, {"val_loss", result.val_loss}}.dump()
-            << "\n" << std::flush;
+    if (lead)
+      metrics << nlohmann::json{{"step", step}, {"train_loss", result.train_loss}, {"val_loss", result.val_loss}}.dump()
+              << "\n" << std::flush;
   };
 
-  Progress progress(log, options.live_progress, state.step, config.steps, config.log_interval);
+  Progress progress(log, options.live_progress && lead, state.step, config.steps, config.log_interval);
   if (state.step == 0) eval_and_log(0, progress);
   const auto run_start = Clock::now();
   const int64_t first_step = state.step;
   double tokens_per_second = 0.0;  // smoothed, for the progress line
   for (int64_t step = state.step; step < config.steps; ++step) {
     const auto t0 = Clock::now();
-    data::Batch batch = dataset.batch(data::Split::train, config.batch, static_cast<uint64_t>(config.seed),
-                                      static_cast<uint64_t>(step));
-    Tensor loss = model.loss(batch.inputs, batch.targets);
-    optimizer.zero_grad();
-    loss.backward();
-    const double norm = optim::grad_norm(model.parameters());
+    world.set_step(step + 1);
+    replica.zero_grad();
+    double loss_sum = 0.0;
+    for (int a = 0; a < plan.accumulation; ++a) {  // next batch -> forward -> backward
+      const int64_t first = int64_t{world.rank()} * plan.per_rank + int64_t{a} * plan.micro;
+      data::Batch batch = dataset.batch(data::Split::train, static_cast<uint64_t>(config.seed),
+                                        static_cast<uint64_t>(step), first, plan.micro);
+      Tensor loss = model.loss(batch.inputs, batch.targets);
+      if (a + 1 == plan.accumulation) replica.begin_sync();
+      (plan.accumulation > 1 ? ops::scale(loss, 1.0f / float(plan.accumulation)) : loss).backward();
+      loss_sum += loss.item();
+    }
+    const double norm = replica.end_sync();  // the group's mean gradient
     const float lr = schedule.at(step);
-    optimizer.step(lr, optim::clip_scale(norm, config.grad_clip));
-    const double loss_value = loss.item();
+    replica.step(lr, optim::clip_scale(norm, config.grad_clip));  // update
+    const double loss_value = all_mean(world, loss_sum / plan.accumulation);
     TUTTI_CHECK(std::isfinite(loss_value), "loss became ", loss_value, " at step ", step + 1,
                 "; lower the learning rate or enable grad_clip");
 
@@ -182,23 +290,29 @@ TrainResult run_training(const TrainConfig& config, const TrainOptions& options)
     state.step = step + 1;
     state.data_position = step + 1;
     state.last_loss = loss_value;
-    char loss_text[32];
-    std::snprintf(loss_text, sizeof loss_text, "%.9g", loss_value);
-    metrics << "{\"step\":" << state.step << ",\"loss\":" << loss_text << ",\"lr\":" << lr << ",\"grad_norm\":" << norm
-            << ",\"ms\":" << secs * 1e3 << "}\n";
+    if (lead) {
+      char loss_text[32];
+      std::snprintf(loss_text, sizeof loss_text, "%.9g", loss_value);
+      metrics << "{\"step\":" << state.step << ",\"loss\":" << loss_text << ",\"lr\":" << lr
+              << ",\"grad_norm\":" << norm << ",\"ms\":" << secs * 1e3 << "}\n";
+    }
     progress.step(state.step, loss_value, lr, tokens_per_second);
 
     if (state.step % config.eval_interval == 0 || state.step == config.steps) eval_and_log(state.step, progress);
     if (state.step % config.checkpoint_interval == 0 || state.step == config.steps) {
-      result.checkpoint = save_checkpoint(config.out, model, optimizer, state, config.keep_checkpoints);
-      progress.line() << "checkpoint " << result.checkpoint << "\n" << std::flush;
+      const auto optimizer_state = replica.optimizer_state();  // collective under ZeRO
+      if (lead) {
+        result.checkpoint = save_checkpoint(config.out, model, optimizer_state, replica.steps_taken(), state,
+                                            config.keep_checkpoints);
+        progress.line() << "checkpoint " << result.checkpoint << "\n" << std::flush;
+      }
     }
   }
   metrics.flush();
   const double total = std::chrono::duration<double>(Clock::now() - run_start).count();
   result.steps = state.step;
   result.tokens_per_second = total > 0 ? double(tokens_per_step * (result.steps - first_step)) / total : 0.0;
-  if (config.sample_tokens > 0) {
+  if (config.sample_tokens > 0 && lead) {
     nn::SampleOptions sample;
     sample.max_tokens = config.sample_tokens;
     sample.temperature = 0.8f;

@@ -2,6 +2,7 @@
 // it (as in PyTorch); views (reshape, transpose, slice) share storage without copying.
 #pragma once
 #include <cstring>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -41,6 +42,9 @@ struct TensorImpl {
   bool requires_grad = false;
   std::shared_ptr<TensorImpl> grad;   // same shape, allocated on first backward
   std::shared_ptr<Node> grad_fn;      // the op that produced this tensor (null for leaves)
+  // Called once per backward pass on a leaf, when its gradient for that pass is final (every op
+  // that used it has run). Data parallelism starts reducing gradients from here.
+  std::function<void(TensorImpl&)> on_grad_ready;
 };
 
 class Tensor {

@@ -38,8 +38,13 @@ class TokenDataset {
   TokenDataset(const std::string& path, int context, double val_fraction = 0.1);
   const std::string& path() const { return path_; }
   int64_t tokens(Split split) const;
-  // Random windows for training step `step` (or evaluation batch `step`).
-  Batch batch(Split split, int batch_size, uint64_t seed, uint64_t step) const;
+  // Random windows for training step `step` (or evaluation batch `step`): samples
+  // [first, first + count) of that step's global batch. Sample i of a step depends only on
+  // (seed, step, i), so a rank reads just its own slice and every world size sees the same batch.
+  Batch batch(Split split, uint64_t seed, uint64_t step, int64_t first, int count) const;
+  Batch batch(Split split, int batch_size, uint64_t seed, uint64_t step) const {
+    return batch(split, seed, step, 0, batch_size);
+  }
 
  private:
   std::string path_;

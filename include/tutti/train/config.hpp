@@ -21,7 +21,7 @@ struct TrainConfig {
   std::string data = "data/tinyshakespeare.txt";
   std::string out = "runs/shakespeare";
   // optimisation
-  int batch = 12;
+  int batch = 12;  // the global batch: sequences per optimizer step, over all ranks
   int steps = 2000;
   float lr = 1e-3f;
   float min_lr = 1e-4f;
@@ -40,8 +40,13 @@ struct TrainConfig {
   int keep_checkpoints = 2;
   int log_interval = 50;
   int sample_tokens = 300;
-  // machine
-  int threads = 0;  // 0: every core
+  // machine and parallelism
+  int threads = 0;         // 0: every core
+  int dp = 0;              // data-parallel ranks; 0: the world size
+  int micro_batch = 0;     // sequences per forward pass on a rank; 0: batch / dp (no accumulation)
+  int zero = 0;            // 0: plain data parallelism, 1: sharded optimizer state, 2: + sharded gradients
+  int bucket_mib = 25;     // gradient bucket size
+  int comm_timeout = 300;  // seconds a collective may take before the run fails
 
   // Throws ConfigError naming the first bad value.
   void validate() const;

@@ -9,9 +9,10 @@
 #pragma once
 #include <cstdint>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "tutti/nn/gpt.hpp"
-#include "tutti/optim/adamw.hpp"
 
 namespace tutti::train {
 
@@ -24,17 +25,26 @@ struct TrainerState {
   double last_loss = 0.0;
 };
 
-// Writes checkpoint `step` of the run in `run_dir` and prunes all but the newest `keep`.
-// Returns the checkpoint directory.
-std::string save_checkpoint(const std::string& run_dir, const nn::GPT& model, const optim::AdamW& optimizer,
-                            const TrainerState& state, int keep);
+using NamedTensors = std::vector<std::pair<std::string, Tensor>>;
+
+// Writes checkpoint `state.step` of the run in `run_dir` (weights, AdamW moments in the
+// single-process layout, trainer state) and prunes all but the newest `keep`. Returns the
+// checkpoint directory.
+std::string save_checkpoint(const std::string& run_dir, const nn::GPT& model, const NamedTensors& optimizer_state,
+                            int64_t optimizer_steps, const TrainerState& state, int keep);
 
 // The checkpoint directory `dir` names: itself when it holds model.safetensors, else the one
 // its `latest` file points to. Throws CheckpointError when neither.
 std::string resolve_checkpoint(const std::string& dir);
 
-// Loads weights, optimizer moments and trainer state from a checkpoint directory; validates
-// everything before changing the model or the optimizer.
-TrainerState load_checkpoint(const std::string& checkpoint_dir, nn::GPT& model, optim::AdamW& optimizer);
+struct LoadedCheckpoint {
+  TrainerState state;
+  NamedTensors optimizer_state;  // to hand to the optimizer (any data-parallel layout)
+  int64_t optimizer_steps = 0;
+};
+
+// Loads the weights into `model` and reads the trainer state and optimizer moments of a
+// checkpoint directory; validates everything before changing the model.
+LoadedCheckpoint load_checkpoint(const std::string& checkpoint_dir, nn::GPT& model);
 
 }  // namespace tutti::train

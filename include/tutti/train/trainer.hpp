@@ -4,6 +4,7 @@
 #include <ostream>
 #include <string>
 
+#include "tutti/comm/communicator.hpp"
 #include "tutti/data/token_dataset.hpp"
 #include "tutti/train/config.hpp"
 
@@ -20,6 +21,7 @@ struct TrainResult {
 
 struct TrainOptions {
   bool resume = false;       // continue the run in config.out from its latest checkpoint
+  comm::Communicator* world = nullptr;  // the ranks of the run (default: a world of one)
   std::ostream* log = nullptr;  // progress and log lines (default std::cout)
   bool live_progress = false;   // redraw one progress line (a terminal) instead of printing lines
 };

@@ -1,0 +1,300 @@
+// Data parallelism with bucketed, overlapped gradient reduction and ZeRO 1/2 sharding.
+// N is the number of parameter elements, W the group size; rank r owns the shard [lo, hi) of the
+// flattened parameters (W = 1 or ZeRO 0: the whole range).
+#include "tutti/parallel/data_parallel.hpp"
+
+#include <chrono>
+#include <cmath>
+
+#include "backend/backend.hpp"
+#include "tutti/autograd/node.hpp"
+
+namespace tutti::parallel {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+struct Segment {  // one parameter inside the flat buffers
+  std::string name;
+  Tensor param;
+  int64_t offset, numel;
+  bool decay;  // AdamW weight decay: matrices and embeddings, as optim::AdamW
+  size_t bucket;
+};
+
+struct Bucket {
+  int64_t begin, end;  // flat range
+  int pending = 0;     // parameters whose gradient is not final yet
+  Tensor staging;      // ZeRO 2: the bucket's gradients until reduce-scattered
+  comm::WorkHandle work;
+};
+
+int64_t shard_begin(int64_t n, int rank, int world) { return n * rank / world; }
+
+}  // namespace
+
+struct DataParallel::Impl {
+  comm::Communicator& group;
+  DataParallelOptions options;
+  optim::AdamWOptions adamw;
+  int world, rank;
+  Device device;
+  std::vector<Segment> segments;
+  std::vector<Bucket> buckets;
+  int64_t n = 0, lo = 0, hi = 0;
+  Tensor params;      // (N): every parameter is a view into it
+  Tensor grads;       // (N) for ZeRO 0/1; bucket buffers are its slices
+  Tensor grad_shard;  // (hi - lo) for ZeRO 2
+  Tensor exp_avg, exp_avg_sq;  // (hi - lo)
+  int64_t t = 0;
+  bool armed = false;
+  std::vector<bool> delivered;  // per segment, this sync
+  CommStats stats;
+  Clock::time_point backward_start;
+
+  Impl(nn::Module& model, comm::Communicator& g, const optim::AdamWOptions& a, const DataParallelOptions& o)
+      : group(g), options(o), adamw(a), world(g.size()), rank(g.rank()) {
+    TUTTI_CHECK_AS(InvalidArgument, o.zero >= 0 && o.zero <= 2, "zero stage must be 0, 1 or 2, got ", o.zero);
+    TUTTI_CHECK_AS(InvalidArgument, o.bucket_bytes > 0, "bucket size must be positive, got ", o.bucket_bytes);
+    auto named = model.named_parameters();
+    TUTTI_CHECK_AS(InvalidArgument, !named.empty(), "data parallelism needs a model with parameters");
+    device = named.front().second.device();
+    // Reverse registration order: backward produces the last layers' gradients first.
+    for (auto it = named.rbegin(); it != named.rend(); ++it) {
+      TUTTI_CHECK_AS(InvalidArgument, it->second.dtype() == DType::f32 && it->second.device() == device,
+                     "parameter '", it->first, "' must be f32 on ", device.str());
+      segments.push_back({it->first, it->second, n, it->second.numel(), it->second.ndim() >= 2, 0});
+      n += it->second.numel();
+    }
+    lo = options.zero == 0 ? 0 : shard_begin(n, rank, world);
+    hi = options.zero == 0 ? n : shard_begin(n, rank + 1, world);
+    flatten_parameters();
+    make_buckets();
+    exp_avg = Tensor::zeros({hi - lo}, DType::f32, device);
+    exp_avg_sq = Tensor::zeros({hi - lo}, DType::f32, device);
+    if (options.zero < 2) grads = Tensor::zeros({n}, DType::f32, device);
+    else grad_shard = Tensor::zeros({hi - lo}, DType::f32, device);
+    group.broadcast(std::span<float>(params.data<float>(), size_t(n)), 0)->wait();
+    for (size_t i = 0; i < segments.size(); ++i)
+      segments[i].param.impl().on_grad_ready = [this, i](TensorImpl&) { on_grad_ready(i); };
+  }
+
+  ~Impl() {
+    for (Segment& s : segments) s.param.impl().on_grad_ready = nullptr;
+  }
+
+  Backend& backend() { return backend_for(device); }
+
+  // Moves every parameter into one buffer; the module's tensors keep their identity.
+  void flatten_parameters() {
+    params = Tensor::empty({n}, DType::f32, device);
+    for (Segment& s : segments) {
+      Tensor contiguous = s.param.contiguous();
+      backend().copy_on_device(params.data<float>() + s.offset, contiguous.data<float>(), size_t(s.numel) * 4);
+      TensorImpl& impl = s.param.impl();
+      impl.storage = params.impl().storage;
+      impl.offset = s.offset;
+      impl.strides = contiguous_strides(impl.shape);
+    }
+  }
+
+  void make_buckets() {
+    const int64_t per_bucket = std::max<int64_t>(1, options.bucket_bytes / 4);
+    for (Segment& s : segments) {
+      if (buckets.empty() || buckets.back().end - buckets.back().begin >= per_bucket)
+        buckets.push_back({s.offset, s.offset});
+      buckets.back().end = s.offset + s.numel;
+      s.bucket = buckets.size() - 1;
+    }
+  }
+
+  // Elements of flat range [b, e) that rank k owns (ZeRO 2).
+  int64_t owned(int64_t b, int64_t e, int k) const {
+    return std::max<int64_t>(0, std::min(e, shard_begin(n, k + 1, world)) - std::max(b, shard_begin(n, k, world)));
+  }
+
+  float* grad_slot(const Segment& s) {
+    Bucket& b = buckets[s.bucket];
+    if (options.zero < 2) return grads.data<float>() + s.offset;
+    if (!b.staging.defined()) b.staging = Tensor::empty({b.end - b.begin}, DType::f32, device);
+    return b.staging.data<float>() + (s.offset - b.begin);
+  }
+
+  void on_grad_ready(size_t i) {
+    if (!armed || delivered[i]) return;
+    delivered[i] = true;
+    Segment& s = segments[i];
+    Tensor g = s.param.grad();
+    float* slot = grad_slot(s);
+    if (g.defined()) backend().copy_on_device(slot, g.contiguous().data<float>(), size_t(s.numel) * 4);
+    else backend().fill(slot, s.numel, 0.0f);
+    s.param.zero_grad();  // the bucket holds it now
+    Bucket& b = buckets[s.bucket];
+    if (--b.pending == 0) launch(b);
+  }
+
+  void launch(Bucket& b) {
+    if (options.zero < 2) {
+      b.work = group.all_reduce(std::span<float>(grads.data<float>() + b.begin, size_t(b.end - b.begin)));
+      return;
+    }
+    std::vector<int64_t> counts(static_cast<size_t>(world));
+    for (int k = 0; k < world; ++k) counts[size_t(k)] = owned(b.begin, b.end, k);
+    const int64_t mine_begin = std::max(b.begin, lo);
+    float* out = grad_shard.data<float>() + (mine_begin - lo);
+    b.work = group.reduce_scatter(std::span<const float>(b.staging.data<float>(), size_t(b.end - b.begin)),
+                                  std::span<float>(out, size_t(counts[size_t(rank)])), counts);
+  }
+
+  void begin_sync() {
+    for (Bucket& b : buckets) b.pending = 0;
+    for (Segment& s : segments) ++buckets[s.bucket].pending;
+    delivered.assign(segments.size(), false);
+    armed = true;
+    backward_start = Clock::now();
+  }
+
+  double end_sync() {
+    TUTTI_CHECK(armed, "end_sync() without begin_sync()");
+    const auto t0 = Clock::now();
+    stats.backward_seconds = std::chrono::duration<double>(t0 - backward_start).count();
+    // Parameters whose hook did not fire (no part in this backward): their gradient so far or
+    // zeros, in flat order, which is the same on every rank.
+    for (size_t i = 0; i < segments.size(); ++i)
+      if (!delivered[i]) on_grad_ready(i);
+    for (Bucket& b : buckets) {
+      b.work->wait();
+      b.work.reset();
+      b.staging = Tensor();
+    }
+    armed = false;
+    stats.exposed_seconds = std::chrono::duration<double>(Clock::now() - t0).count();
+    const float inv = 1.0f / static_cast<float>(world);
+    double sum_squares = 0.0;
+    if (options.zero < 2) {
+      if (world > 1) backend().scale(grads.data<float>(), inv, grads.data<float>(), n);
+      for (Segment& s : segments) s.param.set_grad(grads.slice(0, s.offset, s.offset + s.numel).view(s.param.shape()));
+      sum_squares = backend().sum_squares(grads.data<float>(), n);
+    } else {
+      if (world > 1) backend().scale(grad_shard.data<float>(), inv, grad_shard.data<float>(), hi - lo);
+      double local = backend().sum_squares(grad_shard.data<float>(), hi - lo);
+      group.all_reduce(std::span<double>(&local, 1))->wait();
+      sum_squares = local;
+    }
+    return std::sqrt(sum_squares);
+  }
+
+  const float* shard_grads() const {
+    return options.zero < 2 ? grads.data<float>() + lo : grad_shard.data<float>();
+  }
+
+  void step(float lr, float grad_scale) {
+    NoGradGuard no_grad;
+    ++t;
+    AdamWStep s{lr,
+                adamw.beta1,
+                adamw.beta2,
+                adamw.eps,
+                0.0f,
+                1.0f - static_cast<float>(std::pow(double(adamw.beta1), double(t))),
+                1.0f - static_cast<float>(std::pow(double(adamw.beta2), double(t))),
+                grad_scale};
+    const float* g = shard_grads();
+    for (const Segment& seg : segments) {
+      const int64_t b = std::max(seg.offset, lo), e = std::min(seg.offset + seg.numel, hi);
+      if (b >= e) continue;
+      s.weight_decay = seg.decay ? adamw.weight_decay : 0.0f;
+      backend().adamw(params.data<float>() + b, g + (b - lo), exp_avg.data<float>() + (b - lo),
+                      exp_avg_sq.data<float>() + (b - lo), e - b, s);
+    }
+    if (options.zero > 0 && world > 1) gather_shards(params);
+  }
+
+  // Every rank's shard of `full` (N) to every rank.
+  void gather_shards(Tensor& full) {
+    std::vector<int64_t> counts(static_cast<size_t>(world));
+    for (int k = 0; k < world; ++k) counts[size_t(k)] = shard_begin(n, k + 1, world) - shard_begin(n, k, world);
+    Tensor mine = full.slice(0, lo, hi).clone();
+    group.all_gather(std::span<const float>(mine.data<float>(), size_t(hi - lo)),
+                     std::span<float>(full.data<float>(), size_t(n)), counts)->wait();
+  }
+
+  // The full (N) vector of a sharded optimizer moment.
+  Tensor full_moment(const Tensor& shard) {
+    if (lo == 0 && hi == n) return shard;
+    Tensor full = Tensor::zeros({n}, DType::f32, device);
+    backend().copy_on_device(full.data<float>() + lo, shard.data<float>(), size_t(hi - lo) * 4);
+    gather_shards(full);
+    return full;
+  }
+};
+
+DataParallel::DataParallel(nn::Module& model, comm::Communicator& group, const optim::AdamWOptions& adamw,
+                           const DataParallelOptions& options)
+    : impl_(std::make_unique<Impl>(model, group, adamw, options)) {}
+DataParallel::~DataParallel() = default;
+
+void DataParallel::begin_sync() { impl_->begin_sync(); }
+double DataParallel::end_sync() { return impl_->end_sync(); }
+void DataParallel::step(float lr, float grad_scale) { impl_->step(lr, grad_scale); }
+void DataParallel::zero_grad() {
+  for (Segment& s : impl_->segments) s.param.zero_grad();
+}
+int64_t DataParallel::steps_taken() const { return impl_->t; }
+const CommStats& DataParallel::last_stats() const { return impl_->stats; }
+int64_t DataParallel::num_buckets() const { return static_cast<int64_t>(impl_->buckets.size()); }
+
+MemoryReport DataParallel::memory() const {
+  const Impl& d = *impl_;
+  MemoryReport m;
+  m.parameter_bytes = d.n * 4;
+  m.gradient_bytes = (d.options.zero < 2 ? d.n : d.hi - d.lo) * 4;
+  m.optimizer_bytes = 2 * (d.hi - d.lo) * 4;
+  if (d.options.zero == 2)
+    for (const Bucket& b : d.buckets) m.bucket_bytes = std::max(m.bucket_bytes, (b.end - b.begin) * 4);
+  return m;
+}
+
+std::vector<std::pair<std::string, Tensor>> DataParallel::optimizer_state() {
+  Impl& d = *impl_;
+  Tensor m = d.full_moment(d.exp_avg), v = d.full_moment(d.exp_avg_sq);
+  std::vector<std::pair<std::string, Tensor>> out;
+  // Registration order, as optim::AdamW writes it.
+  for (auto it = d.segments.rbegin(); it != d.segments.rend(); ++it) {
+    const Shape& shape = it->param.shape();
+    out.emplace_back(it->name + ".exp_avg", m.slice(0, it->offset, it->offset + it->numel).clone().view(shape));
+    out.emplace_back(it->name + ".exp_avg_sq", v.slice(0, it->offset, it->offset + it->numel).clone().view(shape));
+  }
+  return out;
+}
+
+void DataParallel::load_optimizer_state(const std::vector<std::pair<std::string, Tensor>>& state,
+                                        int64_t steps_taken) {
+  Impl& d = *impl_;
+  TUTTI_CHECK_AS(CheckpointError, steps_taken >= 0, "optimizer step count ", steps_taken, " is negative");
+  TUTTI_CHECK_AS(CheckpointError, state.size() == 2 * d.segments.size(), "optimizer state has ", state.size(),
+                 " tensors, expected ", 2 * d.segments.size());
+  auto find = [&](const std::string& name, const Segment& s) {
+    for (const auto& [n, t] : state) {
+      if (n != name) continue;
+      TUTTI_CHECK_AS(CheckpointError, t.shape() == s.param.shape() && t.dtype() == DType::f32, "optimizer state '",
+                     name, "' is ", t.str(), ", expected f32", s.param.shape().str());
+      return t.contiguous();
+    }
+    TUTTI_FAIL(CheckpointError, "optimizer state '", name, "' is missing");
+  };
+  std::vector<std::pair<Tensor, Tensor>> found;  // everything checked before anything changes
+  for (const Segment& s : d.segments) found.emplace_back(find(s.name + ".exp_avg", s), find(s.name + ".exp_avg_sq", s));
+  for (size_t i = 0; i < d.segments.size(); ++i) {
+    const Segment& s = d.segments[i];
+    const int64_t b = std::max(s.offset, d.lo), e = std::min(s.offset + s.numel, d.hi);
+    if (b >= e) continue;
+    Tensor m = found[i].first.to(d.device), v = found[i].second.to(d.device);
+    d.backend().copy_on_device(d.exp_avg.data<float>() + (b - d.lo), m.data<float>() + (b - s.offset), size_t(e - b) * 4);
+    d.backend().copy_on_device(d.exp_avg_sq.data<float>() + (b - d.lo), v.data<float>() + (b - s.offset),
+                               size_t(e - b) * 4);
+  }
+  d.t = steps_taken;
+}
+
+}  // namespace tutti::parallel

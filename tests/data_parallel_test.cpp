@@ -1,0 +1,193 @@
+// Data parallelism end to end: `mpirun -np N tutti train` against the single process, over dp,
+// gradient accumulation and ZeRO stages; checkpoints across world sizes; bad launches.
+// Ranks are processes on this machine (oversubscribed); needs Open MPI's mpirun on PATH.
+#include <gtest/gtest.h>
+#include <sys/wait.h>
+
+#include <cmath>
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <nlohmann/json.hpp>
+#include <sstream>
+
+#include "tutti/ckpt/safetensors.hpp"
+
+namespace fs = std::filesystem;
+
+namespace {
+
+struct Result {
+  int code;
+  std::string out, err;
+};
+
+fs::path scratch() {
+  static fs::path dir = [] {
+    fs::path p = fs::temp_directory_path() / ("tutti_dp_test_" + std::to_string(::getpid()));
+    fs::remove_all(p);
+    fs::create_directories(p);
+    return p;
+  }();
+  return dir;
+}
+
+std::string slurp(const fs::path& p) {
+  std::ifstream in(p, std::ios::binary);
+  std::ostringstream s;
+  s << in.rdbuf();
+  return s.str();
+}
+
+bool have_mpirun() { return std::system("command -v mpirun >/dev/null 2>&1") == 0; }
+
+Result shell(const std::string& cmd) {
+  const fs::path out = scratch() / "stdout.txt", err = scratch() / "stderr.txt";
+  const int status = std::system((cmd + " >" + out.string() + " 2>" + err.string()).c_str());
+  return {WIFEXITED(status) ? WEXITSTATUS(status) : -1, slurp(out), slurp(err)};
+}
+
+const std::string kMpirun =
+    "OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_rmaps_base_oversubscribe=1 "
+    "timeout 300 mpirun --oversubscribe --bind-to none ";
+const std::string kTiny =
+    " --layers 2 --heads 2 --dim 16 --context 16 --batch 8 --warmup 2 --decay-steps 6 --eval-interval 1000 "
+    "--eval-batches 2 --sample-tokens 0 --threads 1 --comm-timeout 120 ";
+
+Result train(int np, const std::string& args) {
+  const std::string cmd = std::string(TUTTI_CLI) + " train" + kTiny + args;
+  return shell(np == 0 ? cmd : kMpirun + "-np " + std::to_string(np) + " " + cmd);
+}
+
+std::map<int, double> losses(const fs::path& run) {
+  std::map<int, double> out;
+  std::ifstream in(run / "metrics.jsonl");
+  std::string line;
+  while (std::getline(in, line)) {
+    auto j = nlohmann::json::parse(line);
+    if (j.contains("loss")) out[j["step"].get<int>()] = j["loss"].get<double>();
+  }
+  return out;
+}
+
+void expect_same_losses(const fs::path& a, const fs::path& b, int first_step = 1) {
+  const auto la = losses(a), lb = losses(b);
+  ASSERT_FALSE(la.empty());
+  for (const auto& [step, loss] : la) {
+    if (step < first_step) continue;
+    ASSERT_TRUE(lb.count(step)) << b << " has no step " << step;
+    EXPECT_NEAR(lb.at(step), loss, 1e-5 * std::abs(loss)) << "step " << step << ": " << a << " vs " << b;
+  }
+}
+
+void expect_same_weights(const fs::path& a, const fs::path& b, int step) {
+  char name[32];
+  std::snprintf(name, sizeof name, "step_%08d", step);
+  auto wa = tutti::ckpt::read_safetensors((a / "checkpoints" / name / "model.safetensors").string());
+  auto wb = tutti::ckpt::read_safetensors((b / "checkpoints" / name / "model.safetensors").string());
+  ASSERT_EQ(wa.tensors.size(), wb.tensors.size());
+  for (size_t i = 0; i < wa.tensors.size(); ++i) {
+    const auto va = wa.tensors[i].second.to_vector<float>(), vb = wb.tensors[i].second.to_vector<float>();
+    ASSERT_EQ(va.size(), vb.size());
+    double worst = 0;
+    for (size_t k = 0; k < va.size(); ++k) worst = std::max(worst, double(std::abs(va[k] - vb[k])));
+    EXPECT_LE(worst, 1e-5) << wa.tensors[i].first;
+  }
+}
+
+const fs::path& reference() {  // the single process, 6 steps
+  static const fs::path run = [] {
+    fs::path p = scratch() / "single";
+    Result r = train(0, "--steps 6 --checkpoint-interval 3 --out " + p.string());
+    EXPECT_EQ(r.code, 0) << r.err;
+    return p;
+  }();
+  return run;
+}
+
+}  // namespace
+
+class DataParallel : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    if (!have_mpirun()) GTEST_SKIP() << "mpirun not found (apt-get install openmpi-bin)";
+  }
+};
+
+struct Layout {
+  int np, micro, zero;
+};
+
+class DataParallelEquivalence : public DataParallel, public ::testing::WithParamInterface<Layout> {};
+
+TEST_P(DataParallelEquivalence, SameLossesAndWeightsAsOneProcess) {
+  const Layout l = GetParam();
+  const fs::path run = scratch() / ("np" + std::to_string(l.np) + "_mb" + std::to_string(l.micro) + "_z" +
+                                    std::to_string(l.zero));
+  Result r = train(l.np, "--steps 6 --checkpoint-interval 3 --micro-batch " + std::to_string(l.micro) +
+                             " --zero " + std::to_string(l.zero) + " --out " + run.string());
+  ASSERT_EQ(r.code, 0) << r.out << r.err;
+  expect_same_losses(reference(), run);
+  expect_same_weights(reference(), run, 6);
+}
+
+INSTANTIATE_TEST_SUITE_P(Layouts, DataParallelEquivalence,
+                         ::testing::Values(Layout{1, 2, 0},                     // one rank, 4 micro-batches
+                                           Layout{2, 4, 0}, Layout{2, 2, 0},    // dp 2, with accumulation
+                                           Layout{2, 4, 1}, Layout{2, 2, 2},    // ZeRO 1 and 2
+                                           Layout{4, 2, 0}, Layout{4, 1, 1},    // dp 4
+                                           Layout{4, 2, 2}),
+                         [](const auto& info) {
+                           return "np" + std::to_string(info.param.np) + "_micro" + std::to_string(info.param.micro) +
+                                  "_zero" + std::to_string(info.param.zero);
+                         });
+
+TEST_F(DataParallel, CheckpointsMoveBetweenWorldSizes) {
+  // Written at dp 4 (ZeRO 1), resumed at dp 2 and at dp 1; written at dp 1, resumed at dp 4 (ZeRO 2).
+  const fs::path four = scratch() / "ckpt_dp4";
+  ASSERT_EQ(train(4, "--steps 3 --checkpoint-interval 3 --zero 1 --out " + four.string()).code, 0);
+  for (int np : {2, 0}) {
+    const fs::path run = scratch() / ("ckpt_dp4_to_" + std::to_string(np));
+    fs::copy(four, run, fs::copy_options::recursive);
+    Result r = train(np, "--resume " + run.string() + " --steps 6");
+    ASSERT_EQ(r.code, 0) << r.err;
+    expect_same_losses(reference(), run, 4);
+  }
+  const fs::path one = scratch() / "ckpt_dp1";
+  ASSERT_EQ(train(0, "--steps 3 --checkpoint-interval 3 --out " + one.string()).code, 0);
+  Result r = train(4, "--resume " + one.string() + " --steps 6 --zero 2");
+  ASSERT_EQ(r.code, 0) << r.err;
+  expect_same_losses(reference(), one, 4);
+}
+
+TEST_F(DataParallel, ZeroOneShardsTheOptimizerState) {
+  auto optimizer_mib = [](const std::string& out) {
+    const size_t at = out.find("optimizer state ");
+    EXPECT_NE(at, std::string::npos) << out;
+    return std::stod(out.substr(at + 16));
+  };
+  Result z0 = train(2, "--steps 1 --dim 128 --zero 0 --out " + (scratch() / "mem0").string());
+  Result z1 = train(2, "--steps 1 --dim 128 --zero 1 --out " + (scratch() / "mem1").string());
+  ASSERT_EQ(z0.code, 0) << z0.err;
+  ASSERT_EQ(z1.code, 0) << z1.err;
+  EXPECT_NEAR(optimizer_mib(z1.out), optimizer_mib(z0.out) / 2, 0.05) << z0.out << z1.out;
+}
+
+TEST_F(DataParallel, BadLaunchesFailOnEveryRankWithoutHanging) {
+  const std::string out = " --steps 2 --out " + (scratch() / "never").string();
+  auto every_rank_says = [](const Result& r, int np, const std::string& what) {
+    EXPECT_NE(r.code, 0);
+    for (int rank = 0; rank < np; ++rank)
+      EXPECT_NE(r.err.find("(rank " + std::to_string(rank) + " of " + std::to_string(np) + "): "), std::string::npos)
+          << r.err;
+    EXPECT_NE(r.err.find(what), std::string::npos) << r.err;
+  };
+  every_rank_says(train(2, "--dp 3" + out), 2, "dp 3 does not match the 2 ranks");
+  every_rank_says(train(4, "--batch 6" + out), 4, "global batch 6 is not divisible by dp 4");
+  every_rank_says(train(2, "--micro-batch 3" + out), 2, "not divisible into micro-batches of 3");
+  // Different settings on the two ranks (MPMD launch): the configuration hash differs.
+  const std::string cmd = std::string(TUTTI_CLI) + " train" + kTiny + out;
+  Result mixed = shell(kMpirun + "-np 1 " + cmd + " --lr 0.001 : -np 1 " + cmd + " --lr 0.002");
+  every_rank_says(mixed, 2, "differs between ranks");
+  EXPECT_FALSE(fs::exists(scratch() / "never"));
+}
