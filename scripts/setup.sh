@@ -9,6 +9,7 @@ packages=(
   libopenblas-dev                                 # only for bench/gemm_bench (oneDNN vs OpenBLAS)
   libtomlplusplus-dev libcli11-dev nlohmann-json3-dev
   libgtest-dev libgmock-dev libbenchmark-dev
+  libopenmpi-dev openmpi-bin                      # the mpi communicator backend and mpirun
 )
 missing=()
 for p in "${packages[@]}"; do
