@@ -10,6 +10,7 @@ packages=(
   libtomlplusplus-dev libcli11-dev nlohmann-json3-dev
   libgtest-dev libgmock-dev libbenchmark-dev
   libopenmpi-dev openmpi-bin                      # the mpi communicator backend and mpirun
+  iproute2                                        # ip netns: the simulated hosts of tests/multihost_test.sh
 )
 missing=()
 for p in "${packages[@]}"; do
