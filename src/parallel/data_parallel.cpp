@@ -23,7 +23,7 @@ struct Segment {  // one parameter inside the flat buffers
 };
 
 struct Bucket {
-  int64_t begin, end;  // flat range
+  int64_t begin = 0, end = 0;  // flat range
   int pending = 0;     // parameters whose gradient is not final yet
   Tensor staging;      // ZeRO 2: the bucket's gradients until reduce-scattered
   comm::WorkHandle work;
@@ -101,8 +101,10 @@ struct DataParallel::Impl {
   void make_buckets() {
     const int64_t per_bucket = std::max<int64_t>(1, options.bucket_bytes / 4);
     for (Segment& s : segments) {
-      if (buckets.empty() || buckets.back().end - buckets.back().begin >= per_bucket)
-        buckets.push_back({s.offset, s.offset});
+      if (buckets.empty() || buckets.back().end - buckets.back().begin >= per_bucket) {
+        buckets.emplace_back();
+        buckets.back().begin = buckets.back().end = s.offset;
+      }
       buckets.back().end = s.offset + s.numel;
       s.bucket = buckets.size() - 1;
     }
@@ -214,8 +216,8 @@ struct DataParallel::Impl {
   void gather_shards(Tensor& full) {
     std::vector<int64_t> counts(static_cast<size_t>(world));
     for (int k = 0; k < world; ++k) counts[size_t(k)] = shard_begin(n, k + 1, world) - shard_begin(n, k, world);
-    Tensor mine = full.slice(0, lo, hi).clone();
-    group.all_gather(std::span<const float>(mine.data<float>(), size_t(hi - lo)),
+    // In place: this rank's input is its own slice of the output.
+    group.all_gather(std::span<const float>(full.data<float>() + lo, size_t(hi - lo)),
                      std::span<float>(full.data<float>(), size_t(n)), counts)->wait();
   }
 
