@@ -1,46 +1,17 @@
 // The tutti program: help and version, and every kind of bad input gets one clear error line,
 // a non-zero exit, and leaves existing checkpoints untouched.
 #include <gtest/gtest.h>
-#include <sys/wait.h>
 
-#include <array>
-#include <cstdio>
-#include <filesystem>
+#include <algorithm>
 #include <fstream>
-#include <sstream>
 
-namespace fs = std::filesystem;
+#include "process_util.hpp"
+
+using namespace tutti::test;
 
 namespace {
 
-struct Result {
-  int code;
-  std::string out, err;
-};
-
-fs::path scratch() {
-  static fs::path dir = [] {
-    fs::path p = fs::temp_directory_path() / ("tutti_cli_test_" + std::to_string(::getpid()));
-    fs::remove_all(p);
-    fs::create_directories(p);
-    return p;
-  }();
-  return dir;
-}
-
-std::string slurp(const fs::path& p) {
-  std::ifstream in(p, std::ios::binary);
-  std::ostringstream s;
-  s << in.rdbuf();
-  return s.str();
-}
-
-Result tutti(const std::string& args) {
-  const fs::path out = scratch() / "stdout.txt", err = scratch() / "stderr.txt";
-  const std::string cmd = std::string(TUTTI_CLI) + " " + args + " >" + out.string() + " 2>" + err.string();
-  const int status = std::system(cmd.c_str());
-  return {WIFEXITED(status) ? WEXITSTATUS(status) : -1, slurp(out), slurp(err)};
-}
+Result run_tutti(const std::string& args) { return shell(std::string(TUTTI_CLI) + " " + args); }
 
 int lines(const std::string& s) { return static_cast<int>(std::count(s.begin(), s.end(), '\n')); }
 
@@ -50,7 +21,7 @@ const std::string kTiny = " --layers 1 --heads 2 --dim 16 --context 16 --batch 2
 fs::path tiny_run() {
   static fs::path run = [] {
     fs::path p = scratch() / "run";
-    Result r = tutti("train" + kTiny + "--steps 4 --checkpoint-interval 2 --out " + p.string());
+    Result r = run_tutti("train" + kTiny + "--steps 4 --checkpoint-interval 2 --out " + p.string());
     EXPECT_EQ(r.code, 0) << r.err;
     return p;
   }();
@@ -67,34 +38,34 @@ void expect_one_line_error(const Result& r, const std::string& must_mention) {
 }  // namespace
 
 TEST(Cli, HelpAndVersion) {
-  Result v = tutti("--version");
+  Result v = run_tutti("--version");
   EXPECT_EQ(v.code, 0);
   EXPECT_EQ(v.out.rfind("tutti ", 0), 0u) << v.out;
-  Result h = tutti("--help");
+  Result h = run_tutti("--help");
   EXPECT_EQ(h.code, 0);
   for (const char* cmd : {"train", "generate", "eval"}) EXPECT_NE(h.out.find(cmd), std::string::npos) << cmd;
-  Result t = tutti("train --help");
+  Result t = run_tutti("train --help");
   EXPECT_EQ(t.code, 0);
   for (const char* flag : {"--layers", "--heads", "--dim", "--context", "--batch", "--steps", "--lr", "--warmup",
                            "--decay", "--weight-decay", "--grad-clip", "--seed", "--eval-interval",
                            "--checkpoint-interval", "--threads", "--data", "--out", "--config", "--resume"})
     EXPECT_NE(t.out.find(flag), std::string::npos) << flag;
-  Result g = tutti("generate --help");
+  Result g = run_tutti("generate --help");
   for (const char* flag : {"--checkpoint", "--prompt", "--max-tokens", "--temperature", "--top-k", "--seed"})
     EXPECT_NE(g.out.find(flag), std::string::npos) << flag;
-  EXPECT_NE(tutti("").code, 0);
-  EXPECT_NE(tutti("frobnicate").code, 0);
+  EXPECT_NE(run_tutti("").code, 0);
+  EXPECT_NE(run_tutti("frobnicate").code, 0);
 }
 
 TEST(Cli, BadData) {
   const fs::path out = scratch() / "never";
-  expect_one_line_error(tutti("train --data /nonexistent/file.txt --out " + out.string()), "/nonexistent/file.txt");
+  expect_one_line_error(run_tutti("train --data /nonexistent/file.txt --out " + out.string()), "/nonexistent/file.txt");
   const fs::path empty = scratch() / "empty.txt";
   std::ofstream(empty).close();
-  expect_one_line_error(tutti("train --data " + empty.string() + " --out " + out.string()), "empty");
+  expect_one_line_error(run_tutti("train --data " + empty.string() + " --out " + out.string()), "empty");
   const fs::path small = scratch() / "small.txt";
   std::ofstream(small) << std::string(200, 'a');
-  expect_one_line_error(tutti("train --data " + small.string() + " --context 64 --out " + out.string()), "too short");
+  expect_one_line_error(run_tutti("train --data " + small.string() + " --context 64 --out " + out.string()), "too short");
   EXPECT_FALSE(fs::exists(out)) << "a failed start must not create the output directory";
 }
 
@@ -102,18 +73,18 @@ TEST(Cli, BadConfig) {
   const fs::path out = scratch() / "never";
   const fs::path unknown = scratch() / "unknown.toml";
   std::ofstream(unknown) << "layers = 2\nlayer_count = 3\n";
-  expect_one_line_error(tutti("train --config " + unknown.string() + " --out " + out.string()), "layer_count");
+  expect_one_line_error(run_tutti("train --config " + unknown.string() + " --out " + out.string()), "layer_count");
   const fs::path typed = scratch() / "typed.toml";
   std::ofstream(typed) << "layers = \"four\"\n";
-  expect_one_line_error(tutti("train --config " + typed.string() + " --out " + out.string()), "layers");
+  expect_one_line_error(run_tutti("train --config " + typed.string() + " --out " + out.string()), "layers");
   const fs::path broken = scratch() / "broken.toml";
   std::ofstream(broken) << "layers = = 2\n";
-  expect_one_line_error(tutti("train --config " + broken.string() + " --out " + out.string()), "broken.toml");
-  expect_one_line_error(tutti("train --layers 0 --out " + out.string()), "layers must be positive");
-  expect_one_line_error(tutti("train --dim -8 --out " + out.string()), "dim");
-  expect_one_line_error(tutti("train --heads 3 --dim 128 --out " + out.string()), "must divide");
-  expect_one_line_error(tutti("train --decay linear --out " + out.string()), "linear");
-  expect_one_line_error(tutti("train --steps 12x --out " + out.string()), "12x");
+  expect_one_line_error(run_tutti("train --config " + broken.string() + " --out " + out.string()), "broken.toml");
+  expect_one_line_error(run_tutti("train --layers 0 --out " + out.string()), "layers must be positive");
+  expect_one_line_error(run_tutti("train --dim -8 --out " + out.string()), "dim");
+  expect_one_line_error(run_tutti("train --heads 3 --dim 128 --out " + out.string()), "must divide");
+  expect_one_line_error(run_tutti("train --decay linear --out " + out.string()), "linear");
+  expect_one_line_error(run_tutti("train --steps 12x --out " + out.string()), "12x");
   EXPECT_FALSE(fs::exists(out));
 }
 
@@ -122,7 +93,7 @@ TEST(Cli, ConfigFileAndFlagsCombine) {
   std::ofstream(cfg) << "layers = 1\nheads = 2\ndim = 16\ncontext = 16\nbatch = 2\nsteps = 3\neval_batches = 1\n"
                         "sample_tokens = 0\nlr = 2e-3\n";
   const fs::path out = scratch() / "from_config";
-  Result r = tutti("train --config " + cfg.string() + " --steps 2 --out " + out.string());
+  Result r = run_tutti("train --config " + cfg.string() + " --steps 2 --out " + out.string());
   ASSERT_EQ(r.code, 0) << r.err;
   const std::string saved = slurp(out / "run.toml");
   EXPECT_NE(saved.find("steps = 2\n"), std::string::npos) << saved;  // the flag wins over the file
@@ -134,7 +105,7 @@ TEST(Cli, OutputDirectoryHoldingARunIsNeverOverwritten) {
   const fs::path run = tiny_run();
   const fs::path model = run / "checkpoints" / "step_00000004" / "model.safetensors";
   const std::string before = slurp(model), latest = slurp(run / "latest");
-  expect_one_line_error(tutti("train" + kTiny + "--steps 4 --seed 9 --out " + run.string()), "--resume");
+  expect_one_line_error(run_tutti("train" + kTiny + "--steps 4 --seed 9 --out " + run.string()), "--resume");
   EXPECT_EQ(slurp(model), before);
   EXPECT_EQ(slurp(run / "latest"), latest);
 }
@@ -142,16 +113,16 @@ TEST(Cli, OutputDirectoryHoldingARunIsNeverOverwritten) {
 TEST(Cli, ResumeContinuesARun) {
   const fs::path src = tiny_run(), run = scratch() / "resumed";
   fs::copy(src, run, fs::copy_options::recursive);
-  Result r = tutti("train --resume " + run.string() + " --steps 6");
+  Result r = run_tutti("train --resume " + run.string() + " --steps 6");
   ASSERT_EQ(r.code, 0) << r.err;
   EXPECT_NE(r.out.find("resumed from"), std::string::npos) << r.out;
   EXPECT_TRUE(fs::exists(run / "checkpoints" / "step_00000006" / "model.safetensors"));
-  expect_one_line_error(tutti("train --resume " + (scratch() / "nothing").string()), "no run");
+  expect_one_line_error(run_tutti("train --resume " + (scratch() / "nothing").string()), "no run");
 }
 
 TEST(Cli, GenerateGreedyIsDeterministic) {
   const std::string args = "generate --checkpoint " + tiny_run().string() + " --prompt ROMEO --max-tokens 20 --temperature 0";
-  Result a = tutti(args), b = tutti(args + " --seed 5");
+  Result a = run_tutti(args), b = run_tutti(args + " --seed 5");
   ASSERT_EQ(a.code, 0) << a.err;
   EXPECT_EQ(a.out, b.out);
   EXPECT_EQ(a.out.size(), 21u);  // 20 bytes and a newline
@@ -165,22 +136,22 @@ TEST(Cli, CorruptCheckpointsAreRejected) {
   const fs::path model = bad / "model.safetensors";
   const std::string good = slurp(model);
   std::ofstream(model, std::ios::binary | std::ios::trunc) << good.substr(0, good.size() / 2);
-  expect_one_line_error(tutti("generate --checkpoint " + bad.string() + " --max-tokens 4"), "model.safetensors");
+  expect_one_line_error(run_tutti("generate --checkpoint " + bad.string() + " --max-tokens 4"), "model.safetensors");
   std::string flipped = good;
   flipped[10] = '!';  // breaks the JSON header
   std::ofstream(model, std::ios::binary | std::ios::trunc) << flipped;
-  expect_one_line_error(tutti("generate --checkpoint " + bad.string() + " --max-tokens 4"), "model.safetensors");
+  expect_one_line_error(run_tutti("generate --checkpoint " + bad.string() + " --max-tokens 4"), "model.safetensors");
   fs::remove(bad / "config.json");
-  expect_one_line_error(tutti("generate --checkpoint " + bad.string()), "config.json");
-  expect_one_line_error(tutti("generate --checkpoint " + (scratch() / "nowhere").string()), "nowhere");
+  expect_one_line_error(run_tutti("generate --checkpoint " + bad.string()), "config.json");
+  expect_one_line_error(run_tutti("generate --checkpoint " + (scratch() / "nowhere").string()), "nowhere");
 }
 
 TEST(Cli, EvalReportsLossAndWritesLogits) {
-  Result r = tutti("eval --checkpoint " + tiny_run().string() + " --batches 2 --batch 2");
+  Result r = run_tutti("eval --checkpoint " + tiny_run().string() + " --batches 2 --batch 2");
   ASSERT_EQ(r.code, 0) << r.err;
   EXPECT_NE(r.out.find("val loss"), std::string::npos);
   const fs::path logits = scratch() / "logits.safetensors";
-  r = tutti("eval --checkpoint " + tiny_run().string() + " --prompt hello --logits-out " + logits.string());
+  r = run_tutti("eval --checkpoint " + tiny_run().string() + " --prompt hello --logits-out " + logits.string());
   ASSERT_EQ(r.code, 0) << r.err;
   EXPECT_TRUE(fs::exists(logits));
 }

@@ -2,7 +2,6 @@
 // gradient accumulation and ZeRO stages; checkpoints across world sizes; bad launches.
 // Ranks are processes on this machine (oversubscribed); needs Open MPI's mpirun on PATH.
 #include <gtest/gtest.h>
-#include <sys/wait.h>
 
 #include <cmath>
 #include <filesystem>
@@ -11,41 +10,15 @@
 #include <nlohmann/json.hpp>
 #include <sstream>
 
+#include "process_util.hpp"
 #include "tutti/ckpt/safetensors.hpp"
 
-namespace fs = std::filesystem;
+
+using namespace tutti::test;
 
 namespace {
 
-struct Result {
-  int code;
-  std::string out, err;
-};
-
-fs::path scratch() {
-  static fs::path dir = [] {
-    fs::path p = fs::temp_directory_path() / ("tutti_dp_test_" + std::to_string(::getpid()));
-    fs::remove_all(p);
-    fs::create_directories(p);
-    return p;
-  }();
-  return dir;
-}
-
-std::string slurp(const fs::path& p) {
-  std::ifstream in(p, std::ios::binary);
-  std::ostringstream s;
-  s << in.rdbuf();
-  return s.str();
-}
-
 bool have_mpirun() { return std::system("command -v mpirun >/dev/null 2>&1") == 0; }
-
-Result shell(const std::string& cmd) {
-  const fs::path out = scratch() / "stdout.txt", err = scratch() / "stderr.txt";
-  const int status = std::system((cmd + " >" + out.string() + " 2>" + err.string()).c_str());
-  return {WIFEXITED(status) ? WEXITSTATUS(status) : -1, slurp(out), slurp(err)};
-}
 
 const std::string kMpirun =
     "OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_rmaps_base_oversubscribe=1 "

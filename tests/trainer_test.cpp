@@ -6,11 +6,13 @@
 #include <nlohmann/json.hpp>
 #include <sstream>
 
+#include "process_util.hpp"
 #include "tutti/train/run_dir.hpp"
 #include "tutti/train/trainer.hpp"
 
 namespace fs = std::filesystem;
 using namespace tutti;
+using tutti::test::slurp;
 
 namespace {
 
@@ -53,13 +55,6 @@ std::map<int, std::string> step_losses(const fs::path& run) {
   return out;
 }
 
-std::string bytes(const fs::path& p) {
-  std::ifstream in(p, std::ios::binary);
-  std::ostringstream s;
-  s << in.rdbuf();
-  return s.str();
-}
-
 train::TrainResult run(const train::TrainConfig& c, bool resume) {
   std::ostringstream log;
   train::TrainOptions o;
@@ -85,8 +80,8 @@ TEST(Trainer, ResumeIsBitIdentical) {
   for (int step = 1; step <= 20; ++step) EXPECT_EQ(a.at(step), b.at(step)) << "step " << step;
   // The final weights and optimizer moments are the same bytes.
   const fs::path ca = straight / "checkpoints" / "step_00000020", cb = split / "checkpoints" / "step_00000020";
-  EXPECT_EQ(bytes(ca / "model.safetensors"), bytes(cb / "model.safetensors"));
-  EXPECT_EQ(bytes(ca / "optimizer.safetensors"), bytes(cb / "optimizer.safetensors"));
+  EXPECT_EQ(slurp(ca / "model.safetensors"), slurp(cb / "model.safetensors"));
+  EXPECT_EQ(slurp(ca / "optimizer.safetensors"), slurp(cb / "optimizer.safetensors"));
   fs::remove_all(straight);
   fs::remove_all(split);
 }
@@ -107,11 +102,11 @@ TEST(Trainer, KeepsOnlyRecentCheckpointsAndPointsLatestAtTheNewest) {
 TEST(Trainer, RefusesAnOutputDirectoryThatHoldsARun) {
   const fs::path dir = temp_dir("occupied");
   run(tiny_run(dir, 10), false);
-  const std::string before = bytes(dir / "checkpoints" / "step_00000010" / "model.safetensors");
+  const std::string before = slurp(dir / "checkpoints" / "step_00000010" / "model.safetensors");
   train::TrainConfig again = tiny_run(dir, 10);
   again.seed = 7;
   EXPECT_THROW(run(again, false), ConfigError);
-  EXPECT_EQ(bytes(dir / "checkpoints" / "step_00000010" / "model.safetensors"), before);
+  EXPECT_EQ(slurp(dir / "checkpoints" / "step_00000010" / "model.safetensors"), before);
   fs::remove_all(dir);
 }
 

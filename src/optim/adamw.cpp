@@ -3,6 +3,7 @@
 #include <cmath>
 
 #include "backend/backend.hpp"
+#include "optim/adamw_step.hpp"
 #include "tutti/autograd/node.hpp"
 
 namespace tutti::optim {
@@ -24,14 +25,7 @@ AdamW::AdamW(std::vector<std::pair<std::string, Tensor>> named_params, const Ada
 void AdamW::step(float lr, float grad_scale) {
   NoGradGuard no_grad;
   ++t_;
-  AdamWStep s{lr,
-              options_.beta1,
-              options_.beta2,
-              options_.eps,
-              0.0f,
-              1.0f - static_cast<float>(std::pow(double(options_.beta1), double(t_))),
-              1.0f - static_cast<float>(std::pow(double(options_.beta2), double(t_))),
-              grad_scale};
+  AdamWStep s = adamw_step(options_, t_, lr, grad_scale);
   for (Slot& slot : slots_) {
     Tensor g = slot.param.grad();
     if (!g.defined()) continue;  // a parameter that took no part in this step keeps its value

@@ -7,6 +7,7 @@
 #include <cmath>
 
 #include "backend/backend.hpp"
+#include "optim/adamw_step.hpp"
 #include "tutti/autograd/node.hpp"
 
 namespace tutti::parallel {
@@ -193,14 +194,7 @@ struct DataParallel::Impl {
   void step(float lr, float grad_scale) {
     NoGradGuard no_grad;
     ++t;
-    AdamWStep s{lr,
-                adamw.beta1,
-                adamw.beta2,
-                adamw.eps,
-                0.0f,
-                1.0f - static_cast<float>(std::pow(double(adamw.beta1), double(t))),
-                1.0f - static_cast<float>(std::pow(double(adamw.beta2), double(t))),
-                grad_scale};
+    AdamWStep s = optim::adamw_step(adamw, t, lr, grad_scale);
     const float* g = shard_grads();
     for (const Segment& seg : segments) {
       const int64_t b = std::max(seg.offset, lo), e = std::min(seg.offset + seg.numel, hi);
