@@ -131,3 +131,25 @@ TEST(Trainer, LearnsShakespeareBytes) {
   EXPECT_LT(r.val_loss, 3.1) << "300 steps must get well below the uniform 5.55 (seeds 1-3 reach 2.78-2.90)";
   fs::remove_all(dir);
 }
+
+TEST(Trainer, NonFiniteStepsAreSkippedAndTooManyRollBack) {
+  const fs::path dir = temp_dir("nan");
+  train::TrainConfig c = tiny_run(dir, 12);
+  c.checkpoint_interval = 4;
+  c.max_bad_steps = 3;
+  ::setenv("TUTTI_INJECT_NAN_STEPS", "2,6,7,8", 1);  // one alone, then three in a row
+  const train::TrainResult r = run(c, false);
+  ::unsetenv("TUTTI_INJECT_NAN_STEPS");
+  EXPECT_EQ(r.steps, 12);
+  EXPECT_EQ(r.skipped_steps, 4);
+  EXPECT_EQ(r.rollbacks, 1) << "steps 6-8 roll back to the checkpoint of step 4";
+  std::ifstream in(dir / "metrics.jsonl");
+  int skipped = 0, step5 = 0;
+  for (std::string line; std::getline(in, line);) {
+    skipped += line.find("\"skipped\":true") != std::string::npos;
+    step5 += line.rfind("{\"step\":5,", 0) == 0;
+  }
+  EXPECT_EQ(skipped, 4);
+  EXPECT_EQ(step5, 2) << "steps 5-8 run again after the rollback";
+  fs::remove_all(dir);
+}

@@ -143,15 +143,20 @@ std::string list_names(const std::vector<std::string>& names) {
 // ============================================================================================
 
 void save_gpt(const std::string& dir, const nn::GPT& model) {
+  save_gpt(dir, model.config(), model.named_parameters());
+}
+
+void save_gpt(const std::string& dir, const nn::GPTConfig& config,
+              const std::vector<std::pair<std::string, Tensor>>& parameters) {
   std::error_code ec;
   const bool created = fs::create_directories(dir, ec);
   TUTTI_CHECK_AS(CheckpointError, !ec, dir, ": cannot create the checkpoint directory: ", ec.message());
   TUTTI_CHECK_AS(CheckpointError, fs::is_directory(dir, ec), dir, ": exists and is not a directory");
 
-  write_file_atomic(join(dir, "config.json"), config_json(model.config()).dump(2) + "\n");
+  write_file_atomic(join(dir, "config.json"), config_json(config).dump(2) + "\n");
 
   std::vector<std::pair<std::string, Tensor>> tensors;
-  for (auto& [name, t] : model.named_parameters()) tensors.emplace_back(std::string(kPrefix) + name, t);
+  for (auto& [name, t] : parameters) tensors.emplace_back(std::string(kPrefix) + name, t);
   write_safetensors(join(dir, "model.safetensors"), tensors, {{"format", "pt"}});
 
   // A new directory's own entry must be durable too.

@@ -32,6 +32,8 @@ void TrainConfig::validate() const {
   TUTTI_CHECK_AS(ConfigError, zero >= 0 && zero <= 2, "zero must be 0, 1 or 2, got ", zero);
   positive("bucket_mib", bucket_mib);
   positive("comm_timeout", comm_timeout);
+  non_negative("checkpoint_minutes", checkpoint_minutes);
+  positive("max_bad_steps", max_bad_steps);
   non_negative("lr", lr);
   non_negative("min_lr", min_lr);
   non_negative("weight_decay", weight_decay);
@@ -117,6 +119,7 @@ std::vector<Setting> settings(TrainConfig& c) {
       number("eval_interval", "evaluate the validation loss every N steps", c.eval_interval),
       number("eval_batches", "batches per evaluation", c.eval_batches),
       number("checkpoint_interval", "write a checkpoint every N steps (and at the end)", c.checkpoint_interval),
+      number("checkpoint_minutes", "also write a checkpoint every this many minutes (0: off)", c.checkpoint_minutes),
       number("keep_checkpoints", "how many recent checkpoints to keep", c.keep_checkpoints),
       number("log_interval", "log a line every N steps when not on a terminal", c.log_interval),
       number("sample_tokens", "tokens of the sample printed at the end (0: none)", c.sample_tokens),
@@ -128,6 +131,8 @@ std::vector<Setting> settings(TrainConfig& c) {
              c.bucket_mib),
       number("comm_timeout", "seconds a collective may wait for the other ranks before the run fails",
              c.comm_timeout),
+      number("max_bad_steps", "steps with a non-finite loss or gradient are skipped; this many in a row roll "
+             "back to the last checkpoint", c.max_bad_steps),
   };
 }
 

@@ -5,6 +5,7 @@
 #include <fstream>
 #include <nlohmann/json.hpp>
 #include <sstream>
+#include <utility>
 
 #include "tutti/ckpt/gpt_checkpoint.hpp"
 #include "tutti/ckpt/safetensors.hpp"
@@ -42,19 +43,49 @@ void prune(const fs::path& checkpoints, int keep) {
 
 }  // namespace
 
-std::string save_checkpoint(const std::string& run_dir, const nn::GPT& model, const NamedTensors& optimizer_state,
-                            int64_t optimizer_steps, const TrainerState& state, int keep) {
+CheckpointSnapshot snapshot(const nn::GPT& model, NamedTensors optimizer_state, int64_t optimizer_steps,
+                            const TrainerState& state) {
+  CheckpointSnapshot s{model.config(), {}, std::move(optimizer_state), optimizer_steps, state};
+  for (auto& [name, t] : model.named_parameters()) s.weights.emplace_back(name, t.to(Device::cpu()).clone());
+  return s;
+}
+
+CheckpointWriter::CheckpointWriter(std::string run_dir, int keep) : run_dir_(std::move(run_dir)), keep_(keep) {}
+
+CheckpointWriter::~CheckpointWriter() {
+  if (thread_.joinable()) thread_.join();
+}
+
+void CheckpointWriter::submit(CheckpointSnapshot snap) {
+  wait();
+  thread_ = std::thread([this, snap = std::move(snap)] {
+    try {
+      last_ = save_checkpoint(run_dir_, snap, keep_);
+    } catch (...) {
+      error_ = std::current_exception();
+    }
+  });
+}
+
+std::string CheckpointWriter::wait() {
+  if (thread_.joinable()) thread_.join();
+  if (error_) std::rethrow_exception(std::exchange(error_, nullptr));
+  return last_;
+}
+
+std::string save_checkpoint(const std::string& run_dir, const CheckpointSnapshot& snap, int keep) {
+  const TrainerState& state = snap.state;
   const fs::path checkpoints = fs::path(run_dir) / "checkpoints";
   fs::create_directories(checkpoints);
   const std::string name = step_name(state.step);
   const fs::path final_dir = checkpoints / name, tmp = checkpoints / (name + ".tmp"), old = checkpoints / (name + ".old");
   fs::remove_all(tmp);  // a leftover of an interrupted save
   fs::create_directories(tmp);
-  ckpt::save_gpt(tmp.string(), model);
-  ckpt::write_safetensors((tmp / "optimizer.safetensors").string(), optimizer_state);
+  ckpt::save_gpt(tmp.string(), snap.config, snap.weights);
+  ckpt::write_safetensors((tmp / "optimizer.safetensors").string(), snap.optimizer_state);
   nlohmann::json j = {{"format", kStateFormat},
                       {"step", state.step},
-                      {"optimizer_steps", optimizer_steps},
+                      {"optimizer_steps", snap.optimizer_steps},
                       {"seed", state.seed},
                       {"data", {{"path", state.data_path}, {"position", state.data_position}}},
                       {"sample_rng_state", std::to_string(state.sample_rng_state)},

@@ -2,7 +2,11 @@
 
 #include <unistd.h>
 
+#include <array>
 #include <chrono>
+#include <cstdlib>
+#include <set>
+#include <sstream>
 #include <cmath>
 #include <cstdio>
 #include <filesystem>
@@ -91,6 +95,38 @@ class Progress {
   bool dirty_ = false;
 };
 
+// Each rank rewrites <out>/heartbeats/rank_<r> (its step and the time) at most once a second, so
+// a supervisor can tell a frozen rank from a slow one.
+class Heartbeat {
+ public:
+  Heartbeat(const std::string& out, int rank) : path_(fs::path(out) / "heartbeats" / ("rank_" + std::to_string(rank))) {
+    fs::create_directories(path_.parent_path());
+  }
+  void beat(int64_t step) {
+    const auto now = Clock::now();
+    if (now - last_ < std::chrono::seconds(1)) return;
+    last_ = now;
+    std::ofstream(path_, std::ios::trunc) << step << " " << std::chrono::system_clock::now().time_since_epoch().count()
+                                          << "\n";
+  }
+
+ private:
+  fs::path path_;
+  Clock::time_point last_{};
+};
+
+// "3,7,8" -> {3, 7, 8}
+std::set<int64_t> steps_from_env(const char* name) {
+  std::set<int64_t> out;
+  const char* v = std::getenv(name);
+  for (std::stringstream s(v ? v : ""); s.good();) {
+    std::string item;
+    std::getline(s, item, ',');
+    if (!item.empty()) out.insert(std::stoll(item));
+  }
+  return out;
+}
+
 std::string bytes_to_text(const std::vector<int32_t>& tokens) {
   std::string s;
   for (int32_t t : tokens) s += static_cast<char>(t);
@@ -156,11 +192,6 @@ void check_same_config(comm::Communicator& world, const TrainConfig& config) {
                    r, " has hash ", std::hex, all[r], ", rank 0 has ", all[0]);
 }
 
-double all_mean(comm::Communicator& world, double value) {
-  if (world.size() == 1) return value;
-  world.all_reduce(std::span<double>(&value, 1))->wait();
-  return value / world.size();
-}
 
 // Evaluation batches spread over the ranks; the mean over all of them.
 double evaluate_distributed(comm::Communicator& world, const nn::GPT& model, const data::TokenDataset& dataset,
@@ -260,12 +291,20 @@ TrainResult run_training(const TrainConfig& config, const TrainOptions& options)
 
   Progress progress(log, options.live_progress && lead, state.step, config.steps, config.log_interval);
   if (state.step == 0) eval_and_log(0, progress);
+  std::unique_ptr<CheckpointWriter> writer;  // rank 0 writes checkpoints in the background
+  if (lead) writer = std::make_unique<CheckpointWriter>(config.out, config.keep_checkpoints);
+  Heartbeat heartbeat(config.out, world.rank());
+  std::set<int64_t> inject_nan = steps_from_env("TUTTI_INJECT_NAN_STEPS");  // fault injection (tests), once each
   const auto run_start = Clock::now();
+  auto last_checkpoint_time = run_start;
   const int64_t first_step = state.step;
+  int bad_in_row = 0;
   double tokens_per_second = 0.0;  // smoothed, for the progress line
-  for (int64_t step = state.step; step < config.steps; ++step) {
+  while (state.step < config.steps) {
+    const int64_t step = state.step;  // 0-based index of this step; it completes step + 1
     const auto t0 = Clock::now();
     world.set_step(step + 1);
+    heartbeat.beat(step);
     replica.zero_grad();
     double loss_sum = 0.0;
     for (int a = 0; a < plan.accumulation; ++a) {  // next batch -> forward -> backward
@@ -277,37 +316,67 @@ TrainResult run_training(const TrainConfig& config, const TrainOptions& options)
       (plan.accumulation > 1 ? ops::scale(loss, 1.0f / float(plan.accumulation)) : loss).backward();
       loss_sum += loss.item();
     }
+    if (inject_nan.erase(step + 1) && lead) loss_sum = std::nan("");
     const double norm = replica.end_sync();  // the group's mean gradient
+    // The loss, and whether rank 0's clock asks for a checkpoint, agreed by every rank.
+    const bool time_due = lead && config.checkpoint_minutes > 0 &&
+                          Clock::now() - last_checkpoint_time >= std::chrono::minutes(config.checkpoint_minutes);
+    std::array<double, 2> agreed{loss_sum / plan.accumulation, time_due ? 1.0 : 0.0};
+    if (world.size() > 1) world.all_reduce(std::span<double>(agreed))->wait();
+    const double loss_value = agreed[0] / world.size();
     const float lr = schedule.at(step);
-    replica.step(lr, optim::clip_scale(norm, config.grad_clip));  // update
-    const double loss_value = all_mean(world, loss_sum / plan.accumulation);
-    TUTTI_CHECK(std::isfinite(loss_value), "loss became ", loss_value, " at step ", step + 1,
-                "; lower the learning rate or enable grad_clip");
+    const bool bad = !std::isfinite(loss_value) || !std::isfinite(norm);
+    if (!bad) {
+      replica.step(lr, optim::clip_scale(norm, config.grad_clip));  // update
+      bad_in_row = 0;
+    } else {
+      ++result.skipped_steps;
+      progress.line() << "step " << step + 1 << ": non-finite " << (std::isfinite(loss_value) ? "gradient" : "loss")
+                      << ", update skipped (" << ++bad_in_row << " in a row)\n" << std::flush;
+    }
 
     const double secs = std::chrono::duration<double>(Clock::now() - t0).count();
     const double rate = double(tokens_per_step) / secs;
     tokens_per_second = tokens_per_second == 0.0 ? rate : 0.9 * tokens_per_second + 0.1 * rate;
     state.step = step + 1;
     state.data_position = step + 1;
-    state.last_loss = loss_value;
+    if (!bad) state.last_loss = loss_value;
     if (lead) {
       char loss_text[32];
       std::snprintf(loss_text, sizeof loss_text, "%.9g", loss_value);
-      metrics << "{\"step\":" << state.step << ",\"loss\":" << loss_text << ",\"lr\":" << lr
-              << ",\"grad_norm\":" << norm << ",\"ms\":" << secs * 1e3 << "}\n";
+      metrics << "{\"step\":" << state.step << ",\"loss\":" << (bad ? "null" : loss_text) << ",\"lr\":" << lr
+              << ",\"grad_norm\":" << (std::isfinite(norm) ? norm : -1.0) << ",\"ms\":" << secs * 1e3
+              << (bad ? ",\"skipped\":true" : "") << "}\n";
     }
     progress.step(state.step, loss_value, lr, tokens_per_second);
 
+    if (bad && bad_in_row >= config.max_bad_steps) {  // roll back to the newest checkpoint
+      if (writer) writer->wait();
+      if (world.size() > 1) world.barrier()->wait();
+      const std::string dir = resolve_checkpoint(config.out);
+      LoadedCheckpoint back = load_checkpoint(dir, model);
+      replica.load_optimizer_state(back.optimizer_state, back.optimizer_steps);
+      progress.line() << "rolled back to " << dir << " (step " << back.state.step << ") after " << bad_in_row
+                      << " non-finite steps in a row\n" << std::flush;
+      ++result.rollbacks;
+      TUTTI_CHECK(result.rollbacks <= config.max_bad_steps, "still non-finite after ", result.rollbacks,
+                  " rollbacks at step ", state.step, "; lower the learning rate");
+      state = back.state;
+      state.data_path = config.data;
+      bad_in_row = 0;
+      continue;
+    }
     if (state.step % config.eval_interval == 0 || state.step == config.steps) eval_and_log(state.step, progress);
-    if (state.step % config.checkpoint_interval == 0 || state.step == config.steps) {
-      const auto optimizer_state = replica.optimizer_state();  // collective under ZeRO
+    if (state.step % config.checkpoint_interval == 0 || state.step == config.steps || agreed[1] > 0) {
+      auto optimizer_state = replica.optimizer_state();  // collective under ZeRO
       if (lead) {
-        result.checkpoint = save_checkpoint(config.out, model, optimizer_state, replica.steps_taken(), state,
-                                            config.keep_checkpoints);
-        progress.line() << "checkpoint " << result.checkpoint << "\n" << std::flush;
+        writer->submit(snapshot(model, std::move(optimizer_state), replica.steps_taken(), state));
+        progress.line() << "checkpoint of step " << state.step << " (written in the background)\n" << std::flush;
       }
+      last_checkpoint_time = Clock::now();
     }
   }
+  if (writer) result.checkpoint = writer->wait();
   metrics.flush();
   const double total = std::chrono::duration<double>(Clock::now() - run_start).count();
   result.steps = state.step;

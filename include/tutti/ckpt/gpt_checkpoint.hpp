@@ -3,6 +3,8 @@
 // Conv1D layout (in, out)), loadable by GPT2LMHeadModel.from_pretrained(dir) and back.
 #pragma once
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "tutti/nn/gpt.hpp"
 
@@ -10,6 +12,10 @@ namespace tutti::ckpt {
 
 // Writes config.json and model.safetensors into `dir` (created if needed), each atomically.
 void save_gpt(const std::string& dir, const nn::GPT& model);
+// The same from a configuration and parameters named as GPT::named_parameters() names them
+// (e.g. a copy taken for a background write).
+void save_gpt(const std::string& dir, const nn::GPTConfig& config,
+              const std::vector<std::pair<std::string, Tensor>>& parameters);
 
 // Reads config.json of a checkpoint directory. Throws CheckpointError on a missing file, bad
 // JSON, a model_type other than gpt2, or values GPTConfig::validate rejects.

@@ -37,6 +37,7 @@ struct TrainConfig {
   int eval_interval = 250;
   int eval_batches = 20;
   int checkpoint_interval = 500;
+  int checkpoint_minutes = 0;  // also every this many minutes (0: off)
   int keep_checkpoints = 2;
   int log_interval = 50;
   int sample_tokens = 300;
@@ -46,7 +47,8 @@ struct TrainConfig {
   int micro_batch = 0;     // sequences per forward pass on a rank; 0: batch / dp (no accumulation)
   int zero = 0;            // 0: plain data parallelism, 1: sharded optimizer state, 2: + sharded gradients
   int bucket_mib = 25;     // gradient bucket size
-  int comm_timeout = 300;  // seconds a collective may take before the run fails
+  int comm_timeout = 60;   // seconds a collective may take before the run fails
+  int max_bad_steps = 3;   // non-finite steps in a row before rolling back to the last checkpoint
 
   // Throws ConfigError naming the first bad value.
   void validate() const;

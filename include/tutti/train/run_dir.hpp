@@ -8,7 +8,9 @@
 // is replaced atomically, so a crash at any point leaves the previous checkpoint intact.
 #pragma once
 #include <cstdint>
+#include <exception>
 #include <string>
+#include <thread>
 #include <utility>
 #include <vector>
 
@@ -27,11 +29,41 @@ struct TrainerState {
 
 using NamedTensors = std::vector<std::pair<std::string, Tensor>>;
 
-// Writes checkpoint `state.step` of the run in `run_dir` (weights, AdamW moments in the
-// single-process layout, trainer state) and prunes all but the newest `keep`. Returns the
-// checkpoint directory.
-std::string save_checkpoint(const std::string& run_dir, const nn::GPT& model, const NamedTensors& optimizer_state,
-                            int64_t optimizer_steps, const TrainerState& state, int keep);
+// Everything a checkpoint holds, copied out of the training state so that it can be written while
+// training goes on.
+struct CheckpointSnapshot {
+  nn::GPTConfig config;
+  NamedTensors weights;          // GPT::named_parameters() names, copies on the CPU
+  NamedTensors optimizer_state;  // AdamW moments in the single-process layout
+  int64_t optimizer_steps = 0;
+  TrainerState state;
+};
+CheckpointSnapshot snapshot(const nn::GPT& model, NamedTensors optimizer_state, int64_t optimizer_steps,
+                            const TrainerState& state);
+
+// Writes checkpoint `snapshot.state.step` of the run in `run_dir` and prunes all but the newest
+// `keep`. Returns the checkpoint directory.
+std::string save_checkpoint(const std::string& run_dir, const CheckpointSnapshot& snapshot, int keep);
+
+// Writes checkpoints on a background thread, one at a time: submit() waits for the previous
+// write (rethrowing its error) and starts the next. The destructor waits too.
+class CheckpointWriter {
+ public:
+  CheckpointWriter(std::string run_dir, int keep);
+  ~CheckpointWriter();
+  CheckpointWriter(const CheckpointWriter&) = delete;
+  CheckpointWriter& operator=(const CheckpointWriter&) = delete;
+  void submit(CheckpointSnapshot snapshot);
+  // Waits for the write in flight; returns the newest checkpoint written ("" when none).
+  std::string wait();
+
+ private:
+  std::string run_dir_;
+  int keep_;
+  std::thread thread_;
+  std::exception_ptr error_;
+  std::string last_;
+};
 
 // The checkpoint directory `dir` names: itself when it holds model.safetensors, else the one
 // its `latest` file points to. Throws CheckpointError when neither.

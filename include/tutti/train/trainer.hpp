@@ -17,6 +17,8 @@ struct TrainResult {
   double tokens_per_second = 0.0;
   std::string checkpoint;   // the last checkpoint written
   std::string sample;       // generated at the end (sample_tokens bytes)
+  int64_t skipped_steps = 0;  // updates skipped for a non-finite loss or gradient
+  int64_t rollbacks = 0;      // returns to the last checkpoint after max_bad_steps of them in a row
 };
 
 struct TrainOptions {
