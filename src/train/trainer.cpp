@@ -212,6 +212,239 @@ std::string mib(int64_t bytes) {
   return buf;
 }
 
+// ============================================================================================
+// One training run on this rank
+// ============================================================================================
+
+class Run {
+ public:
+  Run(const TrainConfig& config, const TrainOptions& options, comm::Communicator& world)
+      : config_(config), options_(options), world_(world), plan_(plan_batches(config, world.size())),
+        lead_(world.rank() == 0), log_(!lead_ ? null_stream_ : options.log ? *options.log : std::cout),
+        dataset_((set_num_threads(config.threads > 0 ? config.threads : hardware_threads()),
+                  data::TokenDataset(config.data, config.context))),  // before touching the output directory
+        model_(config.model()),
+        schedule_{config.lr, config.min_lr, config.warmup, config.decay_steps > 0 ? config.decay_steps : config.steps,
+                  config.decay == "cosine"},
+        tokens_per_step_(int64_t{config.batch} * config.context),
+        heartbeat_((prepare_output(), config.out), world.rank()),  // the data checked out: now the directory
+        inject_nan_(steps_from_env("TUTTI_INJECT_NAN_STEPS")) {
+    Rng init_rng(static_cast<uint64_t>(config.seed));
+    model_.init_weights(init_rng);
+    state_.seed = config.seed;
+    state_.data_path = config.data;
+    state_.sample_rng_state = static_cast<uint64_t>(config.seed) * 0x9E3779B97F4A7C15ull + 1;
+    LoadedCheckpoint loaded;
+    if (options.resume) {
+      result_.checkpoint = resolve_checkpoint(config.out);
+      loaded = load_checkpoint(result_.checkpoint, model_);
+      state_ = loaded.state;
+      state_.data_path = config.data;
+    }
+    replica_ = std::make_unique<parallel::DataParallel>(
+        model_, world, optim::AdamWOptions{config.lr, config.beta1, config.beta2, 1e-8f, config.weight_decay},
+        parallel::DataParallelOptions{int64_t(config.bucket_mib) << 20, world.size() > 1 ? config.zero : 0});
+    if (options.resume) {
+      replica_->load_optimizer_state(loaded.optimizer_state, loaded.optimizer_steps);
+      log_ << "resumed from " << result_.checkpoint << " at step " << state_.step << "\n";
+    }
+    if (lead_) {
+      metrics_.open(fs::path(config.out) / "metrics.jsonl", std::ios::app);
+      writer_ = std::make_unique<CheckpointWriter>(config.out, config.keep_checkpoints);
+    }
+    print_header();
+  }
+
+  // The loop: step after step, with evaluation, checkpoints and rollbacks at their points.
+  TrainResult train() {
+    Progress progress(log_, options_.live_progress && lead_, state_.step, config_.steps, config_.log_interval);
+    progress_ = &progress;
+    if (state_.step == 0) evaluate_and_log();
+    const auto run_start = Clock::now();
+    last_checkpoint_ = run_start;
+    const int64_t first_step = state_.step;
+    while (state_.step < config_.steps) {
+      const Outcome out = train_step();
+      if (out.bad && bad_in_row_ >= config_.max_bad_steps) {
+        roll_back();
+        continue;
+      }
+      if (state_.step % config_.eval_interval == 0 || state_.step == config_.steps) evaluate_and_log();
+      if (state_.step % config_.checkpoint_interval == 0 || state_.step == config_.steps || out.time_for_checkpoint)
+        checkpoint();
+    }
+    if (writer_) result_.checkpoint = writer_->wait();
+    const double total = std::chrono::duration<double>(Clock::now() - run_start).count();
+    result_.steps = state_.step;
+    result_.tokens_per_second = total > 0 ? double(tokens_per_step_ * (result_.steps - first_step)) / total : 0.0;
+    if (config_.sample_tokens > 0 && lead_) print_sample();
+    progress_ = nullptr;
+    return result_;
+  }
+
+ private:
+  struct Outcome {
+    bool bad = false;                  // non-finite loss or gradient: the update was skipped
+    bool time_for_checkpoint = false;  // rank 0's clock says checkpoint_minutes have passed
+  };
+
+  // Every rank checks the output directory (so all fail alike); then rank 0 creates it.
+  void prepare_output() {
+    check_run_dir(config_, options_.resume);
+    if (world_.size() > 1) world_.barrier()->wait();
+    if (lead_) create_run_dir(config_, options_.resume);
+    if (world_.size() > 1) world_.barrier()->wait();
+  }
+
+  // next batch -> forward -> zero grads -> backward (gradients reduced meanwhile) -> update
+  Outcome train_step() {
+    const int64_t step = state_.step;  // 0-based index of this step; it completes step + 1
+    const auto t0 = Clock::now();
+    world_.set_step(step + 1);
+    heartbeat_.beat(step);
+    replica_->zero_grad();
+    double loss_sum = 0.0;
+    for (int a = 0; a < plan_.accumulation; ++a) {
+      const int64_t first = int64_t{world_.rank()} * plan_.per_rank + int64_t{a} * plan_.micro;
+      data::Batch batch = dataset_.batch(data::Split::train, static_cast<uint64_t>(config_.seed),
+                                         static_cast<uint64_t>(step), first, plan_.micro);
+      Tensor loss = model_.loss(batch.inputs, batch.targets);
+      if (a + 1 == plan_.accumulation) replica_->begin_sync();
+      (plan_.accumulation > 1 ? ops::scale(loss, 1.0f / float(plan_.accumulation)) : loss).backward();
+      loss_sum += loss.item();
+    }
+    if (inject_nan_.erase(step + 1) && lead_) loss_sum = std::nan("");
+    const double norm = replica_->end_sync();  // the group's mean gradient
+    // The loss, and whether rank 0's clock asks for a checkpoint, agreed by every rank.
+    const bool time_due = lead_ && config_.checkpoint_minutes > 0 &&
+                          Clock::now() - last_checkpoint_ >= std::chrono::minutes(config_.checkpoint_minutes);
+    std::array<double, 2> agreed{loss_sum / plan_.accumulation, time_due ? 1.0 : 0.0};
+    if (world_.size() > 1) world_.all_reduce(std::span<double>(agreed))->wait();
+    const double loss = agreed[0] / world_.size();
+    const float lr = schedule_.at(step);
+    Outcome out{!std::isfinite(loss) || !std::isfinite(norm), agreed[1] > 0};
+    if (!out.bad) {
+      replica_->step(lr, optim::clip_scale(norm, config_.grad_clip));
+      bad_in_row_ = 0;
+      state_.last_loss = loss;
+    } else {
+      ++result_.skipped_steps;
+      progress_->line() << "step " << step + 1 << ": non-finite " << (std::isfinite(loss) ? "gradient" : "loss")
+                        << ", update skipped (" << ++bad_in_row_ << " in a row)\n" << std::flush;
+    }
+    state_.step = step + 1;
+    state_.data_position = step + 1;
+    log_step(loss, lr, norm, out.bad, std::chrono::duration<double>(Clock::now() - t0).count());
+    return out;
+  }
+
+  void log_step(double loss, float lr, double norm, bool bad, double secs) {
+    const double rate = double(tokens_per_step_) / secs;
+    tokens_per_second_ = tokens_per_second_ == 0.0 ? rate : 0.9 * tokens_per_second_ + 0.1 * rate;
+    if (lead_) {
+      char loss_text[32];
+      std::snprintf(loss_text, sizeof loss_text, "%.9g", loss);
+      metrics_ << "{\"step\":" << state_.step << ",\"loss\":" << (bad ? "null" : loss_text) << ",\"lr\":" << lr
+               << ",\"grad_norm\":" << (std::isfinite(norm) ? norm : -1.0) << ",\"ms\":" << secs * 1e3
+               << (bad ? ",\"skipped\":true" : "") << "}\n";
+    }
+    progress_->step(state_.step, loss, lr, tokens_per_second_);
+  }
+
+  void evaluate_and_log() {
+    const auto t0 = Clock::now();
+    auto eval = [&](data::Split split) {
+      return evaluate_distributed(world_, model_, dataset_, split, config_.eval_batches, config_.batch, config_.seed);
+    };
+    result_.train_loss = eval(data::Split::train);
+    result_.val_loss = eval(data::Split::val);
+    char line[128];
+    std::snprintf(line, sizeof line, "step %lld: train loss %.4f, val loss %.4f (eval %.1fs)",
+                  static_cast<long long>(state_.step), result_.train_loss, result_.val_loss,
+                  std::chrono::duration<double>(Clock::now() - t0).count());
+    progress_->line() << line << "\n" << std::flush;
+    if (lead_)
+      metrics_ << nlohmann::json{{"step", state_.step}, {"train_loss", result_.train_loss},
+                                 {"val_loss", result_.val_loss}}.dump()
+               << "\n" << std::flush;
+  }
+
+  // Gathers the optimizer state (collective under ZeRO); rank 0 writes it in the background.
+  void checkpoint() {
+    auto optimizer_state = replica_->optimizer_state();
+    if (lead_) {
+      writer_->submit(snapshot(model_, std::move(optimizer_state), replica_->steps_taken(), state_));
+      progress_->line() << "checkpoint of step " << state_.step << " (written in the background)\n" << std::flush;
+    }
+    last_checkpoint_ = Clock::now();
+  }
+
+  // After max_bad_steps non-finite steps in a row: back to the newest checkpoint, on every rank.
+  void roll_back() {
+    if (writer_) writer_->wait();
+    if (world_.size() > 1) world_.barrier()->wait();
+    const std::string dir = resolve_checkpoint(config_.out);
+    LoadedCheckpoint back = load_checkpoint(dir, model_);
+    replica_->load_optimizer_state(back.optimizer_state, back.optimizer_steps);
+    progress_->line() << "rolled back to " << dir << " (step " << back.state.step << ") after " << bad_in_row_
+                      << " non-finite steps in a row\n" << std::flush;
+    ++result_.rollbacks;
+    TUTTI_CHECK(result_.rollbacks <= config_.max_bad_steps, "still non-finite after ", result_.rollbacks,
+                " rollbacks at step ", state_.step, "; lower the learning rate");
+    state_ = back.state;
+    state_.data_path = config_.data;
+    bad_in_row_ = 0;
+  }
+
+  void print_header() {
+    log_ << "tutti train: " << model_.num_parameters() << " parameters (" << config_.layers << " layers, "
+         << config_.heads << " heads, dim " << config_.dim << ", context " << config_.context << "), "
+         << tokens_per_step_ << " tokens/step, " << num_threads() << " threads, data " << config_.data << " ("
+         << dataset_.tokens(data::Split::train) << " train / " << dataset_.tokens(data::Split::val)
+         << " val tokens), out " << config_.out << "\n";
+    if (world_.size() == 1) return;
+    const parallel::MemoryReport m = replica_->memory();
+    log_ << "data parallel: dp " << plan_.dp << " (" << world_.backend() << "), zero " << config_.zero << ", "
+         << plan_.per_rank << " sequences per rank in " << plan_.accumulation << " micro-batch(es) of " << plan_.micro
+         << ", " << replica_->num_buckets() << " gradient bucket(s) of up to " << config_.bucket_mib
+         << " MiB; per rank: parameters " << mib(m.parameter_bytes) << ", gradients " << mib(m.gradient_bytes)
+         << ", optimizer state " << mib(m.optimizer_bytes) << "\n";
+  }
+
+  void print_sample() {
+    nn::SampleOptions sample;
+    sample.max_tokens = config_.sample_tokens;
+    sample.temperature = 0.8f;
+    sample.seed = state_.sample_rng_state;
+    result_.sample = bytes_to_text(nn::generate(model_, {'\n'}, sample));
+    progress_->line() << "--- sample (" << config_.sample_tokens << " bytes, temperature 0.8) ---\n"
+                      << result_.sample << "\n---\n" << std::flush;
+  }
+
+  const TrainConfig& config_;
+  const TrainOptions& options_;
+  comm::Communicator& world_;
+  const BatchPlan plan_;
+  const bool lead_;
+  std::ostream null_stream_{nullptr};
+  std::ostream& log_;
+  data::TokenDataset dataset_;
+  nn::GPT model_;
+  std::unique_ptr<parallel::DataParallel> replica_;
+  const optim::LrSchedule schedule_;
+  const int64_t tokens_per_step_;
+  Heartbeat heartbeat_;
+  std::set<int64_t> inject_nan_;  // fault injection (tests): steps whose loss becomes NaN, once each
+  TrainerState state_;
+  TrainResult result_;
+  std::ofstream metrics_;
+  std::unique_ptr<CheckpointWriter> writer_;  // rank 0 writes checkpoints in the background
+  Progress* progress_ = nullptr;
+  Clock::time_point last_checkpoint_;
+  int bad_in_row_ = 0;
+  double tokens_per_second_ = 0.0;  // smoothed, for the progress line
+};
+
 }  // namespace
 
 TrainResult run_training(const TrainConfig& config, const TrainOptions& options) {
@@ -220,178 +453,9 @@ TrainResult run_training(const TrainConfig& config, const TrainOptions& options)
   if (!options.world) own_world = comm::make_local();
   comm::Communicator& world = options.world ? *options.world : *own_world;
   world.set_timeout(std::chrono::seconds(config.comm_timeout));
-  const BatchPlan plan = plan_batches(config, world.size());
+  plan_batches(config, world.size());  // settings errors before any collective
   check_same_config(world, config);
-  const bool lead = world.rank() == 0;
-  std::ostream null_stream(nullptr);
-  std::ostream& log = !lead ? null_stream : options.log ? *options.log : std::cout;
-  set_num_threads(config.threads > 0 ? config.threads : hardware_threads());
-  data::TokenDataset dataset(config.data, config.context);  // before touching the output directory
-  check_run_dir(config, options.resume);
-  if (world.size() > 1) world.barrier()->wait();  // every rank has looked before rank 0 creates
-  if (lead) create_run_dir(config, options.resume);
-  if (world.size() > 1) world.barrier()->wait();
-
-  nn::GPT model(config.model());
-  Rng init_rng(static_cast<uint64_t>(config.seed));
-  model.init_weights(init_rng);
-  TrainerState state;
-  state.seed = config.seed;
-  state.data_path = config.data;
-  state.sample_rng_state = static_cast<uint64_t>(config.seed) * 0x9E3779B97F4A7C15ull + 1;
-  TrainResult result;
-  LoadedCheckpoint loaded;
-  if (options.resume) {
-    result.checkpoint = resolve_checkpoint(config.out);
-    loaded = load_checkpoint(result.checkpoint, model);
-    state = loaded.state;
-    state.data_path = config.data;
-  }
-  const optim::AdamWOptions adamw{config.lr, config.beta1, config.beta2, 1e-8f, config.weight_decay};
-  parallel::DataParallel replica(model, world, adamw,
-                                 {int64_t(config.bucket_mib) << 20, world.size() > 1 ? config.zero : 0});
-  if (options.resume) {
-    replica.load_optimizer_state(loaded.optimizer_state, loaded.optimizer_steps);
-    log << "resumed from " << result.checkpoint << " at step " << state.step << "\n";
-  }
-  const optim::LrSchedule schedule{config.lr, config.min_lr, config.warmup,
-                                   config.decay_steps > 0 ? config.decay_steps : config.steps, config.decay == "cosine"};
-  const int64_t tokens_per_step = int64_t{config.batch} * config.context;
-  log << "tutti train: " << model.num_parameters() << " parameters (" << config.layers << " layers, " << config.heads
-      << " heads, dim " << config.dim << ", context " << config.context << "), " << tokens_per_step
-      << " tokens/step, " << num_threads() << " threads, data " << config.data << " ("
-      << dataset.tokens(data::Split::train) << " train / " << dataset.tokens(data::Split::val) << " val tokens), out "
-      << config.out << "\n";
-  if (world.size() > 1) {
-    const parallel::MemoryReport m = replica.memory();
-    log << "data parallel: dp " << plan.dp << " (" << world.backend() << "), zero " << config.zero << ", "
-        << plan.per_rank << " sequences per rank in " << plan.accumulation << " micro-batch(es) of " << plan.micro
-        << ", " << replica.num_buckets() << " gradient bucket(s) of up to " << config.bucket_mib
-        << " MiB; per rank: parameters " << mib(m.parameter_bytes) << ", gradients " << mib(m.gradient_bytes)
-        << ", optimizer state " << mib(m.optimizer_bytes) << "\n";
-  }
-
-  std::ofstream metrics;
-  if (lead) metrics.open(fs::path(config.out) / "metrics.jsonl", std::ios::app);
-  auto eval_and_log = [&](int64_t step, Progress& progress) {
-    const auto t0 = Clock::now();
-    result.train_loss = evaluate_distributed(world, model, dataset, data::Split::train, config.eval_batches,
-                                             config.batch, config.seed);
-    result.val_loss = evaluate_distributed(world, model, dataset, data::Split::val, config.eval_batches, config.batch,
-                                           config.seed);
-    const double secs = std::chrono::duration<double>(Clock::now() - t0).count();
-    char line[128];
-    std::snprintf(line, sizeof line, "step %lld: train loss %.4f, val loss %.4f (eval %.1fs)",
-                  static_cast<long long>(step), result.train_loss, result.val_loss, secs);
-    progress.line() << line << "\n" << std::flush;
-    if (lead)
-      metrics << nlohmann::json{{"step", step}, {"train_loss", result.train_loss}, {"val_loss", result.val_loss}}.dump()
-              << "\n" << std::flush;
-  };
-
-  Progress progress(log, options.live_progress && lead, state.step, config.steps, config.log_interval);
-  if (state.step == 0) eval_and_log(0, progress);
-  std::unique_ptr<CheckpointWriter> writer;  // rank 0 writes checkpoints in the background
-  if (lead) writer = std::make_unique<CheckpointWriter>(config.out, config.keep_checkpoints);
-  Heartbeat heartbeat(config.out, world.rank());
-  std::set<int64_t> inject_nan = steps_from_env("TUTTI_INJECT_NAN_STEPS");  // fault injection (tests), once each
-  const auto run_start = Clock::now();
-  auto last_checkpoint_time = run_start;
-  const int64_t first_step = state.step;
-  int bad_in_row = 0;
-  double tokens_per_second = 0.0;  // smoothed, for the progress line
-  while (state.step < config.steps) {
-    const int64_t step = state.step;  // 0-based index of this step; it completes step + 1
-    const auto t0 = Clock::now();
-    world.set_step(step + 1);
-    heartbeat.beat(step);
-    replica.zero_grad();
-    double loss_sum = 0.0;
-    for (int a = 0; a < plan.accumulation; ++a) {  // next batch -> forward -> backward
-      const int64_t first = int64_t{world.rank()} * plan.per_rank + int64_t{a} * plan.micro;
-      data::Batch batch = dataset.batch(data::Split::train, static_cast<uint64_t>(config.seed),
-                                        static_cast<uint64_t>(step), first, plan.micro);
-      Tensor loss = model.loss(batch.inputs, batch.targets);
-      if (a + 1 == plan.accumulation) replica.begin_sync();
-      (plan.accumulation > 1 ? ops::scale(loss, 1.0f / float(plan.accumulation)) : loss).backward();
-      loss_sum += loss.item();
-    }
-    if (inject_nan.erase(step + 1) && lead) loss_sum = std::nan("");
-    const double norm = replica.end_sync();  // the group's mean gradient
-    // The loss, and whether rank 0's clock asks for a checkpoint, agreed by every rank.
-    const bool time_due = lead && config.checkpoint_minutes > 0 &&
-                          Clock::now() - last_checkpoint_time >= std::chrono::minutes(config.checkpoint_minutes);
-    std::array<double, 2> agreed{loss_sum / plan.accumulation, time_due ? 1.0 : 0.0};
-    if (world.size() > 1) world.all_reduce(std::span<double>(agreed))->wait();
-    const double loss_value = agreed[0] / world.size();
-    const float lr = schedule.at(step);
-    const bool bad = !std::isfinite(loss_value) || !std::isfinite(norm);
-    if (!bad) {
-      replica.step(lr, optim::clip_scale(norm, config.grad_clip));  // update
-      bad_in_row = 0;
-    } else {
-      ++result.skipped_steps;
-      progress.line() << "step " << step + 1 << ": non-finite " << (std::isfinite(loss_value) ? "gradient" : "loss")
-                      << ", update skipped (" << ++bad_in_row << " in a row)\n" << std::flush;
-    }
-
-    const double secs = std::chrono::duration<double>(Clock::now() - t0).count();
-    const double rate = double(tokens_per_step) / secs;
-    tokens_per_second = tokens_per_second == 0.0 ? rate : 0.9 * tokens_per_second + 0.1 * rate;
-    state.step = step + 1;
-    state.data_position = step + 1;
-    if (!bad) state.last_loss = loss_value;
-    if (lead) {
-      char loss_text[32];
-      std::snprintf(loss_text, sizeof loss_text, "%.9g", loss_value);
-      metrics << "{\"step\":" << state.step << ",\"loss\":" << (bad ? "null" : loss_text) << ",\"lr\":" << lr
-              << ",\"grad_norm\":" << (std::isfinite(norm) ? norm : -1.0) << ",\"ms\":" << secs * 1e3
-              << (bad ? ",\"skipped\":true" : "") << "}\n";
-    }
-    progress.step(state.step, loss_value, lr, tokens_per_second);
-
-    if (bad && bad_in_row >= config.max_bad_steps) {  // roll back to the newest checkpoint
-      if (writer) writer->wait();
-      if (world.size() > 1) world.barrier()->wait();
-      const std::string dir = resolve_checkpoint(config.out);
-      LoadedCheckpoint back = load_checkpoint(dir, model);
-      replica.load_optimizer_state(back.optimizer_state, back.optimizer_steps);
-      progress.line() << "rolled back to " << dir << " (step " << back.state.step << ") after " << bad_in_row
-                      << " non-finite steps in a row\n" << std::flush;
-      ++result.rollbacks;
-      TUTTI_CHECK(result.rollbacks <= config.max_bad_steps, "still non-finite after ", result.rollbacks,
-                  " rollbacks at step ", state.step, "; lower the learning rate");
-      state = back.state;
-      state.data_path = config.data;
-      bad_in_row = 0;
-      continue;
-    }
-    if (state.step % config.eval_interval == 0 || state.step == config.steps) eval_and_log(state.step, progress);
-    if (state.step % config.checkpoint_interval == 0 || state.step == config.steps || agreed[1] > 0) {
-      auto optimizer_state = replica.optimizer_state();  // collective under ZeRO
-      if (lead) {
-        writer->submit(snapshot(model, std::move(optimizer_state), replica.steps_taken(), state));
-        progress.line() << "checkpoint of step " << state.step << " (written in the background)\n" << std::flush;
-      }
-      last_checkpoint_time = Clock::now();
-    }
-  }
-  if (writer) result.checkpoint = writer->wait();
-  metrics.flush();
-  const double total = std::chrono::duration<double>(Clock::now() - run_start).count();
-  result.steps = state.step;
-  result.tokens_per_second = total > 0 ? double(tokens_per_step * (result.steps - first_step)) / total : 0.0;
-  if (config.sample_tokens > 0 && lead) {
-    nn::SampleOptions sample;
-    sample.max_tokens = config.sample_tokens;
-    sample.temperature = 0.8f;
-    sample.top_k = 0;
-    sample.seed = state.sample_rng_state;
-    result.sample = bytes_to_text(nn::generate(model, {'\n'}, sample));
-    progress.line() << "--- sample (" << config.sample_tokens << " bytes, temperature 0.8) ---\n"
-                    << result.sample << "\n---\n" << std::flush;
-  }
-  return result;
+  return Run(config, options, world).train();
 }
 
 }  // namespace tutti::train
