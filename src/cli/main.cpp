@@ -319,106 +319,6 @@ int run_inspect(const InspectArgs& args) {
   return problems.empty() ? 0 : 1;
 }
 
-// ------------------------------------------------------------------------------------------
-// tutti inspect
-
-struct InspectArgs {
-  std::string path;
-};
-
-void add_inspect(CLI::App& app, InspectArgs& args) {
-  auto* cmd = app.add_subcommand(
-      "inspect", "Show what a checkpoint holds (step, layout, model shape, files with sizes and checksums, tensors) "
-                 "and verify it against its manifest. Given a run directory: every checkpoint's status, which one a "
-                 "resume would use, and the details of the one 'latest' names. Exit 0 when everything is good, 1 "
-                 "with one error line per problem otherwise");
-  cmd->add_option("path", args.path, "checkpoint directory, or a run directory")->required();
-}
-
-// One checkpoint's details on stdout; its problems, prefixed with `label`, appended to `problems`.
-void print_checkpoint(const std::string& dir, const std::string& label, std::vector<std::string>& problems) {
-  const train::CheckpointReport r = train::inspect_checkpoint(dir);
-  std::printf("checkpoint %s: %s\n", dir.c_str(), r.problems.empty() ? "OK" : "BAD");
-  if (r.check.manifest) {
-    const ckpt::Manifest& m = *r.check.manifest;
-    std::printf("  step %lld, layout dp=%lld zero=%lld world=%lld, config hash %s\n", (long long)m.step,
-                (long long)m.layout.dp, (long long)m.layout.zero, (long long)m.layout.world,
-                m.config_hash.empty() ? "(none)" : m.config_hash.c_str());
-  }
-  if (r.state)
-    std::printf("  trainer: step %lld, optimizer steps %lld, seed %lld, data position %lld, last loss %.6g\n",
-                (long long)r.state->step, (long long)r.optimizer_steps, (long long)r.state->seed,
-                (long long)r.state->data_position, r.state->last_loss);
-  if (r.config)
-    std::printf("  model: %d layers, %d heads, dim %d, context %d, vocabulary %d (%lld parameters)\n", r.config->n_layer,
-                r.config->n_head, r.config->n_embd, r.config->block_size, r.config->vocab_size,
-                (long long)r.config->num_parameters());
-  uint64_t file_bytes = 0;
-  std::printf("  files:\n");
-  for (const ckpt::FileCheck& f : r.check.files) {
-    file_bytes += f.actual ? f.actual->bytes : 0;
-    std::printf("    %-24s %12llu bytes  xxh3_64 %s  %s%s\n", f.name.c_str(), (unsigned long long)f.expected.bytes,
-                ckpt::hex64(f.expected.xxh3).c_str(), f.problem.empty() ? "OK" : "BAD: ", f.problem.c_str());
-  }
-  if (!r.check.manifest) std::printf("    (no valid manifest: nothing to verify against)\n");
-  size_t tensors = 0;
-  uint64_t tensor_bytes = 0;
-  for (const train::TensorFileInfo& file : r.tensor_files) {
-    uint64_t bytes = 0;
-    for (const train::TensorInfo& t : file.tensors) bytes += t.bytes;
-    std::printf("  %s: %zu tensors, %llu bytes\n", file.file.c_str(), file.tensors.size(), (unsigned long long)bytes);
-    for (const train::TensorInfo& t : file.tensors)
-      std::printf("    %-48s %-4s %-16s %12llu\n", t.name.c_str(), std::string(dtype_name(t.dtype)).c_str(),
-                  t.shape.str().c_str(), (unsigned long long)t.bytes);
-    tensors += file.tensors.size();
-    tensor_bytes += bytes;
-  }
-  std::printf("  total: %zu files, %llu bytes; %zu tensors, %llu bytes of tensor data\n", r.check.files.size(),
-              (unsigned long long)file_bytes, tensors, (unsigned long long)tensor_bytes);
-  for (const std::string& p : r.problems) problems.push_back(label + p);
-}
-
-int run_inspect(const InspectArgs& args) {
-  const fs::path p(args.path);
-  TUTTI_CHECK_AS(CheckpointError, fs::is_directory(p), "'", args.path, "' is not a directory");
-  std::vector<std::string> problems;
-  const bool is_checkpoint = fs::exists(p / "model.safetensors") || fs::exists(p / ckpt::kManifestFile) ||
-                             fs::exists(p / "trainer_state.json");
-  if (is_checkpoint) {
-    print_checkpoint(p.string(), p.filename().string() + "/", problems);
-  } else {
-    const std::vector<std::string> names = train::list_checkpoints(args.path);
-    TUTTI_CHECK_AS(CheckpointError, !names.empty() || fs::exists(p / "latest"), "'", args.path,
-                   "' is neither a checkpoint nor a run directory with checkpoints");
-    std::string latest;
-    if (fs::exists(p / "latest")) {
-      std::ifstream in(p / "latest");
-      std::getline(in, latest);
-    }
-    std::printf("run %s: latest -> %s\n  checkpoints:", args.path.c_str(), latest.empty() ? "(none)" : latest.c_str());
-    for (const std::string& name : names) {
-      const train::CheckpointCheck c = train::verify_checkpoint((p / "checkpoints" / name).string());
-      std::printf(" %s %s", name.c_str(), c.ok() ? "OK" : "BAD");
-      if (name != latest)
-        for (const std::string& problem : c.problems) problems.push_back(name + "/" + problem);
-    }
-    std::printf("\n");
-    try {
-      const train::CheckpointChoice choice = train::choose_checkpoint(args.path);
-      std::printf("  a resume would use %s%s%s\n", fs::path(choice.dir).filename().c_str(),
-                  choice.note.empty() ? "" : ": ", choice.note.c_str());
-    } catch (const CheckpointError& e) {
-      problems.push_back(e.what());
-    }
-    const fs::path shown = p / "checkpoints" / latest;
-    if (!latest.empty() && fs::is_directory(shown)) print_checkpoint(shown.string(), latest + "/", problems);
-    else if (!latest.empty()) problems.push_back("'latest' names " + latest + ", which does not exist");
-  }
-  std::fflush(stdout);
-  for (const std::string& problem : problems) std::fprintf(stderr, "tutti: error: %s\n", problem.c_str());
-  return problems.empty() ? 0 : 1;
-}
-
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -432,8 +332,6 @@ int main(int argc, char** argv) {
   add_train(app, train_args);
   add_generate(app, generate_args);
   add_eval(app, eval_args);
-  InspectArgs inspect_args;
-  add_inspect(app, inspect_args);
   InspectArgs inspect_args;
   add_inspect(app, inspect_args);
   LaunchArgs launch_args;
@@ -451,7 +349,6 @@ int main(int argc, char** argv) {
     }
     if (app.got_subcommand("generate")) return run_generate(generate_args);
     if (app.got_subcommand("eval")) return run_eval(eval_args);
-    if (app.got_subcommand("inspect")) return run_inspect(inspect_args);
     if (app.got_subcommand("inspect")) return run_inspect(inspect_args);
     if (app.got_subcommand("launch")) return run_launch(launch_args);
   } catch (const std::exception& e) {
