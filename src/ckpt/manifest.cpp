@@ -68,8 +68,10 @@ const Json& field(const std::string& path, const Json& object, const char* key, 
 // An integer in [lo, hi].
 int64_t integer(const std::string& path, const Json& v, const char* what, int64_t lo, int64_t hi) {
   TUTTI_CHECK_AS(CheckpointError, v.is_number_integer(), path, ": ", what, " is ", v.dump(), ", expected an integer");
-  const bool fits = v.is_number_unsigned() ? v.get<uint64_t>() <= static_cast<uint64_t>(hi)
-                                           : v.get<int64_t>() >= lo && v.get<int64_t>() <= hi;
+  // lo >= 0 and hi >= lo here, so an unsigned value fits when it lies in [lo, hi] as unsigned.
+  const bool fits = v.is_number_unsigned()
+                        ? v.get<uint64_t>() >= static_cast<uint64_t>(lo) && v.get<uint64_t>() <= static_cast<uint64_t>(hi)
+                        : v.get<int64_t>() >= lo && v.get<int64_t>() <= hi;
   TUTTI_CHECK_AS(CheckpointError, fits, path, ": ", what, " is ", v.dump(), ", outside [", lo, ", ", hi, "]");
   return v.is_number_unsigned() ? static_cast<int64_t>(v.get<uint64_t>()) : v.get<int64_t>();
 }
