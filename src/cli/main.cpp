@@ -206,6 +206,7 @@ void add_launch(CLI::App& app, LaunchArgs& args) {
       ->capture_default_str()->check(CLI::PositiveNumber);
   cmd->add_option("--probe-port", o.probe_port, "TCP port that host probes connect to (refused counts as reachable)")
       ->capture_default_str();
+  cmd->add_option("--host-check", o.host_check, "shell command that exits 0 when {host} is up (default: a TCP probe)");
   cmd->add_option("--mpirun-arg", o.mpirun_args, "one argument for mpirun (repeat; --mpirun-arg=--mca ...)")
       ->allow_extra_args(false);
   cmd->add_option("command", args.command, "after `--`: train and its arguments");

@@ -16,6 +16,7 @@
 #include <filesystem>
 #include <fstream>
 #include <iostream>
+#include <map>
 #include <memory>
 #include <optional>
 #include <regex>
@@ -124,8 +125,8 @@ class ChildProcess {
     return status_;
   }
 
-  // SIGTERM to the group (and SIGCONT, so that stopped members receive it), up to `grace_s` for
-  // the child to end, then SIGKILL to the group. Returns the child's wait status.
+  // SIGTERM to the group, up to `grace_s` for the child to end, then SIGKILL to the group (which
+  // also ends stopped members). Returns the child's wait status.
   int stop(double grace_s) {
     if (poll()) {
       ::kill(-pid_, SIGKILL);  // members the child left behind in its group
@@ -133,7 +134,6 @@ class ChildProcess {
     }
     if (grace_s > 0) {
       ::kill(-pid_, SIGTERM);
-      ::kill(-pid_, SIGCONT);
       const auto t0 = Clock::now();
       while (!poll() && seconds_since(t0) < grace_s) std::this_thread::sleep_for(std::chrono::milliseconds(20));
     }
@@ -336,6 +336,7 @@ struct AttemptReport {
   int64_t max_step = -1;    // the most steps the attempt is known to have completed
   int64_t first_step = -1;  // the step it started from (its first heartbeats)
   bool resumed = false;     // every rank beat at least once
+  bool announced = false;   // "failure detected" already logged (at the moment of detection)
   Clock::time_point detected;
 };
 
@@ -408,6 +409,7 @@ class Supervisor {
   std::vector<std::string> command(int ranks, bool resume) const;
   AttemptReport watch(int attempt, int ranks, bool resume);
   std::vector<std::string> reachable_hosts();
+  bool host_up(const std::string& host);
   void clear_for_fresh_start();
   std::string hosts_text() const;
 
@@ -439,8 +441,10 @@ void Supervisor::validate() {
   if (!o_.hostfile.empty()) {
     all_hosts_ = read_hostfile(o_.hostfile);
     for (const Host& h : all_hosts_)
-      TUTTI_CHECK_AS(InvalidArgument, host_reachable(h.name, o_.probe_port, o_.probe_timeout), "host '", h.name,
-                     "' of ", o_.hostfile, " is unreachable (no answer on TCP port ", o_.probe_port, ")");
+      TUTTI_CHECK_AS(InvalidArgument, host_up(h.name), "host '", h.name, "' of ", o_.hostfile, " is unreachable (",
+                     o_.host_check.empty() ? "no answer on TCP port " + std::to_string(o_.probe_port)
+                                           : "'" + o_.host_check + "' failed",
+                     ")");
     hosts_ = all_hosts_;
   }
   batch_ = run_setting(o_.train_args, out_, "batch", 12);
@@ -485,13 +489,24 @@ std::vector<std::string> Supervisor::command(int ranks, bool resume) const {
   return cmd;
 }
 
+bool Supervisor::host_up(const std::string& host) {
+  if (o_.host_check.empty()) return host_reachable(host, o_.probe_port, o_.probe_timeout);
+  std::string cmd = o_.host_check;
+  for (size_t at; (at = cmd.find("{host}")) != std::string::npos;) cmd.replace(at, 6, host);
+  ChildProcess check({"/bin/sh", "-c", cmd}, {});
+  const auto t0 = Clock::now();
+  while (!check.poll() && seconds_since(t0) < 10.0) std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  const int status = check.stop(0.0);
+  return WIFEXITED(status) && WEXITSTATUS(status) == 0;
+}
+
 std::vector<std::string> Supervisor::reachable_hosts() {
   std::vector<std::string> lost;
   std::vector<Host> kept;
   for (const Host& h : hosts_) {
     bool up = false;
     try {
-      up = host_reachable(h.name, o_.probe_port, o_.probe_timeout);
+      up = host_up(h.name);
     } catch (const Error&) {
       up = false;  // no longer resolves
     }
@@ -531,7 +546,14 @@ AttemptReport Supervisor::watch(int attempt, int ranks, bool resume) {
   std::string pending_out, pending_err;
   bool out_open = true, err_open = true;
   auto last_check = Clock::now() - std::chrono::seconds(1);
-  std::optional<Clock::time_point> ended;
+  std::optional<Clock::time_point> ended, vanished;
+  std::map<int, pid_t> rank_pids;
+  struct Gone {
+    int rank;
+    pid_t pid;
+    Clock::time_point since;
+  };
+  std::optional<Gone> gone;
 
   while (true) {
     pollfd fds[2] = {{out_open ? mpirun.out_fd() : -1, POLLIN, 0}, {err_open ? mpirun.err_fd() : -1, POLLIN, 0}};
@@ -577,6 +599,41 @@ AttemptReport Supervisor::watch(int attempt, int ranks, bool resume) {
       }
       event(text);
     }
+    // A rank that is gone before its last step: mpirun notices too, but only after its own delay
+    // (and cannot see ranks on hosts that vanished); record the moment here.
+    for (const RankProcess& p : find_rank_processes(o_.tutti_binary, out_.string()))
+      if (p.rank >= 0 && p.state != 'Z' && p.state != 'X') rank_pids[p.rank] = p.pid;
+    if (!vanished) {
+      for (const auto& [rank, pid] : rank_pids) {
+        const std::string stat = read_text("/proc/" + std::to_string(pid) + "/stat");
+        const size_t paren = stat.rfind(')');
+        const bool alive = paren != std::string::npos && paren + 2 < stat.size() && stat[paren + 2] != 'Z';
+        // Only ranks in the training loop (an error before it is every rank's, reported by mpirun),
+        // not after the last step (ranks exit one by one), not one that printed an error, and only
+        // on this machine's ranks (on namespace hosts a rank's /proc entry has been seen to vanish
+        // early; there mpirun and the heartbeats decide).
+        const bool in_loop = read_heartbeat(beats / ("rank_" + std::to_string(rank))).present;
+        if (alive || !in_loop || report.max_step >= steps_ || !scanner.rank_error.empty() || !hosts_.empty()) continue;
+        if (!gone) gone = {rank, pid, Clock::now()};
+        // Confirmed after 0.3 s: the progress line of the last step may still be on its way.
+        if (seconds_since(gone->since) < 0.3) break;
+        vanished = gone->since;
+        report.detected = *vanished;
+        report.announced = true;
+        const Beat b = read_heartbeat(beats / ("rank_" + std::to_string(rank)));
+        char ago[32];
+        std::snprintf(ago, sizeof ago, "%.2f s ago", seconds_since(gone->since));
+        event("failure detected (attempt " + std::to_string(attempt) + "): rank " + std::to_string(rank) + " (pid " +
+              std::to_string(pid) + ") is gone (noticed " + ago + "), last heartbeat at step " +
+              std::to_string(std::max<int64_t>(0, b.step)) + "; stopping the job");
+        // The survivors wait in a collective, and mpirun takes a second of its own to end the job
+        // (longer when the rank's host is gone): end it now.
+        kill_stray_ranks(o_.tutti_binary, out_.string());
+        report.status = mpirun.stop(0.5);
+        break;
+      }
+      if (vanished) break;
+    }
     std::string hang;
     if (stale) {
       char buf[160];
@@ -594,19 +651,23 @@ AttemptReport Supervisor::watch(int attempt, int ranks, bool resume) {
         if (p.state == 'T' || p.state == 't')
           hang += "; rank " + std::to_string(p.rank) + " (pid " + std::to_string(p.pid) + ") is stopped";
       report.detail = hang;
+      report.announced = true;
+      event("failure detected (attempt " + std::to_string(attempt) + "): " + hang + "; stopping the job");
+      kill_stray_ranks(o_.tutti_binary, out_.string());  // first the ranks: a stopped one must not wake up
       report.status = mpirun.stop(o_.kill_grace);
       break;
     }
   }
   if (report.kind.empty()) {
-    report.detected = Clock::now();
-    report.status = *mpirun.status();
+    if (!vanished) report.detected = Clock::now();
+    report.status = mpirun.status() ? *mpirun.status() : report.status;
     if (WIFEXITED(report.status) && WEXITSTATUS(report.status) == 0) {
       report.kind = "";
     } else {
-      report.kind = !scanner.host_failure.empty() && scanner.rank_failure.find("signal") == std::string::npos
-                        ? "host lost"
-                        : (scanner.rank_failure.find("signal") != std::string::npos ? "killed" : "exited");
+      const bool signalled = scanner.rank_failure.find("signal") != std::string::npos;
+      report.kind = !scanner.host_failure.empty() && !signalled ? "host lost"
+                    : signalled || vanished                     ? "killed"
+                                                                : "exited";
       report.detail = !scanner.rank_failure.empty() ? scanner.rank_failure
                       : !scanner.host_failure.empty() ? scanner.host_failure
                       : !scanner.rank_error.empty()   ? scanner.rank_error
@@ -644,8 +705,9 @@ LaunchSummary Supervisor::run() {
     ++summary_.failures[r.kind];
     std::string lost_text;
     for (const std::string& h : lost) lost_text += (lost_text.empty() ? "" : ", ") + h;
-    event("failure detected (attempt " + std::to_string(attempt) + ", " + r.kind + "): " + r.detail +
-          (lost.empty() ? "" : "; unreachable: " + lost_text));
+    event((r.announced ? "attempt " + std::to_string(attempt) + " stopped (" + r.kind + "): "
+                       : "failure detected (attempt " + std::to_string(attempt) + ", " + r.kind + "): ") +
+          r.detail + (lost.empty() ? "" : "; unreachable: " + lost_text));
     if (!resume && r.max_step < 0 && r.kind == "exited") {
       summary_.error = "the run failed before its first step; not restarting (a configuration or data error?)";
       break;

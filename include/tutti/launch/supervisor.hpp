@@ -22,6 +22,8 @@ struct LaunchOptions {
   double kill_grace = 5.0;              // seconds between SIGTERM and SIGKILL of the mpirun group
   int probe_port = 22;                  // TCP port a host probe connects to (refused = reachable)
   double probe_timeout = 2.0;           // seconds
+  std::string host_check;               // instead of the TCP probe: a shell command, {host} replaced,
+                                        // exit 0 = reachable (e.g. "ssh {host} true")
   std::vector<std::string> mpirun_args;  // passed to mpirun before the program
   std::vector<std::string> train_args;   // the words after `train`
   std::string tutti_binary;             // the program the ranks run (`tutti`)
