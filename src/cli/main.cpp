@@ -280,7 +280,8 @@ void print_checkpoint(const std::string& dir, const std::string& label, std::vec
 }
 
 int run_inspect(const InspectArgs& args) {
-  const fs::path p(args.path);
+  fs::path p = fs::path(args.path).lexically_normal();
+  if (p.filename().empty()) p = p.parent_path();  // "run/" -> "run"
   TUTTI_CHECK_AS(CheckpointError, fs::is_directory(p), "'", args.path, "' is not a directory");
   std::vector<std::string> problems;
   const bool is_checkpoint = fs::exists(p / "model.safetensors") || fs::exists(p / ckpt::kManifestFile) ||
