@@ -4,7 +4,9 @@
 // Open MPI's mpirun. TUTTI_LAUNCH_TRIALS / TUTTI_LAUNCH_SEED widen the SIGKILL trials (the soak,
 // scripts/soak.sh).
 #include <gtest/gtest.h>
+#include <fcntl.h>
 #include <signal.h>
+#include <sys/file.h>
 
 #include <chrono>
 #include <cstdio>
@@ -120,6 +122,17 @@ const std::string& reference_weights() {
   }();
   return weights;
 }
+
+// An exclusive flock(2) held for the life of the object.
+struct UniqueLock {
+  int fd;
+  explicit UniqueLock(const char* path) : fd(::open(path, O_CREAT | O_RDWR | O_CLOEXEC, 0644)) {
+    if (fd >= 0) ::flock(fd, LOCK_EX);
+  }
+  ~UniqueLock() {
+    if (fd >= 0) ::close(fd);
+  }
+};
 
 double since(Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); }
 
@@ -249,8 +262,8 @@ TEST(Launch, HostLostContinuesOnTheRemainingRanks) {
   Result check = shell(cluster + " check");
   if (check.code != 0) GTEST_SKIP() << "namespaces not available: " << check.out << check.err;
   // Host names are machine-wide: one user of the cluster at a time (tests/multihost_test.sh too).
-  const std::string locked = "flock -w 120 /run/lock/tutti-netns-cluster.lock ";
-  Result made = shell(locked + cluster + " create 2");
+  UniqueLock lock("/run/lock/tutti-netns-cluster.lock");
+  Result made = shell(cluster + " destroy >/dev/null 2>&1; " + cluster + " create 2");
   ASSERT_EQ(made.code, 0) << made.err;
   struct Teardown {
     std::string cmd;
