@@ -3,6 +3,10 @@
 #include <unistd.h>
 
 #include <array>
+#include <atomic>
+#include <condition_variable>
+#include <mutex>
+#include <thread>
 #include <chrono>
 #include <cstdlib>
 #include <set>
@@ -95,24 +99,39 @@ class Progress {
   bool dirty_ = false;
 };
 
-// Each rank rewrites <out>/heartbeats/rank_<r> (its step and the time) at most once a second, so
-// a supervisor can tell a frozen rank from a slow one.
+// Each rank rewrites <out>/heartbeats/rank_<r> ("<step> <unix time ns>") once a second from its
+// own thread, through evaluation, checkpoints and sampling too, so a supervisor can tell a frozen
+// process (SIGSTOP, a dead host: no beats) from a slow step. Hangs inside a collective are caught
+// by the collective timeout instead.
 class Heartbeat {
  public:
   Heartbeat(const std::string& out, int rank) : path_(fs::path(out) / "heartbeats" / ("rank_" + std::to_string(rank))) {
     fs::create_directories(path_.parent_path());
+    thread_ = std::thread([this] {
+      std::unique_lock lock(mutex_);
+      do {
+        std::ofstream(path_, std::ios::trunc)
+            << step_.load() << " " << std::chrono::system_clock::now().time_since_epoch().count() << "\n";
+      } while (!stop_.wait_for(lock, std::chrono::seconds(1), [this] { return stopping_; }));
+    });
   }
-  void beat(int64_t step) {
-    const auto now = Clock::now();
-    if (now - last_ < std::chrono::seconds(1)) return;
-    last_ = now;
-    std::ofstream(path_, std::ios::trunc) << step << " " << std::chrono::system_clock::now().time_since_epoch().count()
-                                          << "\n";
+  ~Heartbeat() {
+    {
+      std::lock_guard lock(mutex_);
+      stopping_ = true;
+    }
+    stop_.notify_one();
+    thread_.join();
   }
+  void set_step(int64_t step) { step_ = step; }
 
  private:
   fs::path path_;
-  Clock::time_point last_{};
+  std::atomic<int64_t> step_{0};
+  std::mutex mutex_;
+  std::condition_variable stop_;
+  bool stopping_ = false;
+  std::thread thread_;
 };
 
 // "3,7,8" -> {3, 7, 8}
@@ -236,10 +255,11 @@ class Run {
     state_.sample_rng_state = static_cast<uint64_t>(config.seed) * 0x9E3779B97F4A7C15ull + 1;
     LoadedCheckpoint loaded;
     if (options.resume) {
-      result_.checkpoint = resolve_checkpoint(config.out);
+      result_.checkpoint = pick_checkpoint();
       loaded = load_checkpoint(result_.checkpoint, model_);
       state_ = loaded.state;
       state_.data_path = config.data;
+      check_ranks_agree(state_.step);
     }
     replica_ = std::make_unique<parallel::DataParallel>(
         model_, world, optim::AdamWOptions{config.lr, config.beta1, config.beta2, 1e-8f, config.weight_decay},
@@ -301,7 +321,7 @@ class Run {
     const int64_t step = state_.step;  // 0-based index of this step; it completes step + 1
     const auto t0 = Clock::now();
     world_.set_step(step + 1);
-    heartbeat_.beat(step);
+    heartbeat_.set_step(step);
     replica_->zero_grad();
     double loss_sum = 0.0;
     for (int a = 0; a < plan_.accumulation; ++a) {
@@ -346,7 +366,7 @@ class Run {
       std::snprintf(loss_text, sizeof loss_text, "%.9g", loss);
       metrics_ << "{\"step\":" << state_.step << ",\"loss\":" << (bad ? "null" : loss_text) << ",\"lr\":" << lr
                << ",\"grad_norm\":" << (std::isfinite(norm) ? norm : -1.0) << ",\"ms\":" << secs * 1e3
-               << (bad ? ",\"skipped\":true" : "") << "}\n";
+               << (bad ? ",\"skipped\":true" : "") << "}\n" << std::flush;  // a killed run keeps every line
     }
     progress_->step(state_.step, loss, lr, tokens_per_second_);
   }
@@ -373,7 +393,8 @@ class Run {
   void checkpoint() {
     auto optimizer_state = replica_->optimizer_state();
     if (lead_) {
-      writer_->submit(snapshot(model_, std::move(optimizer_state), replica_->steps_taken(), state_));
+      const ckpt::CheckpointLayout layout{plan_.dp, world_.size() > 1 ? config_.zero : 0, world_.size()};
+      writer_->submit(snapshot(model_, std::move(optimizer_state), replica_->steps_taken(), state_, layout));
       progress_->line() << "checkpoint of step " << state_.step << " (written in the background)\n" << std::flush;
     }
     last_checkpoint_ = Clock::now();
@@ -383,7 +404,7 @@ class Run {
   void roll_back() {
     if (writer_) writer_->wait();
     if (world_.size() > 1) world_.barrier()->wait();
-    const std::string dir = resolve_checkpoint(config_.out);
+    const std::string dir = pick_checkpoint();
     LoadedCheckpoint back = load_checkpoint(dir, model_);
     replica_->load_optimizer_state(back.optimizer_state, back.optimizer_steps);
     progress_->line() << "rolled back to " << dir << " (step " << back.state.step << ") after " << bad_in_row_
@@ -394,6 +415,25 @@ class Run {
     state_ = back.state;
     state_.data_path = config_.data;
     bad_in_row_ = 0;
+  }
+
+  // Every rank must have loaded the same checkpoint (a file system that differs between hosts,
+  // or a checkpoint damaged on one of them, would otherwise train on different weights).
+  void check_ranks_agree(int64_t step) {
+    if (world_.size() == 1) return;
+    std::vector<int64_t> steps(size_t(world_.size()));
+    world_.all_gather(std::span<const int64_t>(&step, 1), std::span<int64_t>(steps), std::vector<int64_t>(steps.size(), 1))
+        ->wait();
+    for (size_t r = 0; r < steps.size(); ++r)
+      TUTTI_CHECK_AS(CheckpointError, steps[r] == steps[0], "ranks resumed from different checkpoints: rank 0 at step ",
+                     steps[0], ", rank ", r, " at step ", steps[r]);
+  }
+
+  // The newest good checkpoint of the run; a note on damaged newer ones is logged once (rank 0).
+  std::string pick_checkpoint() {
+    CheckpointChoice choice = choose_checkpoint(config_.out);
+    if (!choice.note.empty() && lead_) std::cerr << "tutti: warning: " << choice.note << "\n" << std::flush;
+    return choice.dir;
   }
 
   void print_header() {
