@@ -6,4 +6,4 @@ cd "$(dirname "$0")/.."
 mkdir -p .gpu-debs
 cd .gpu-debs
 apt-get download libdnnl2 libdnnl-dev ocl-icd-libopencl1 ocl-icd-opencl-dev opencl-c-headers \
-  opencl-clhpp-headers libtomlplusplus-dev libtomlplusplus3 libcli11-dev nlohmann-json3-dev libgtest-dev
+  opencl-clhpp-headers libtomlplusplus-dev libtomlplusplus3 libxxhash-dev libxxhash0 libcli11-dev nlohmann-json3-dev libgtest-dev
