@@ -4,6 +4,7 @@
 #include "tutti/train/run_dir.hpp"
 
 #include <algorithm>
+#include <chrono>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
@@ -145,7 +146,12 @@ void CheckpointWriter::submit(CheckpointSnapshot snap) {
   wait();
   thread_ = std::thread([this, snap = std::move(snap)] {
     try {
+      const auto t0 = std::chrono::steady_clock::now();
       last_ = save_checkpoint(run_dir_, snap, keep_);
+      Timing t{snap.state.step, 0, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count()};
+      for (const auto& e : fs::directory_iterator(last_))
+        if (e.is_regular_file()) t.bytes += static_cast<int64_t>(e.file_size());
+      timing_ = t;
     } catch (...) {
       error_ = std::current_exception();
     }

@@ -293,7 +293,10 @@ class Run {
       if (state_.step % config_.checkpoint_interval == 0 || state_.step == config_.steps || out.time_for_checkpoint)
         checkpoint();
     }
-    if (writer_) result_.checkpoint = writer_->wait();
+    if (writer_) {
+      result_.checkpoint = writer_->wait();
+      log_checkpoint_timing();
+    }
     const double total = std::chrono::duration<double>(Clock::now() - run_start).count();
     result_.steps = state_.step;
     result_.tokens_per_second = total > 0 ? double(tokens_per_step_ * (result_.steps - first_step)) / total : 0.0;
@@ -396,8 +399,18 @@ class Run {
       const ckpt::CheckpointLayout layout{plan_.dp, world_.size() > 1 ? config_.zero : 0, world_.size()};
       writer_->submit(snapshot(model_, std::move(optimizer_state), replica_->steps_taken(), state_, layout));
       progress_->line() << "checkpoint of step " << state_.step << " (written in the background)\n" << std::flush;
+      log_checkpoint_timing();
     }
     last_checkpoint_ = Clock::now();
+  }
+
+  // The cost of the last background write, once, in metrics.jsonl.
+  void log_checkpoint_timing() {
+    const CheckpointWriter::Timing t = writer_->last_timing();
+    if (t.step < 0 || t.step == logged_checkpoint_) return;
+    logged_checkpoint_ = t.step;
+    metrics_ << nlohmann::json{{"checkpoint_step", t.step}, {"bytes", t.bytes}, {"seconds", t.seconds}}.dump() << "\n"
+             << std::flush;
   }
 
   // After max_bad_steps non-finite steps in a row: back to the newest checkpoint, on every rank.
@@ -482,6 +495,7 @@ class Run {
   Progress* progress_ = nullptr;
   Clock::time_point last_checkpoint_;
   int bad_in_row_ = 0;
+  int64_t logged_checkpoint_ = -1;
   double tokens_per_second_ = 0.0;  // smoothed, for the progress line
 };
 

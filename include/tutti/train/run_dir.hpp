@@ -68,12 +68,21 @@ class CheckpointWriter {
   // Waits for the write in flight; returns the newest checkpoint written ("" when none).
   std::string wait();
 
+  struct Timing {
+    int64_t step = -1;     // the checkpoint last written (-1: none yet)
+    int64_t bytes = 0;     // its files
+    double seconds = 0.0;  // the background write, from submit to rename and `latest`
+  };
+  // The last completed write (call after wait() or submit(), which wait).
+  Timing last_timing() const { return timing_; }
+
  private:
   std::string run_dir_;
   int keep_;
   std::thread thread_;
   std::exception_ptr error_;
   std::string last_;
+  Timing timing_;
 };
 
 // ============================================================================================
