@@ -18,6 +18,7 @@
 
 #include "tutti/ckpt/safetensors.hpp"
 #include "tutti/core/error.hpp"
+#include "ckpt/strict_json.hpp"
 
 namespace tutti::ckpt {
 
@@ -36,22 +37,10 @@ constexpr const char* kConfigHashPrefix = "xxh3_64:";
 
 // Parses JSON, rejecting duplicate keys at any level (nlohmann would keep the last silently).
 Json parse_strict(const std::string& path, const std::string& text) {
-  std::vector<std::set<std::string>> keys_per_object;
   std::string duplicate;
-  Json::parser_callback_t callback = [&](int /*depth*/, Json::parse_event_t event, Json& parsed) {
-    if (event == Json::parse_event_t::object_start) {
-      keys_per_object.emplace_back();
-    } else if (event == Json::parse_event_t::object_end) {
-      if (!keys_per_object.empty()) keys_per_object.pop_back();
-    } else if (event == Json::parse_event_t::key && !keys_per_object.empty()) {
-      const std::string& key = parsed.get_ref<const std::string&>();
-      if (!keys_per_object.back().insert(key).second && duplicate.empty()) duplicate = key;
-    }
-    return true;
-  };
   Json j;
   try {
-    j = Json::parse(text, callback);
+    j = parse_json_noting_duplicates(text, duplicate);
   } catch (const nlohmann::json::exception& e) {
     TUTTI_FAIL(CheckpointError, path, ": not valid JSON: ", e.what());
   }

@@ -20,6 +20,7 @@
 #include <nlohmann/json.hpp>
 
 #include "tutti/core/error.hpp"
+#include "ckpt/strict_json.hpp"
 
 namespace tutti::ckpt {
 
@@ -158,22 +159,10 @@ struct Entry {
 // Parses the header JSON, rejecting duplicate keys at any level (nlohmann keeps the last one
 // silently, which would let two different tensors share a name unnoticed).
 Json parse_header_json(const std::string& path, const std::string& text) {
-  std::vector<std::set<std::string>> keys_per_object;
   std::string duplicate;
-  Json::parser_callback_t callback = [&](int /*depth*/, Json::parse_event_t event, Json& parsed) {
-    if (event == Json::parse_event_t::object_start) {
-      keys_per_object.emplace_back();
-    } else if (event == Json::parse_event_t::object_end) {
-      if (!keys_per_object.empty()) keys_per_object.pop_back();
-    } else if (event == Json::parse_event_t::key && !keys_per_object.empty()) {
-      const std::string& key = parsed.get_ref<const std::string&>();
-      if (!keys_per_object.back().insert(key).second && duplicate.empty()) duplicate = key;
-    }
-    return true;
-  };
   Json header;
   try {
-    header = Json::parse(text, callback);
+    header = parse_json_noting_duplicates(text, duplicate);
   } catch (const nlohmann::json::exception& e) {
     TUTTI_FAIL(CheckpointError, path, ": the header is not valid JSON: ", e.what());
   }
