@@ -75,8 +75,11 @@ def configure_threads_env(setting, threads):
     return torch_threads
 
 
-ARGS = parse_args()
-TORCH_THREADS = configure_threads_env(ARGS.setting, ARGS.threads)
+# Run as a program, the command line chooses the threads before torch loads. Imported as a module
+# (bench/torch_ddp_peer.py reuses the model, data and optimizer), the importer sets the environment.
+if __name__ == "__main__":
+    ARGS = parse_args()
+    TORCH_THREADS = configure_threads_env(ARGS.setting, ARGS.threads)
 
 import ctypes  # noqa: E402
 import math  # noqa: E402
