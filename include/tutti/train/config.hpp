@@ -46,7 +46,7 @@ struct TrainConfig {
   int dp = 0;              // data-parallel ranks; 0: the world size
   int micro_batch = 0;     // sequences per forward pass on a rank; 0: batch / dp (no accumulation)
   int zero = 0;            // 0: plain data parallelism, 1: sharded optimizer state, 2: + sharded gradients
-  int bucket_mib = 25;     // gradient bucket size
+  int bucket_mib = 4;      // gradient bucket size (4 MiB hid the most communication, bench/RESULTS.md)
   int comm_timeout = 60;   // seconds a collective may take before the run fails
   int max_bad_steps = 3;   // non-finite steps in a row before rolling back to the last checkpoint
 
