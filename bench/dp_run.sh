@@ -265,6 +265,7 @@ for name, rs in [("1x2", t12)] + [(f"2x1 --bind-to {b}", t21[b]) for b in t21]:
 if ddp:
     print(f"| (PyTorch DDP 2x1) | - | {cell(ddp)[0]} | {med(ddp, 'step_ms_median'):.0f} | - "
           f"| {med(ddp, 'backward_ms_median'):.0f} (sync included) | - | - | - |")
+print()
 print("forward, backward, end_sync, update: max over ranks per step; train_bench's update is AdamW + reading the loss, "
       "dp_bench's adds the mean loss over ranks; the step is their sum plus the batch.")
 print()
