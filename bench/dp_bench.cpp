@@ -36,6 +36,7 @@
 #include <CLI/CLI.hpp>
 #include <nlohmann/json.hpp>
 
+#include "bench_common.hpp"
 #include "tutti/comm/communicator.hpp"
 #include "tutti/core/random.hpp"
 #include "tutti/core/tensor.hpp"
@@ -73,17 +74,6 @@ tutti::nn::GPTConfig w2_config() {
   c.vocab_size = 256;
   c.validate();
   return c;
-}
-
-// torch.optim.AdamW's defaults, weight decay 0.1, as train_bench and the PyTorch peers.
-tutti::optim::AdamWOptions torch_adamw_options() {
-  tutti::optim::AdamWOptions o;
-  o.lr = 1e-3f;
-  o.beta1 = 0.9f;
-  o.beta2 = 0.999f;
-  o.eps = 1e-8f;
-  o.weight_decay = 0.1f;
-  return o;
 }
 
 // ---- statistics -----------------------------------------------------------------------------------

@@ -27,6 +27,7 @@
 #include <CLI/CLI.hpp>
 #include <nlohmann/json.hpp>
 
+#include "bench_common.hpp"
 #include "tutti/ckpt/safetensors.hpp"
 #include "tutti/core/random.hpp"
 #include "tutti/core/tensor.hpp"
@@ -166,17 +167,6 @@ tutti::nn::GPTConfig make_config(const Workload& w) {
   config.vocab_size = 256;
   config.validate();
   return config;
-}
-
-// torch.optim.AdamW's defaults (tutti's beta2 default is 0.99), weight decay 0.1.
-tutti::optim::AdamWOptions torch_adamw_options() {
-  tutti::optim::AdamWOptions o;
-  o.lr = 1e-3f;
-  o.beta1 = 0.9f;
-  o.beta2 = 0.999f;
-  o.eps = 1e-8f;
-  o.weight_decay = 0.1f;
-  return o;
 }
 
 nlohmann::json run(const Options& opt) {
