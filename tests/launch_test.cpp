@@ -55,20 +55,25 @@ struct Launch {
   int wait() { return exit_code.get(); }
 };
 
-// The step rank `rank` has reached, from its heartbeat file (-1 before the first beat).
-long heartbeat_step(const fs::path& out, int rank) {
-  std::ifstream in(out / "heartbeats" / ("rank_" + std::to_string(rank)));
+// The newest step in the run's metrics file (rank 0 appends and flushes a line every step at
+// --log-interval 1); -1 before the first. Heartbeats come only once a second, too coarse for a
+// run of ~60 steps a second.
+long logged_step(const fs::path& out) {
+  std::ifstream in(out / "metrics.jsonl");
+  static const std::regex step_field("^\\{\"step\":([0-9]+),\"loss\"");
   long step = -1;
-  in >> step;
+  std::smatch m;
+  for (std::string line; std::getline(in, line);)
+    if (std::regex_search(line, m, step_field)) step = std::stol(m[1]);
   return step;
 }
 
-// Waits until rank 0 has reached `step`; false after `timeout_s`.
+// Waits until rank 0 has logged `step`; false after `timeout_s`.
 bool wait_for_step(const fs::path& out, long step, double timeout_s = 60) {
   const auto t0 = Clock::now();
-  while (heartbeat_step(out, 0) < step) {
+  while (logged_step(out) < step) {
     if (std::chrono::duration<double>(Clock::now() - t0).count() > timeout_s) return false;
-    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
   }
   return true;
 }
@@ -208,7 +213,10 @@ void kill_trial(unsigned seed) {
               log.find("killed by signal 9") != std::string::npos) << log;
   const auto lost = steps_lost(log);
   ASSERT_EQ(lost.size(), 1u) << log;
-  EXPECT_LE(lost[0], kInterval) << log;
+  // Checkpoints are written in the background: the one started at the last multiple of the
+  // interval may not be durable yet when the rank dies, and the next save waits for it, so at most
+  // one interval plus the steps that overlapped that write are lost.
+  EXPECT_LT(lost[0], 2 * kInterval) << log;
   EXPECT_TRUE(final_weights(run.out) == reference) << "seed " << seed << ": final weights differ from the run without faults";
   std::printf("seed %u: SIGKILL rank %d at step ~%ld; steps lost %ld; kill -> detected %.2f s, detected -> resumed %.2f s, "
               "kill -> resumed %.2f s\n",
