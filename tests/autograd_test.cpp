@@ -64,6 +64,26 @@ TEST(Autograd, LeafRoot) {
   EXPECT_FLOAT_EQ(x.grad().item(), 2.0f);
 }
 
+// backward(gradient) from a non-scalar tensor equals backward of sum(tensor * gradient): how a
+// pipeline stage continues the backward of the stage after it.
+TEST(Autograd, BackwardWithAnOutputGradient) {
+  Rng rng(3);
+  Tensor x = leaf(rng, {4, 6});
+  const Tensor w = rand_tensor(rng, {6, 5}), g = rand_tensor(rng, {4, 5});
+  ops::matmul(x, w).backward(g);
+  const Vec expected = to_f64(x.grad());
+  x.zero_grad();
+  weighted_sum(ops::matmul(x, w), g).backward();
+  EXPECT_TRUE(all_close(x.grad(), expected, 1e-6, 1e-7));
+  try {
+    ops::matmul(x, w).backward(rand_tensor(rng, {5, 4}));
+    FAIL() << "a gradient of the wrong shape was accepted";
+  } catch (const InvalidArgument& e) {
+    EXPECT_NE(std::string(e.what()).find("does not match"), std::string::npos) << e.what();
+  }
+  EXPECT_THROW(ops::matmul(x, w).backward(), InvalidArgument);  // not one element, no gradient
+}
+
 // ------------------------------------------------------------------------------------------
 // tensors used more than once get the sum of their gradients
 

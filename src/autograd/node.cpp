@@ -46,11 +46,16 @@ Tensor record(Tensor output, std::shared_ptr<Node> node) {
   return output;
 }
 
-void run_backward(const Tensor& root) {
-  TUTTI_CHECK_AS(InvalidArgument, root.numel() == 1, "backward() needs a one-element tensor, got ", root.str());
+void run_backward(const Tensor& root, const Tensor& gradient) {
+  TUTTI_CHECK_AS(InvalidArgument, gradient.defined() || root.numel() == 1,
+                 "backward() without a gradient needs a one-element tensor, got ", root.str());
+  TUTTI_CHECK_AS(InvalidArgument, !gradient.defined() || (gradient.shape() == root.shape() &&
+                                                          gradient.dtype() == DType::f32 &&
+                                                          gradient.device() == root.device()),
+                 "backward(): gradient ", gradient.str(), " does not match ", root.str());
   TUTTI_CHECK_AS(InvalidArgument, root.requires_grad(), "backward() on a tensor that does not require grad");
   NoGradGuard no_grad;
-  Tensor seed = Tensor::full(root.shape(), 1.0f, root.device());
+  Tensor seed = gradient.defined() ? gradient.contiguous().clone() : Tensor::full(root.shape(), 1.0f, root.device());
   if (!root.grad_fn()) {
     accumulate(root.impl().grad, seed);
     if (root.impl().on_grad_ready) root.impl().on_grad_ready(root.impl());

@@ -197,5 +197,6 @@ Tensor& Tensor::set_requires_grad(bool on) {
 Tensor Tensor::detach() const { return make_view(*this, shape(), strides(), impl().offset); }
 
 void Tensor::backward() const { run_backward(*this); }
+void Tensor::backward(const Tensor& gradient) const { run_backward(*this, gradient); }
 
 }  // namespace tutti

@@ -47,7 +47,8 @@ Tensor record(Tensor output, std::shared_ptr<Node> node);
 // True when an op with these inputs must record a node.
 bool any_requires_grad(std::initializer_list<const Tensor*> inputs);
 
-// Runs the tape backwards from a one-element `root`, accumulating into leaves' .grad().
-void run_backward(const Tensor& root);
+// Runs the tape backwards from `root`, accumulating into leaves' .grad(). `gradient` is d(result)/d(root)
+// (root's shape); undefined means 1 and then root must have one element.
+void run_backward(const Tensor& root, const Tensor& gradient = Tensor());
 
 }  // namespace tutti

@@ -103,6 +103,9 @@ class Tensor {
   const std::shared_ptr<Node>& grad_fn() const { return impl().grad_fn; }
   Tensor detach() const;  // same storage, no history
   void backward() const;  // this must be a one-element tensor
+  // Backward from a tensor of any shape, given the gradient of the final result with respect to
+  // it (same shape): how a pipeline stage continues the backward of the next stage.
+  void backward(const Tensor& gradient) const;
 
   TensorImpl& impl() const;
   const std::shared_ptr<TensorImpl>& impl_ptr() const { return impl_; }
