@@ -60,6 +60,13 @@ void Backend::cross_entropy_forward(const float*, const int32_t*, float*, float*
 void Backend::cross_entropy_backward(const float*, const int32_t*, float, float*, int64_t, int64_t) {
   missing(*this, "cross_entropy_backward");
 }
+void Backend::vocab_cross_entropy_stats(const float*, const int32_t*, int64_t, float*, int64_t, int64_t) {
+  missing(*this, "vocab_cross_entropy_stats");
+}
+void Backend::vocab_cross_entropy_backward(const float*, const int32_t*, int64_t, const float*, float, float*, int64_t,
+                                           int64_t) {
+  missing(*this, "vocab_cross_entropy_backward");
+}
 void Backend::softmax(const float*, float*, int64_t, int64_t) { missing(*this, "softmax"); }
 void Backend::adamw(float*, const float*, float*, float*, int64_t, const AdamWStep&) { missing(*this, "adamw"); }
 

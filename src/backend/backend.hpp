@@ -74,6 +74,8 @@ class Backend {
   // Each new position attends causally to the cache. Writes y (n, C).
   virtual void attention_decode(const float* q, const float* k, const float* v, float* y, int64_t n, int64_t past,
                                 int64_t C, int64_t H);
+  // A negative index gives a row of zeros and no gradient (rows that another rank of a
+  // vocabulary-parallel group holds).
   virtual void embedding_forward(const int32_t* idx, const float* table, float* out, int64_t n, int64_t C, int64_t V);
   virtual void embedding_backward(const int32_t* idx, const float* dout, float* dtable, int64_t n, int64_t C);  // accumulates
   // probs (N, V) = softmax(logits); losses (N) = -log probs[target].
@@ -82,6 +84,14 @@ class Backend {
   // dlogits = (probs - onehot(target)) * dloss
   virtual void cross_entropy_backward(const float* probs, const int32_t* targets, float dloss, float* dlogits,
                                       int64_t N, int64_t V);
+  // Vocabulary-parallel cross-entropy, this rank's part: logits (N, V) are columns [first, first + V)
+  // of the full vocabulary. stats (N, 3) gets per row the max, the sum of exp(x - max), and the
+  // target's logit (0 when the target is another rank's).
+  virtual void vocab_cross_entropy_stats(const float* logits, const int32_t* targets, int64_t first, float* stats,
+                                         int64_t N, int64_t V);
+  // dlogits = (exp(x - lse[row]) - onehot(target - first)) * dloss, lse the full rows' log-sum-exp.
+  virtual void vocab_cross_entropy_backward(const float* logits, const int32_t* targets, int64_t first,
+                                            const float* lse, float dloss, float* dlogits, int64_t N, int64_t V);
   virtual void softmax(const float* x, float* y, int64_t rows, int64_t cols);
   virtual void adamw(float* param, const float* grad, float* m, float* v, int64_t n, const AdamWStep& s);
 };

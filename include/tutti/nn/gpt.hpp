@@ -3,9 +3,13 @@
 // Parameter names match GPT2LMHeadModel's state dict without the "transformer." prefix.
 #pragma once
 #include <memory>
+#include <string>
+#include <utility>
 #include <vector>
 
+#include "tutti/comm/communicator.hpp"
 #include "tutti/nn/module.hpp"
+#include "tutti/parallel/tensor_parallel.hpp"
 
 namespace tutti::nn {
 
@@ -22,6 +26,20 @@ struct GPTConfig {
   double flops_per_token(int T) const;
 };
 
+// The part of the model a rank holds under model parallelism; the default is the whole model.
+// A pipeline stage holds blocks [first_layer, end_layer); the first stage the embeddings, the last
+// the final LayerNorm and the LM head, which is tied to wte: a last stage that is not also the first
+// holds its own copy of wte, kept equal by summing the two copies' gradients. Under tensor
+// parallelism (tp: the group, null for none) every block's matrices and the vocabulary rows of
+// wte are split over the group (Megatron: attention by heads, the MLP by its hidden units).
+struct GPTPartition {
+  int first_layer = 0;
+  int end_layer = -1;     // one past the last block held; -1: n_layer
+  bool embedding = true;  // wte and wpe: the first pipeline stage
+  bool head = true;       // ln_f and the LM head (wte): the last pipeline stage
+  comm::Communicator* tp = nullptr;
+};
+
 // Key/value cache of one sequence for incremental decoding: per layer (block_size, C) each.
 struct KVCache {
   std::vector<Tensor> keys, values;
@@ -30,17 +48,34 @@ struct KVCache {
 
 class GPT : public Module {
  public:
-  explicit GPT(const GPTConfig& config);
+  // Throws ConfigError when the partition does not fit the model (layers out of range, heads or
+  // vocabulary not divisible by the tensor-parallel size), naming the numbers.
+  explicit GPT(const GPTConfig& config, const GPTPartition& partition = {});
   ~GPT() override;
   const GPTConfig& config() const { return config_; }
+  const GPTPartition& partition() const { return partition_; }
+  // The whole model in one process: no pipeline stages, no tensor parallelism.
+  bool whole() const;
+
+  // The parameters of the whole model, names and shapes, in registration order.
+  static std::vector<std::pair<std::string, Shape>> full_parameter_shapes(const GPTConfig& config);
+  // How the parameter `name` (a GPT parameter name) is split under tensor parallelism.
+  static parallel::TensorSplit split_of(const std::string& name);
 
   // GPT-2 initialisation: normal(0, 0.02), residual projections scaled by 1/sqrt(2 n_layer),
-  // biases zero, LayerNorm weights one.
+  // biases zero, LayerNorm weights one. A part draws the whole model's values in the same order
+  // and keeps its shards, so every layout starts from the same weights.
   void init_weights(Rng& rng);
 
-  // idx (B, T) i32 -> logits (B, T, V)
+  // This part's forward: `input` is idx (B, T) i32 on the first stage, else the activation
+  // (B, T, C) from the previous stage. Returns the activation for the next stage, or on the last
+  // stage the mean cross-entropy against `targets` (B, T) i32.
+  Tensor forward_part(const Tensor& input, const Tensor& targets) const;
+
+  // idx (B, T) i32 -> logits (B, T, V). The whole model only (as forward_cached).
   Tensor forward(const Tensor& idx) const;
-  // Mean cross-entropy of the next-token predictions: idx, targets (B, T) i32 -> ()
+  // Mean cross-entropy of the next-token predictions: idx, targets (B, T) i32 -> (). Any part
+  // that holds every layer (tensor parallelism included).
   Tensor loss(const Tensor& idx, const Tensor& targets) const;
 
   // Inference without autograd: appends `tokens` (n) at cache.length and returns the logits of
@@ -50,10 +85,17 @@ class GPT : public Module {
 
   struct Block;
  private:
+  int tp_size() const { return partition_.tp ? partition_.tp->size() : 1; }
+  comm::Communicator& tp_group() const;
+  Tensor embed(const Tensor& idx) const;                      // (B, T) -> (B, T, C)
+  Tensor head_loss(const Tensor& x, const Tensor& targets) const;  // (B, T, C) -> ()
+
   GPTConfig config_;
-  Embedding wte_, wpe_;
+  GPTPartition partition_;
+  std::unique_ptr<comm::Communicator> own_tp_;  // a world of one when partition.tp is null
+  std::unique_ptr<Embedding> wte_, wpe_;
   std::vector<std::unique_ptr<Block>> blocks_;
-  LayerNorm ln_f_;
+  std::unique_ptr<LayerNorm> ln_f_;
 };
 
 // Sampling settings for generate().

@@ -419,8 +419,10 @@ void CpuBackend::attention_backward(const float* qkv, const float* probs, const 
 void CpuBackend::embedding_forward(const int32_t* idx, const float* table, float* out, int64_t n, int64_t C,
                                    int64_t) {
 #pragma omp parallel for schedule(static) if (n * C > kParallelGrain)
-  for (int64_t i = 0; i < n; ++i)
-    std::memcpy(out + i * C, table + static_cast<int64_t>(idx[i]) * C, static_cast<size_t>(C) * sizeof(float));
+  for (int64_t i = 0; i < n; ++i) {
+    if (idx[i] < 0) std::memset(out + i * C, 0, static_cast<size_t>(C) * sizeof(float));
+    else std::memcpy(out + i * C, table + static_cast<int64_t>(idx[i]) * C, static_cast<size_t>(C) * sizeof(float));
+  }
 }
 
 void CpuBackend::embedding_backward(const int32_t* idx, const float* dout, float* dtable, int64_t n, int64_t C) {
@@ -430,6 +432,7 @@ void CpuBackend::embedding_backward(const int32_t* idx, const float* dout, float
     const int64_t nt = omp_get_num_threads(), t = omp_get_thread_num();
     const int64_t c0 = C * t / nt, c1 = C * (t + 1) / nt;
     for (int64_t i = 0; i < n; ++i) {
+      if (idx[i] < 0) continue;
       float* dst = dtable + static_cast<int64_t>(idx[i]) * C;
       const float* src = dout + i * C;
 #pragma omp simd
@@ -462,6 +465,36 @@ void CpuBackend::cross_entropy_backward(const float* probs, const int32_t* targe
 #pragma omp simd
     for (int64_t j = 0; j < V; ++j) d[j] = p[j] * dloss;
     d[targets[r]] -= dloss;
+  }
+}
+
+void CpuBackend::vocab_cross_entropy_stats(const float* logits, const int32_t* targets, int64_t first, float* stats,
+                                           int64_t N, int64_t V) {
+#pragma omp parallel
+  {
+    std::vector<float> scratch(static_cast<size_t>(V));
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < N; ++r) {
+      const float* x = logits + r * V;
+      const float mx = max_of(x, V);
+      const int64_t t = targets[r] - first;
+      stats[3 * r] = mx;
+      stats[3 * r + 1] = exp_shifted(x, mx, scratch.data(), V);
+      stats[3 * r + 2] = t >= 0 && t < V ? x[t] : 0.0f;
+    }
+  }
+}
+
+void CpuBackend::vocab_cross_entropy_backward(const float* logits, const int32_t* targets, int64_t first,
+                                              const float* lse, float dloss, float* dlogits, int64_t N, int64_t V) {
+#pragma omp parallel for schedule(static) if (N * V > kParallelGrain)
+  for (int64_t r = 0; r < N; ++r) {
+    float* d = dlogits + r * V;
+    exp_shifted(logits + r * V, lse[r], d, V);
+#pragma omp simd
+    for (int64_t j = 0; j < V; ++j) d[j] *= dloss;
+    const int64_t t = targets[r] - first;
+    if (t >= 0 && t < V) d[t] -= dloss;
   }
 }
 

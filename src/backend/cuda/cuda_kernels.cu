@@ -218,14 +218,14 @@ struct ScaleMatricesOp {  // C (m, n) with row stride ldc, batch matrices stride
     *p = beta == 0.0f ? 0.0f : beta * *p;
   }
 };
-struct EmbeddingOp {  // out (n, C) = table[idx]; NaN rows for indices outside [0, V)
+struct EmbeddingOp {  // out (n, C) = table[idx]; zero rows for negative indices, NaN rows for >= V
   const int32_t* idx;
   const float* table;
   float* out;
   int64_t C, V;
   __device__ void operator()(int64_t i) const {
     const int64_t row = idx[i / C];
-    out[i] = (row >= 0 && row < V) ? table[row * C + i % C] : NAN;
+    out[i] = row < 0 ? 0.0f : row < V ? table[row * C + i % C] : NAN;
   }
 };
 struct EmbeddingBackwardOp {
@@ -234,7 +234,8 @@ struct EmbeddingBackwardOp {
   float* dtable;
   int64_t C;
   __device__ void operator()(int64_t i) const {
-    atomicAdd(dtable + static_cast<int64_t>(idx[i / C]) * C + i % C, dout[i]);
+    const int64_t row = idx[i / C];
+    if (row >= 0) atomicAdd(dtable + row * C + i % C, dout[i]);
   }
 };
 struct CrossEntropyBackwardOp {  // d = p dloss, minus dloss at the target
