@@ -22,6 +22,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <array>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -86,7 +87,7 @@ double median(std::vector<double> v) {
 double smallest(const std::vector<double>& v) { return *std::min_element(v.begin(), v.end()); }
 
 // Per timed step, per rank (seconds).
-// end_sync: the whole call (exposed wait + averaging and the gradient norm); update: AdamW + mean loss.
+// end_sync: the whole call (exposed wait + averaging); update: gradient norm, mean loss and AdamW.
 enum Field { kStep, kForward, kBackward, kExposed, kEndSync, kUpdate, kFields };
 constexpr const char* kFieldNames[kFields] = {"step", "forward", "backward", "exposed", "end_sync", "update"};
 
@@ -143,10 +144,11 @@ TrainLog train(tutti::comm::Communicator& world, tutti::nn::GPT& model, tutti::p
     const auto t_sync = Clock::now();
     replica.end_sync();
     const auto t2 = Clock::now();
-    replica.step(lr, 1.0f);
-    double loss_value = loss.item();
-    if (world.size() > 1) world.all_reduce(std::span<double>(&loss_value, 1))->wait();
-    loss_value /= world.size();
+    // As the trainer: the loss and the squared gradient norm in one all-reduce, then the update.
+    std::array<double, 2> agreed{loss.item(), replica.grad_squares()};
+    if (world.size() > 1) world.all_reduce(std::span<double>(agreed))->wait();
+    replica.step(lr, tutti::optim::clip_scale(std::sqrt(agreed[1]), 1.0f));
+    const double loss_value = agreed[0] / world.size();
     const auto t3 = Clock::now();
     if (!std::isfinite(loss_value)) throw tutti::Error("non-finite loss at step " + std::to_string(step));
     log.losses.push_back(loss_value);
@@ -372,7 +374,7 @@ void print_table(const nlohmann::json& r) {
               r["ranks"].get<int>() > 1 ? (std::to_string(std::lround(100 * d("hidden_fraction"))) + "%").c_str() : "-");
   std::printf("\nstep ms and tok/s: the slowest rank per step; forward/backward/update: max over ranks; exposed: what\n"
               "end_sync waits after backward (min over ranks = the last rank to finish backward; max includes skew);\n"
-              "end_sync: the whole call (that wait, averaging, gradient norm); update: AdamW and the mean loss;\n"
+              "end_sync: the whole call (that wait and averaging); update: gradient norm, mean loss, AdamW;\n"
               "pure comm: the same buckets reduced with no compute; hidden = 1 - exposed / pure comm.\n"
               "loss first %.4f, last %.4f\n",
               d("loss_first"), d("loss_last"));

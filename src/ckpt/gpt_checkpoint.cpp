@@ -206,8 +206,9 @@ void load_gpt_weights(const std::string& dir, nn::GPT& model) {
   const std::string path = join(dir, "model.safetensors");
   SafetensorsFile file = read_safetensors(path);
 
-  std::map<std::string, Tensor> params;
-  for (auto& [name, t] : model.named_parameters()) params.emplace(name, t);
+  // The file must hold the whole model, whatever part of it this rank holds.
+  std::map<std::string, Shape> expected;
+  for (auto& [name, shape] : nn::GPT::full_parameter_shapes(model.config())) expected.emplace(name, shape);
 
   // Match every tensor of the file to a parameter before changing any, so a rejected checkpoint
   // leaves the model as it was.
@@ -217,8 +218,8 @@ void load_gpt_weights(const std::string& dir, nn::GPT& model) {
     std::string name = file_name;
     if (name.rfind(kPrefix, 0) == 0) name = name.substr(kPrefix.size());
     if (name == "lm_head.weight" || is_attention_buffer(name)) continue;  // tied to wte / causal mask
-    auto param = params.find(name);
-    if (param == params.end()) {
+    auto want = expected.find(name);
+    if (want == expected.end()) {
       extra.push_back(file_name);
       continue;
     }
@@ -227,19 +228,23 @@ void load_gpt_weights(const std::string& dir, nn::GPT& model) {
                    "' both name the parameter '", name, "'");
     TUTTI_CHECK_AS(CheckpointError, t.dtype() == DType::f32, path, ": tensor '", file_name, "' has dtype ",
                    dtype_name(t.dtype()), "; tutti loads f32 weights only");
-    TUTTI_CHECK_AS(CheckpointError, t.shape() == param->second.shape(), path, ": tensor '", file_name, "' has shape ",
-                   t.shape().str(), " but the model's '", name, "' is ", param->second.shape().str());
+    TUTTI_CHECK_AS(CheckpointError, t.shape() == want->second, path, ": tensor '", file_name, "' has shape ",
+                   t.shape().str(), " but the model's '", name, "' is ", want->second.str());
   }
   TUTTI_CHECK_AS(CheckpointError, extra.empty(), path, ": ", extra.size(),
                  " tensor(s) the model does not have: ", list_names(extra));
   std::vector<std::string> missing;
-  for (const auto& [name, param] : model.named_parameters())
+  for (const auto& [name, shape] : nn::GPT::full_parameter_shapes(model.config()))
     if (!found.count(name)) missing.push_back(std::string(kPrefix) + name);
   TUTTI_CHECK_AS(CheckpointError, missing.empty(), path, ": ", missing.size(), " parameter(s) missing: ",
                  list_names(missing));
 
-  // In place, so optimizers and other holders of the parameter handles see the loaded values.
-  for (auto& [name, source] : found) params.at(name).copy_(source.second);
+  // In place, so optimizers and other holders of the parameter handles see the loaded values;
+  // under tensor parallelism each rank takes its shard.
+  comm::Communicator* tp = model.partition().tp;
+  for (auto& [name, param] : model.named_parameters())
+    param.copy_(parallel::take_shard(found.at(name).second, nn::GPT::split_of(name), tp ? tp->rank() : 0,
+                                     tp ? tp->size() : 1));
 }
 
 }  // namespace tutti::ckpt

@@ -32,11 +32,14 @@ int64_t GPTConfig::num_parameters() const {
   return int64_t{vocab_size} * C + int64_t{block_size} * C + L * per_block + 2 * C;
 }
 
-double GPTConfig::flops_per_token(int T) const {
-  const double C = n_embd, L = n_layer;
-  const double matmul_params = 12.0 * L * C * C + double(vocab_size) * C;  // blocks + tied LM head
-  return 6.0 * matmul_params + 12.0 * L * C * T;                            // + attention (PaLM, appendix B)
+double GPTConfig::block_flops_per_token(int T) const {
+  const double C = n_embd;
+  return 6.0 * 12.0 * C * C + 12.0 * C * T;  // matrices (6 flops per parameter) + attention (PaLM, appendix B)
 }
+
+double GPTConfig::head_flops_per_token() const { return 6.0 * double(vocab_size) * n_embd; }  // tied LM head
+
+double GPTConfig::flops_per_token(int T) const { return n_layer * block_flops_per_token(T) + head_flops_per_token(); }
 
 // ------------------------------------------------------------------------------------------
 // Block: x = x + attn(ln_1(x)); x = x + mlp(ln_2(x))

@@ -157,7 +157,7 @@ struct DataParallel::Impl {
     backward_start = Clock::now();
   }
 
-  double end_sync() {
+  void end_sync() {
     TUTTI_CHECK(armed, "end_sync() without begin_sync()");
     const auto t0 = Clock::now();
     stats.backward_seconds = std::chrono::duration<double>(t0 - backward_start).count();
@@ -173,18 +173,24 @@ struct DataParallel::Impl {
     armed = false;
     stats.exposed_seconds = std::chrono::duration<double>(Clock::now() - t0).count();
     const float inv = 1.0f / static_cast<float>(world);
-    double sum_squares = 0.0;
     if (options.zero < 2) {
       if (world > 1) backend().scale(grads.data<float>(), inv, grads.data<float>(), n);
       for (Segment& s : segments) s.param.set_grad(grads.slice(0, s.offset, s.offset + s.numel).view(s.param.shape()));
-      sum_squares = backend().sum_squares(grads.data<float>(), n);
-    } else {
-      if (world > 1) backend().scale(grad_shard.data<float>(), inv, grad_shard.data<float>(), hi - lo);
-      double local = backend().sum_squares(grad_shard.data<float>(), hi - lo);
-      group.all_reduce(std::span<double>(&local, 1))->wait();
-      sum_squares = local;
+    } else if (world > 1) {
+      backend().scale(grad_shard.data<float>(), inv, grad_shard.data<float>(), hi - lo);
     }
-    return std::sqrt(sum_squares);
+  }
+
+  double grad_squares(const std::function<bool(const std::string&)>& counted) {
+    if (options.zero == 0 && rank != 0) return 0.0;  // every rank holds the same; rank 0 counts it
+    const float* g = shard_grads();
+    if (!counted) return backend().sum_squares(g, hi - lo);
+    double total = 0.0;
+    for (const Segment& seg : segments) {
+      const int64_t b = std::max(seg.offset, lo), e = std::min(seg.offset + seg.numel, hi);
+      if (b < e && counted(seg.name)) total += backend().sum_squares(g + (b - lo), e - b);
+    }
+    return total;
   }
 
   const float* shard_grads() const {
@@ -231,7 +237,10 @@ DataParallel::DataParallel(nn::Module& model, comm::Communicator& group, const o
 DataParallel::~DataParallel() = default;
 
 void DataParallel::begin_sync() { impl_->begin_sync(); }
-double DataParallel::end_sync() { return impl_->end_sync(); }
+void DataParallel::end_sync() { impl_->end_sync(); }
+double DataParallel::grad_squares(const std::function<bool(const std::string&)>& counted) {
+  return impl_->grad_squares(counted);
+}
 void DataParallel::step(float lr, float grad_scale) { impl_->step(lr, grad_scale); }
 void DataParallel::zero_grad() {
   for (Segment& s : impl_->segments) s.param.zero_grad();

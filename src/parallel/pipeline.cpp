@@ -294,4 +294,33 @@ double Pipeline::forward_only(const StageForward& forward, int micro_batches) {
   return last() ? loss_sum : 0.0;
 }
 
+std::vector<int> balance_stages(const std::vector<double>& cost, double first_extra, double last_extra, int stages) {
+  const int L = static_cast<int>(cost.size());
+  TUTTI_CHECK_AS(ConfigError, stages >= 1 && stages <= L, "pp ", stages, " needs at least as many layers; the model has ",
+                 L);
+  std::vector<double> prefix(size_t(L) + 1, 0.0);
+  for (int l = 0; l < L; ++l) prefix[size_t(l) + 1] = prefix[size_t(l)] + cost[size_t(l)];
+  auto stage_cost = [&](int s, int a, int b) {
+    return prefix[size_t(b)] - prefix[size_t(a)] + (s == 0 ? first_extra : 0.0) + (s == stages - 1 ? last_extra : 0.0);
+  };
+  // best[s][l]: the least max-stage cost of layers [0, l) in stages 0..s; cut[s][l]: where stage s begins.
+  constexpr double kInf = 1e300;
+  std::vector<std::vector<double>> best(size_t(stages), std::vector<double>(size_t(L) + 1, kInf));
+  std::vector<std::vector<int>> cut(size_t(stages), std::vector<int>(size_t(L) + 1, 0));
+  for (int l = 1; l <= L; ++l) best[0][size_t(l)] = stage_cost(0, 0, l);
+  for (int s = 1; s < stages; ++s)
+    for (int l = s + 1; l <= L; ++l)
+      for (int k = s; k < l; ++k) {
+        const double c = std::max(best[size_t(s) - 1][size_t(k)], stage_cost(s, k, l));
+        if (c < best[size_t(s)][size_t(l)] * (1 - 1e-12)) {  // ties: the earliest cut, deterministic
+          best[size_t(s)][size_t(l)] = c;
+          cut[size_t(s)][size_t(l)] = k;
+        }
+      }
+  std::vector<int> bounds(size_t(stages) + 1, 0);
+  bounds[size_t(stages)] = L;
+  for (int s = stages - 1; s > 0; --s) bounds[size_t(s)] = cut[size_t(s)][size_t(bounds[size_t(s) + 1])];
+  return bounds;
+}
+
 }  // namespace tutti::parallel

@@ -28,7 +28,12 @@ void TrainConfig::validate() const {
   non_negative("sample_tokens", sample_tokens);
   non_negative("threads", threads);
   non_negative("dp", dp);
+  positive("pp", pp);
+  positive("tp", tp);
   non_negative("micro_batch", micro_batch);
+  non_negative("micro_batches", micro_batches);
+  TUTTI_CHECK_AS(ConfigError, schedule == "gpipe" || schedule == "1f1b", "schedule must be gpipe or 1f1b, got '",
+                 schedule, "'");
   TUTTI_CHECK_AS(ConfigError, zero >= 0 && zero <= 2, "zero must be 0, 1 or 2, got ", zero);
   positive("bucket_mib", bucket_mib);
   positive("comm_timeout", comm_timeout);
@@ -124,8 +129,12 @@ std::vector<Setting> settings(TrainConfig& c) {
       number("log_interval", "log a line every N steps when not on a terminal", c.log_interval),
       number("sample_tokens", "tokens of the sample printed at the end (0: none)", c.sample_tokens),
       number("threads", "compute threads per rank (0: every core)", c.threads),
-      number("dp", "data-parallel ranks (0: the world size of the MPI launch)", c.dp),
+      number("dp", "data-parallel replicas (0: the world size of the MPI launch / (pp x tp))", c.dp),
+      number("pp", "pipeline stages: the blocks cut into pp stages balanced by their cost", c.pp),
+      number("tp", "tensor-parallel ranks per stage: heads, MLP and vocabulary split over them", c.tp),
       number("micro_batch", "sequences per forward pass on a rank (0: batch / dp, no accumulation)", c.micro_batch),
+      number("micro_batches", "micro-batches per replica and step (0: batch / dp / micro_batch)", c.micro_batches),
+      text("schedule", "pipeline schedule: 1f1b (bounded activation memory) or gpipe", c.schedule),
       number("zero", "0: plain data parallelism, 1: shard optimizer state, 2: shard gradients too", c.zero),
       number("bucket_mib", "gradient bucket size in MiB (reduction starts per bucket during backward)",
              c.bucket_mib),

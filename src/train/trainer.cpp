@@ -22,7 +22,11 @@
 #include "tutti/ckpt/safetensors.hpp"
 #include "tutti/core/threads.hpp"
 #include "tutti/ops/ops.hpp"
+#include "tutti/core/allocator.hpp"
 #include "tutti/parallel/data_parallel.hpp"
+#include "tutti/parallel/mesh.hpp"
+#include "tutti/parallel/pipeline.hpp"
+#include "train/layout.hpp"
 #include "tutti/train/run_dir.hpp"
 
 namespace fs = std::filesystem;
@@ -32,6 +36,7 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 constexpr uint64_t kEvalStream = 0x5EEDE7A1ull;  // evaluation batches come from their own stream
+const std::vector<std::string> kMoments = {".exp_avg", ".exp_avg_sq"};  // AdamW state per parameter
 
 std::string format_duration(double seconds) {
   const int s = static_cast<int>(std::max(0.0, seconds));
@@ -176,23 +181,6 @@ TrainConfig load_run_config(const std::string& run_dir) {
 
 namespace {
 
-// How the global batch splits over ranks and micro-batches.
-struct BatchPlan {
-  int dp, per_rank, micro, accumulation;
-};
-
-BatchPlan plan_batches(const TrainConfig& c, int world_size) {
-  const int dp = c.dp > 0 ? c.dp : world_size;
-  TUTTI_CHECK_AS(ConfigError, dp == world_size, "dp ", dp, " does not match the ", world_size,
-                 " ranks of the launch (data parallelism is the only kind so far: dp must equal the world size)");
-  TUTTI_CHECK_AS(ConfigError, c.batch % dp == 0, "global batch ", c.batch, " is not divisible by dp ", dp);
-  const int per_rank = c.batch / dp;
-  const int micro = c.micro_batch > 0 ? c.micro_batch : per_rank;
-  TUTTI_CHECK_AS(ConfigError, per_rank % micro == 0, "global batch ", c.batch, " over dp ", dp, " gives ", per_rank,
-                 " sequences per rank, not divisible into micro-batches of ", micro);
-  return {dp, per_rank, micro, per_rank / micro};
-}
-
 uint64_t fnv1a(const std::string& text) {
   uint64_t h = 1469598103934665603ull;
   for (unsigned char c : text) h = (h ^ c) * 1099511628211ull;
@@ -212,19 +200,6 @@ void check_same_config(comm::Communicator& world, const TrainConfig& config) {
 }
 
 
-// Evaluation batches spread over the ranks; the mean over all of them.
-double evaluate_distributed(comm::Communicator& world, const nn::GPT& model, const data::TokenDataset& dataset,
-                            data::Split split, int batches, int batch_size, int64_t seed) {
-  NoGradGuard no_grad;
-  double total = 0.0;
-  for (int i = world.rank(); i < batches; i += world.size()) {
-    data::Batch b = dataset.batch(split, batch_size, static_cast<uint64_t>(seed) ^ kEvalStream, static_cast<uint64_t>(i));
-    total += model.loss(b.inputs, b.targets).item();
-  }
-  if (world.size() > 1) world.all_reduce(std::span<double>(&total, 1))->wait();
-  return total / batches;
-}
-
 std::string mib(int64_t bytes) {
   char buf[32];
   std::snprintf(buf, sizeof buf, "%.1f MiB", double(bytes) / (1 << 20));
@@ -238,16 +213,28 @@ std::string mib(int64_t bytes) {
 class Run {
  public:
   Run(const TrainConfig& config, const TrainOptions& options, comm::Communicator& world)
-      : config_(config), options_(options), world_(world), plan_(plan_batches(config, world.size())),
+      : config_(config), options_(options), world_(world), layout_(plan_layout(config, world.size())),
+        mesh_(world, layout_.mesh), coord_{mesh_.dp_rank(), mesh_.pp_rank(), mesh_.tp_rank()},
         lead_(world.rank() == 0), log_(!lead_ ? null_stream_ : options.log ? *options.log : std::cout),
         dataset_((set_num_threads(config.threads > 0 ? config.threads : hardware_threads()),
                   data::TokenDataset(config.data, config.context))),  // before touching the output directory
-        model_(config.model()),
+        model_(config.model(), partition_of(layout_, coord_, &mesh_.tp_group())),
+        pipeline_(mesh_.pp_group(), {layout_.micro, config.context, config.dim}, Device::cpu(), layout_.schedule,
+                  layout_.micro_batches),
+        eval_pipeline_(mesh_.pp_group(), {config.batch, config.context, config.dim}, Device::cpu(),
+                       parallel::Schedule::gpipe, 1),
+        // The first and last stages of one (dp, tp) position: the tied wte's two copies.
+        tied_(layout_.mesh.pp > 1 ? world.split(2 * (coord_.dp * layout_.mesh.tp + coord_.tp) +
+                                                    (pipeline_.first() || pipeline_.last() ? 0 : 1),
+                                                coord_.pp)
+                                  : nullptr),
+        reports_loss_(pipeline_.last() && coord_.tp == 0),
         schedule_{config.lr, config.min_lr, config.warmup, config.decay_steps > 0 ? config.decay_steps : config.steps,
                   config.decay == "cosine"},
         tokens_per_step_(int64_t{config.batch} * config.context),
         heartbeat_((prepare_output(), config.out), world.rank()),  // the data checked out: now the directory
         inject_nan_(steps_from_env("TUTTI_INJECT_NAN_STEPS")) {
+    mesh_.set_timeout(std::chrono::seconds(config.comm_timeout));
     Rng init_rng(static_cast<uint64_t>(config.seed));
     model_.init_weights(init_rng);
     state_.seed = config.seed;
@@ -261,11 +248,12 @@ class Run {
       state_.data_path = config.data;
       check_ranks_agree(state_.step);
     }
+    const int zero = layout_.mesh.dp > 1 ? config.zero : 0;
     replica_ = std::make_unique<parallel::DataParallel>(
-        model_, world, optim::AdamWOptions{config.lr, config.beta1, config.beta2, 1e-8f, config.weight_decay},
-        parallel::DataParallelOptions{int64_t(config.bucket_mib) << 20, world.size() > 1 ? config.zero : 0});
+        model_, mesh_.dp_group(), optim::AdamWOptions{config.lr, config.beta1, config.beta2, 1e-8f, config.weight_decay},
+        parallel::DataParallelOptions{int64_t(config.bucket_mib) << 20, zero});
     if (options.resume) {
-      replica_->load_optimizer_state(loaded.optimizer_state, loaded.optimizer_steps);
+      replica_->load_optimizer_state(shards_of(loaded.optimizer_state, model_, kMoments), loaded.optimizer_steps);
       log_ << "resumed from " << result_.checkpoint << " at step " << state_.step << "\n";
     }
     if (lead_) {
@@ -300,7 +288,8 @@ class Run {
     const double total = std::chrono::duration<double>(Clock::now() - run_start).count();
     result_.steps = state_.step;
     result_.tokens_per_second = total > 0 ? double(tokens_per_step_ * (result_.steps - first_step)) / total : 0.0;
-    if (config_.sample_tokens > 0 && lead_) print_sample();
+    print_parallel_summary();
+    if (config_.sample_tokens > 0) print_sample();
     progress_ = nullptr;
     return result_;
   }
@@ -319,31 +308,35 @@ class Run {
     if (world_.size() > 1) world_.barrier()->wait();
   }
 
-  // next batch -> forward -> zero grads -> backward (gradients reduced meanwhile) -> update
+  // micro-batches through the pipeline (forward, backward; gradients reduced during the last
+  // backward) -> the tied embedding's two copies summed -> global norm and loss -> update
   Outcome train_step() {
     const int64_t step = state_.step;  // 0-based index of this step; it completes step + 1
     const auto t0 = Clock::now();
-    world_.set_step(step + 1);
+    mesh_.set_step(step + 1);
     heartbeat_.set_step(step);
     replica_->zero_grad();
-    double loss_sum = 0.0;
-    for (int a = 0; a < plan_.accumulation; ++a) {
-      const int64_t first = int64_t{world_.rank()} * plan_.per_rank + int64_t{a} * plan_.micro;
+    auto forward = [&](int m, const Tensor& input) {
+      const int64_t first = int64_t{coord_.dp} * layout_.per_rank + int64_t{m} * layout_.micro;
       data::Batch batch = dataset_.batch(data::Split::train, static_cast<uint64_t>(config_.seed),
-                                         static_cast<uint64_t>(step), first, plan_.micro);
-      Tensor loss = model_.loss(batch.inputs, batch.targets);
-      if (a + 1 == plan_.accumulation) replica_->begin_sync();
-      (plan_.accumulation > 1 ? ops::scale(loss, 1.0f / float(plan_.accumulation)) : loss).backward();
-      loss_sum += loss.item();
+                                         static_cast<uint64_t>(step), first, layout_.micro);
+      return model_.forward_part(pipeline_.first() ? batch.inputs : input, batch.targets);
+    };
+    double loss_sum = pipeline_.train_step(forward, [&] { replica_->begin_sync(); });
+    replica_->end_sync();  // the replicas' mean gradient
+    if (tied_ && (pipeline_.first() || pipeline_.last())) {
+      Tensor g = model_.named_parameters().front().second.grad();  // wte: registered first
+      tied_->all_reduce(std::span<float>(g.data<float>(), size_t(g.numel())))->wait();
     }
     if (inject_nan_.erase(step + 1) && lead_) loss_sum = std::nan("");
-    const double norm = replica_->end_sync();  // the group's mean gradient
-    // The loss, and whether rank 0's clock asks for a checkpoint, agreed by every rank.
+    // The loss, the squared gradient norm (each parameter counted once over the mesh) and whether
+    // rank 0's clock asks for a checkpoint, agreed by every rank in one all-reduce.
     const bool time_due = lead_ && config_.checkpoint_minutes > 0 &&
                           Clock::now() - last_checkpoint_ >= std::chrono::minutes(config_.checkpoint_minutes);
-    std::array<double, 2> agreed{loss_sum / plan_.accumulation, time_due ? 1.0 : 0.0};
+    std::array<double, 3> agreed{reports_loss_ ? loss_sum / layout_.micro_batches : 0.0, time_due ? 1.0 : 0.0,
+                                 replica_->grad_squares([&](const std::string& name) { return counted(name); })};
     if (world_.size() > 1) world_.all_reduce(std::span<double>(agreed))->wait();
-    const double loss = agreed[0] / world_.size();
+    const double loss = agreed[0] / layout_.mesh.dp, norm = std::sqrt(agreed[2]);
     const float lr = schedule_.at(step);
     Outcome out{!std::isfinite(loss) || !std::isfinite(norm), agreed[1] > 0};
     if (!out.bad) {
@@ -355,10 +348,36 @@ class Run {
       progress_->line() << "step " << step + 1 << ": non-finite " << (std::isfinite(loss) ? "gradient" : "loss")
                         << ", update skipped (" << ++bad_in_row_ << " in a row)\n" << std::flush;
     }
+    if (layout_.mesh.pp > 1) bubbles_.push_back(pipeline_.last_timeline().bubble_fraction());
     state_.step = step + 1;
     state_.data_position = step + 1;
     log_step(loss, lr, norm, out.bad, std::chrono::duration<double>(Clock::now() - t0).count());
     return out;
+  }
+
+  // Whether this rank counts parameter `name` in the global gradient norm: tensor-parallel shards
+  // on every rank, replicated tensors on tp rank 0, the tied wte on the first stage only.
+  bool counted(const std::string& name) const {
+    if (name == "wte.weight" && !pipeline_.first()) return false;
+    return coord_.tp == 0 || !nn::GPT::split_of(name).replicated();
+  }
+
+  // Mean loss of `config.eval_batches` fixed batches, spread over the replicas, each through the
+  // pipeline in one micro-batch.
+  double evaluate_split(data::Split split) {
+    double total = 0.0;
+    for (int i = coord_.dp; i < config_.eval_batches; i += layout_.mesh.dp) {
+      data::Batch b = dataset_.batch(split, config_.batch, static_cast<uint64_t>(config_.seed) ^ kEvalStream,
+                                     static_cast<uint64_t>(i));
+      const double loss = eval_pipeline_.forward_only(
+          [&](int, const Tensor& input) {
+            return model_.forward_part(eval_pipeline_.first() ? b.inputs : input, b.targets);
+          },
+          1);
+      if (reports_loss_) total += loss;
+    }
+    if (world_.size() > 1) world_.all_reduce(std::span<double>(&total, 1))->wait();
+    return total / config_.eval_batches;
   }
 
   void log_step(double loss, float lr, double norm, bool bad, double secs) {
@@ -376,11 +395,8 @@ class Run {
 
   void evaluate_and_log() {
     const auto t0 = Clock::now();
-    auto eval = [&](data::Split split) {
-      return evaluate_distributed(world_, model_, dataset_, split, config_.eval_batches, config_.batch, config_.seed);
-    };
-    result_.train_loss = eval(data::Split::train);
-    result_.val_loss = eval(data::Split::val);
+    result_.train_loss = evaluate_split(data::Split::train);
+    result_.val_loss = evaluate_split(data::Split::val);
     char line[128];
     std::snprintf(line, sizeof line, "step %lld: train loss %.4f, val loss %.4f (eval %.1fs)",
                   static_cast<long long>(state_.step), result_.train_loss, result_.val_loss,
@@ -392,12 +408,22 @@ class Run {
                << "\n" << std::flush;
   }
 
-  // Gathers the optimizer state (collective under ZeRO); rank 0 writes it in the background.
+  // The whole model's weights and optimizer moments in the single-process layout on rank 0
+  // (collective: ZeRO shards, pipeline stages and tensor-parallel shards are gathered).
+  std::pair<NamedTensors, NamedTensors> gather_state() {
+    NamedTensors weights = model_.named_parameters(), moments = replica_->optimizer_state();
+    for (auto& [name, t] : weights) t = t.to(Device::cpu()).clone();
+    const nn::GPTConfig model = config_.model();
+    return {gather_whole(mesh_, weights, model, {""}), gather_whole(mesh_, moments, model, kMoments)};
+  }
+
+  // Rank 0 writes the gathered state in the background.
   void checkpoint() {
-    auto optimizer_state = replica_->optimizer_state();
+    auto [weights, moments] = gather_state();
     if (lead_) {
-      const ckpt::CheckpointLayout layout{plan_.dp, world_.size() > 1 ? config_.zero : 0, world_.size()};
-      writer_->submit(snapshot(model_, std::move(optimizer_state), replica_->steps_taken(), state_, layout));
+      const ckpt::CheckpointLayout layout{layout_.mesh.dp, layout_.mesh.dp > 1 ? config_.zero : 0, world_.size()};
+      writer_->submit(CheckpointSnapshot{config_.model(), std::move(weights), std::move(moments),
+                                         replica_->steps_taken(), state_, layout});
       progress_->line() << "checkpoint of step " << state_.step << " (written in the background)\n" << std::flush;
       log_checkpoint_timing();
     }
@@ -419,7 +445,7 @@ class Run {
     if (world_.size() > 1) world_.barrier()->wait();
     const std::string dir = pick_checkpoint();
     LoadedCheckpoint back = load_checkpoint(dir, model_);
-    replica_->load_optimizer_state(back.optimizer_state, back.optimizer_steps);
+    replica_->load_optimizer_state(shards_of(back.optimizer_state, model_, kMoments), back.optimizer_steps);
     progress_->line() << "rolled back to " << dir << " (step " << back.state.step << ") after " << bad_in_row_
                       << " non-finite steps in a row\n" << std::flush;
     ++result_.rollbacks;
@@ -450,26 +476,78 @@ class Run {
   }
 
   void print_header() {
-    log_ << "tutti train: " << model_.num_parameters() << " parameters (" << config_.layers << " layers, "
+    log_ << "tutti train: " << config_.model().num_parameters() << " parameters (" << config_.layers << " layers, "
          << config_.heads << " heads, dim " << config_.dim << ", context " << config_.context << "), "
          << tokens_per_step_ << " tokens/step, " << num_threads() << " threads, data " << config_.data << " ("
          << dataset_.tokens(data::Split::train) << " train / " << dataset_.tokens(data::Split::val)
          << " val tokens), out " << config_.out << "\n";
-    if (world_.size() == 1) return;
-    const parallel::MemoryReport m = replica_->memory();
-    log_ << "data parallel: dp " << plan_.dp << " (" << world_.backend() << "), zero " << config_.zero << ", "
-         << plan_.per_rank << " sequences per rank in " << plan_.accumulation << " micro-batch(es) of " << plan_.micro
-         << ", " << replica_->num_buckets() << " gradient bucket(s) of up to " << config_.bucket_mib
-         << " MiB; per rank: parameters " << mib(m.parameter_bytes) << ", gradients " << mib(m.gradient_bytes)
-         << ", optimizer state " << mib(m.optimizer_bytes) << "\n";
+    if (world_.size() == 1 && layout_.micro_batches == 1) return;
+    const parallel::MeshShape& m = layout_.mesh;
+    const parallel::MemoryReport mem = replica_->memory();
+    log_ << "mesh dp " << m.dp << " x pp " << m.pp << " x tp " << m.tp << " (" << world_.backend() << "), zero "
+         << (m.dp > 1 ? config_.zero : 0) << ", " << layout_.per_rank << " sequences per replica in "
+         << layout_.micro_batches << " micro-batch(es) of " << layout_.micro;
+    if (m.pp > 1)
+      log_ << ", schedule " << parallel::schedule_name(layout_.schedule) << " (predicted bubble "
+           << int(100 * parallel::predicted_bubble(m.pp, layout_.micro_batches) + 0.5) << "%)";
+    log_ << ", " << replica_->num_buckets() << " gradient bucket(s) of up to " << config_.bucket_mib
+         << " MiB; rank 0: parameters " << mib(mem.parameter_bytes) << ", gradients " << mib(mem.gradient_bytes)
+         << ", optimizer state " << mib(mem.optimizer_bytes) << "\n";
+    for (const std::string& line : gather_lines(describe_part(layout_, config_.model(), world_.rank(), coord_)))
+      log_ << "  " << line << "\n";
+    if (!layout_.warning.empty()) log_ << "tutti: warning: " << layout_.warning << "\n";
   }
 
+  // Every rank's line, in rank order, on rank 0.
+  std::vector<std::string> gather_lines(const std::string& mine) {
+    constexpr size_t kWidth = 256;
+    std::vector<uint8_t> padded(kWidth, 0), all(kWidth * size_t(world_.size()));
+    std::memcpy(padded.data(), mine.data(), std::min(mine.size(), kWidth - 1));
+    world_.all_gather(std::span<const uint8_t>(padded), std::span<uint8_t>(all),
+                      std::vector<int64_t>(size_t(world_.size()), int64_t(kWidth)))->wait();
+    std::vector<std::string> out;
+    for (int r = 0; r < world_.size(); ++r) out.emplace_back(reinterpret_cast<const char*>(all.data() + size_t(r) * kWidth));
+    return out;
+  }
+
+  // Under model parallelism: the measured pipeline bubble next to the prediction, and each rank's
+  // peak memory.
+  void print_parallel_summary() {
+    if (world_.size() == 1) return;
+    const int64_t peak = allocator_stats(Device::cpu()).peak_bytes_in_use;
+    std::vector<int64_t> peaks(size_t(world_.size()));
+    world_.all_gather(std::span<const int64_t>(&peak, 1), std::span<int64_t>(peaks),
+                      std::vector<int64_t>(peaks.size(), 1))->wait();
+    std::string line = "peak tensor memory per rank:";
+    for (int64_t p : peaks) line += " " + mib(p);
+    progress_->line() << line << "\n";
+    if (!bubbles_.empty()) {
+      std::vector<double> b = bubbles_;
+      std::nth_element(b.begin(), b.begin() + std::ptrdiff_t(b.size() / 2), b.end());
+      char text[160];
+      std::snprintf(text, sizeof text, "pipeline bubble (stage 0, median of %zu steps): %.1f%% measured, %.1f%% predicted "
+                    "by (p - 1) / (m + p - 1)", b.size(), 100 * b[b.size() / 2],
+                    100 * parallel::predicted_bubble(layout_.mesh.pp, layout_.micro_batches));
+      progress_->line() << text << "\n" << std::flush;
+    }
+  }
+
+  // The sample at the end, on rank 0, from the whole model (gathered under model parallelism).
   void print_sample() {
+    std::unique_ptr<nn::GPT> gathered;
+    if (!model_.whole()) {
+      NamedTensors weights = gather_state().first;
+      if (!lead_) return;
+      gathered = std::make_unique<nn::GPT>(config_.model());
+      auto params = gathered->named_parameters();
+      for (size_t i = 0; i < params.size(); ++i) params[i].second.copy_(weights[i].second);
+    }
+    if (!lead_) return;
     nn::SampleOptions sample;
     sample.max_tokens = config_.sample_tokens;
     sample.temperature = 0.8f;
     sample.seed = state_.sample_rng_state;
-    result_.sample = bytes_to_text(nn::generate(model_, {'\n'}, sample));
+    result_.sample = bytes_to_text(nn::generate(gathered ? *gathered : model_, {'\n'}, sample));
     progress_->line() << "--- sample (" << config_.sample_tokens << " bytes, temperature 0.8) ---\n"
                       << result_.sample << "\n---\n" << std::flush;
   }
@@ -477,12 +555,18 @@ class Run {
   const TrainConfig& config_;
   const TrainOptions& options_;
   comm::Communicator& world_;
-  const BatchPlan plan_;
+  const Layout layout_;
+  parallel::Mesh mesh_;
+  const parallel::MeshCoord coord_;
   const bool lead_;
   std::ostream null_stream_{nullptr};
   std::ostream& log_;
   data::TokenDataset dataset_;
   nn::GPT model_;
+  parallel::Pipeline pipeline_, eval_pipeline_;
+  std::unique_ptr<comm::Communicator> tied_;  // pp > 1: the stages holding a copy of wte
+  const bool reports_loss_;                   // the last stage's tp rank 0 reports the loss
+  std::vector<double> bubbles_;               // stage's measured bubble per step (pp > 1)
   std::unique_ptr<parallel::DataParallel> replica_;
   const optim::LrSchedule schedule_;
   const int64_t tokens_per_step_;
@@ -507,7 +591,7 @@ TrainResult run_training(const TrainConfig& config, const TrainOptions& options)
   if (!options.world) own_world = comm::make_local();
   comm::Communicator& world = options.world ? *options.world : *own_world;
   world.set_timeout(std::chrono::seconds(config.comm_timeout));
-  plan_batches(config, world.size());  // settings errors before any collective
+  plan_layout(config, world.size());  // settings errors before any collective or allocation
   check_same_config(world, config);
   return Run(config, options, world).train();
 }

@@ -22,8 +22,11 @@ struct GPTConfig {
   float layer_norm_epsilon = 1e-5f;
   void validate() const;  // throws ConfigError naming the bad value
   int64_t num_parameters() const;
-  // Training FLOPs per token (forward + backward) at context T, as in the PaLM appendix.
+  // Training FLOPs per token (forward + backward) at context T, as in the PaLM appendix: the
+  // blocks and the LM head (what pipeline stages are balanced by).
   double flops_per_token(int T) const;
+  double block_flops_per_token(int T) const;
+  double head_flops_per_token() const;
 };
 
 // The part of the model a rank holds under model parallelism; the default is the whole model.

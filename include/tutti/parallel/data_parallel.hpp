@@ -7,6 +7,7 @@
 // updated parameters are all-gathered.
 #pragma once
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <utility>
@@ -48,8 +49,12 @@ class DataParallel {
   // during that backward are reduced as they appear. Earlier micro-batches just accumulate.
   void begin_sync();
   // After that backward: waits for every bucket; afterwards each rank holds the group's mean
-  // gradient (ZeRO 2: of its own shard only). Returns the global gradient L2 norm.
-  double end_sync();
+  // gradient (ZeRO 2: of its own shard only; ZeRO 0/1: param.grad() views it).
+  void end_sync();
+  // This rank's share of the squared L2 norm of the mean gradient, over the parameters `counted`
+  // accepts (all when empty): summed over the group it is the squared norm. Model parallelism
+  // sums it over the whole mesh, counting each replicated parameter once.
+  double grad_squares(const std::function<bool(const std::string&)>& counted = {});
   // The optimizer update with learning rate lr and gradient scale (clipping); ZeRO 1/2 update
   // the local shard and all-gather the parameters.
   void step(float lr, float grad_scale);

@@ -38,6 +38,12 @@ struct Timeline {
 // The ideal bubble of a synchronous schedule with equal stages: (p - 1) / (m + p - 1).
 double predicted_bubble(int stages, int micro_batches);
 
+// Cuts `cost.size()` layers into `stages` contiguous non-empty stages minimising the costliest
+// stage, the first stage also paying `first_extra` (embeddings) and the last `last_extra` (the
+// head and loss). Returns stages + 1 boundaries: stage s holds layers [b[s], b[s + 1]). Throws
+// ConfigError when there are fewer layers than stages.
+std::vector<int> balance_stages(const std::vector<double>& cost, double first_extra, double last_extra, int stages);
+
 // The stage's compute for micro-batch m. `input` is undefined on the first stage; elsewhere it is
 // the activation received from the previous stage, a leaf that requires grad. Returns the
 // activation for the next stage (the activation shape), or on the last stage the scalar mean loss

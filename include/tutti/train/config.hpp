@@ -43,8 +43,12 @@ struct TrainConfig {
   int sample_tokens = 300;
   // machine and parallelism
   int threads = 0;         // 0: every core
-  int dp = 0;              // data-parallel ranks; 0: the world size
+  int dp = 0;              // data-parallel replicas; 0: the world size / (pp x tp)
+  int pp = 1;              // pipeline stages
+  int tp = 1;              // tensor-parallel ranks per stage
   int micro_batch = 0;     // sequences per forward pass on a rank; 0: batch / dp (no accumulation)
+  int micro_batches = 0;   // micro-batches per replica and step (the other way to say micro_batch); 0: from it
+  std::string schedule = "1f1b";  // pipeline schedule: gpipe | 1f1b
   int zero = 0;            // 0: plain data parallelism, 1: sharded optimizer state, 2: + sharded gradients
   int bucket_mib = 4;      // gradient bucket size (4 MiB hid the most communication, bench/RESULTS.md)
   int comm_timeout = 60;   // seconds a collective may take before the run fails
