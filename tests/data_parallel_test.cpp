@@ -10,7 +10,7 @@
 #include <nlohmann/json.hpp>
 #include <sstream>
 
-#include "process_util.hpp"
+#include "train_runs.hpp"
 #include "tutti/ckpt/safetensors.hpp"
 
 
@@ -18,55 +18,11 @@ using namespace tutti::test;
 
 namespace {
 
-bool have_mpirun() { return std::system("command -v mpirun >/dev/null 2>&1") == 0; }
-
-const std::string kMpirun =
-    "OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_rmaps_base_oversubscribe=1 "
-    "timeout 300 mpirun --oversubscribe --bind-to none ";
 const std::string kTiny =
     " --layers 2 --heads 2 --dim 16 --context 16 --batch 8 --warmup 2 --decay-steps 6 --eval-interval 1000 "
     "--eval-batches 2 --sample-tokens 0 --threads 1 --comm-timeout 120 ";
 
-Result train(int np, const std::string& args) {
-  const std::string cmd = std::string(TUTTI_CLI) + " train" + kTiny + args;
-  return shell(np == 0 ? cmd : kMpirun + "-np " + std::to_string(np) + " " + cmd);
-}
-
-std::map<int, double> losses(const fs::path& run) {
-  std::map<int, double> out;
-  std::ifstream in(run / "metrics.jsonl");
-  std::string line;
-  while (std::getline(in, line)) {
-    auto j = nlohmann::json::parse(line);
-    if (j.contains("loss")) out[j["step"].get<int>()] = j["loss"].get<double>();
-  }
-  return out;
-}
-
-void expect_same_losses(const fs::path& a, const fs::path& b, int first_step = 1) {
-  const auto la = losses(a), lb = losses(b);
-  ASSERT_FALSE(la.empty());
-  for (const auto& [step, loss] : la) {
-    if (step < first_step) continue;
-    ASSERT_TRUE(lb.count(step)) << b << " has no step " << step;
-    EXPECT_NEAR(lb.at(step), loss, 1e-5 * std::abs(loss)) << "step " << step << ": " << a << " vs " << b;
-  }
-}
-
-void expect_same_weights(const fs::path& a, const fs::path& b, int step) {
-  char name[32];
-  std::snprintf(name, sizeof name, "step_%08d", step);
-  auto wa = tutti::ckpt::read_safetensors((a / "checkpoints" / name / "model.safetensors").string());
-  auto wb = tutti::ckpt::read_safetensors((b / "checkpoints" / name / "model.safetensors").string());
-  ASSERT_EQ(wa.tensors.size(), wb.tensors.size());
-  for (size_t i = 0; i < wa.tensors.size(); ++i) {
-    const auto va = wa.tensors[i].second.to_vector<float>(), vb = wb.tensors[i].second.to_vector<float>();
-    ASSERT_EQ(va.size(), vb.size());
-    double worst = 0;
-    for (size_t k = 0; k < va.size(); ++k) worst = std::max(worst, double(std::abs(va[k] - vb[k])));
-    EXPECT_LE(worst, 1e-5) << wa.tensors[i].first;
-  }
-}
+Result train(int np, const std::string& args) { return run_tutti(np, " train" + kTiny + args); }
 
 const fs::path& reference() {  // the single process, 6 steps
   static const fs::path run = [] {

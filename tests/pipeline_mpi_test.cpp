@@ -15,6 +15,7 @@
 #include <thread>
 #include <vector>
 
+#include "mpi_test_main.hpp"
 #include "tutti/autograd/node.hpp"
 #include "tutti/comm/communicator.hpp"
 #include "tutti/nn/module.hpp"
@@ -370,42 +371,13 @@ TEST(Pipeline, NamesPredictionsAndBadInput) {
   EXPECT_EQ(few.last(), world().rank() == world().size() - 1);
 }
 
-// ---- main: every rank runs the suite, rank 0 reports ------------------------------------------
-
-// On ranks other than 0: prints only failures, prefixed with the rank.
-class FailurePrinter : public ::testing::EmptyTestEventListener {
- public:
-  explicit FailurePrinter(int r) : rank_(r) {}
-  void OnTestStart(const ::testing::TestInfo& info) override {
-    name_ = std::string(info.test_suite_name()) + "." + info.name();
-  }
-  void OnTestPartResult(const ::testing::TestPartResult& result) override {
-    if (result.failed())
-      std::fprintf(stderr, "[rank %d] %s failed at %s:%d\n%s\n", rank_, name_.c_str(),
-                   result.file_name() ? result.file_name() : "?", result.line_number(), result.summary());
-  }
-
- private:
-  int rank_;
-  std::string name_;
-};
-
 }  // namespace
 }  // namespace tutti
 
 int main(int argc, char** argv) {
-  ::testing::InitGoogleTest(&argc, argv);
   auto world = tutti::comm::make_world("mpi");
-  world->set_timeout(std::chrono::seconds(30));  // a broken schedule fails in 30 s, not never
   tutti::g_world = world.get();
-  if (world->rank() != 0) {
-    auto& listeners = ::testing::UnitTest::GetInstance()->listeners();
-    delete listeners.Release(listeners.default_result_printer());
-    listeners.Append(new tutti::FailurePrinter(world->rank()));
-  }
-  int64_t failed = RUN_ALL_TESTS() != 0 ? 1 : 0;
-  world->all_reduce(std::span<int64_t>(&failed, 1), tutti::comm::ReduceOp::max)->wait();
-  if (world->rank() == 0 && failed) std::fprintf(stderr, "pipeline_mpi_test: a test failed on some rank\n");
+  const int code = tutti::test::run_mpi_tests(argc, argv, *world, "pipeline_mpi_test");
   world.reset();
-  return failed ? 1 : 0;
+  return code;
 }

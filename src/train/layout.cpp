@@ -15,8 +15,9 @@ Layout plan_layout(const TrainConfig& c, int world_size) {
   TUTTI_CHECK_AS(ConfigError, world_size % model_parallel == 0, "pp ", pp, " x tp ", tp, " = ", model_parallel,
                  " does not divide the ", world_size, " ranks of the launch");
   const int dp = c.dp > 0 ? c.dp : world_size / model_parallel;
-  TUTTI_CHECK_AS(ConfigError, dp * model_parallel == world_size, "dp ", dp, " x pp ", pp, " x tp ", tp, " = ",
-                 dp * model_parallel, " does not match the ", world_size, " ranks of the launch");
+  TUTTI_CHECK_AS(ConfigError, dp * model_parallel == world_size, "dp ", dp,
+                 model_parallel == 1 ? "" : detail::concat(" x pp ", pp, " x tp ", tp, " = ", dp * model_parallel),
+                 " does not match the ", world_size, " ranks of the launch");
   l.mesh = {dp, pp, tp};
   TUTTI_CHECK_AS(ConfigError, c.batch % dp == 0, "global batch ", c.batch, " is not divisible by dp ", dp);
   l.per_rank = c.batch / dp;

@@ -1,0 +1,82 @@
+// Runs of the `tutti` program, alone or under mpirun, and comparisons of their results: the
+// losses in metrics.jsonl and the weights of a checkpoint.
+#pragma once
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <nlohmann/json.hpp>
+#include <string>
+
+#include "process_util.hpp"
+#include "tutti/ckpt/safetensors.hpp"
+
+namespace tutti::test {
+
+inline bool have_mpirun() { return std::system("command -v mpirun >/dev/null 2>&1") == 0; }
+
+inline const std::string kMpirun =
+    "OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_rmaps_base_oversubscribe=1 "
+    "timeout 300 mpirun --oversubscribe --bind-to none ";
+
+// `tutti ARGS` in one process (np 0) or under mpirun -np np.
+inline Result run_tutti(int np, const std::string& args) {
+  const std::string cmd = std::string(TUTTI_CLI) + args;
+  return shell(np == 0 ? cmd : kMpirun + "-np " + std::to_string(np) + " " + cmd);
+}
+
+// step -> training loss of a run directory.
+inline std::map<int, double> losses(const fs::path& run) {
+  std::map<int, double> out;
+  std::ifstream in(run / "metrics.jsonl");
+  std::string line;
+  while (std::getline(in, line)) {
+    auto j = nlohmann::json::parse(line);
+    if (j.contains("loss")) out[j["step"].get<int>()] = j["loss"].get<double>();
+  }
+  return out;
+}
+
+// Every step of `a` from first_step on has the same loss in `b` (1e-5 relative).
+inline void expect_same_losses(const fs::path& a, const fs::path& b, int first_step = 1) {
+  const auto la = losses(a), lb = losses(b);
+  ASSERT_FALSE(la.empty());
+  for (const auto& [step, loss] : la) {
+    if (step < first_step) continue;
+    ASSERT_TRUE(lb.count(step)) << b << " has no step " << step;
+    EXPECT_NEAR(lb.at(step), loss, 1e-5 * std::abs(loss)) << "step " << step << ": " << a << " vs " << b;
+  }
+}
+
+inline fs::path checkpoint_of(const fs::path& run, int step) {
+  char name[32];
+  std::snprintf(name, sizeof name, "step_%08d", step);
+  return run / "checkpoints" / name;
+}
+
+// The weights of checkpoint `step` of two runs differ by at most `tolerance` (0: bitwise equal).
+inline void expect_same_weights(const fs::path& a, const fs::path& b, int step, int step_b = -1,
+                                double tolerance = 1e-5) {
+  auto wa = ckpt::read_safetensors((checkpoint_of(a, step) / "model.safetensors").string());
+  auto wb = ckpt::read_safetensors((checkpoint_of(b, step_b < 0 ? step : step_b) / "model.safetensors").string());
+  ASSERT_EQ(wa.tensors.size(), wb.tensors.size());
+  for (size_t i = 0; i < wa.tensors.size(); ++i) {
+    ASSERT_EQ(wa.tensors[i].first, wb.tensors[i].first);
+    const auto va = wa.tensors[i].second.to_vector<float>(), vb = wb.tensors[i].second.to_vector<float>();
+    ASSERT_EQ(va.size(), vb.size());
+    if (tolerance == 0) {
+      EXPECT_TRUE(va == vb) << wa.tensors[i].first << " differs";
+      continue;
+    }
+    double worst = 0;
+    for (size_t k = 0; k < va.size(); ++k) worst = std::max(worst, double(std::abs(va[k] - vb[k])));
+    EXPECT_LE(worst, tolerance) << wa.tensors[i].first;
+  }
+}
+
+}  // namespace tutti::test
