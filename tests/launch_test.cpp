@@ -176,6 +176,10 @@ TEST(Launch, ChooseRanksDividesTheBatch) {
   EXPECT_EQ(choose_ranks(3, 1, 8, 0), 2);
   EXPECT_EQ(choose_ranks(3, 3, 8, 0), 0);
   EXPECT_EQ(choose_ranks(6, 1, 12, 4), 3);  // 12 / 6 = 2 is not a multiple of micro-batches of 4
+  EXPECT_EQ(choose_ranks(7, 1, 12, 0, 4), 4);     // pp x tp = 4: multiples of 4 only
+  EXPECT_EQ(choose_ranks(8, 1, 12, 0, 2), 8);     // 4 replicas of 3 sequences
+  EXPECT_EQ(choose_ranks(8, 1, 12, 0, 2, 2), 6);  // 3 replicas of 4 sequences in 2 micro-batches
+  EXPECT_EQ(choose_ranks(3, 1, 12, 0, 4), 0);
 }
 
 TEST(Launch, ConfigErrorIsNotRestarted) {

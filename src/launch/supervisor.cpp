@@ -133,7 +133,7 @@ class Supervisor {
   Clock::time_point start_;
   std::vector<Host> all_hosts_, hosts_;  // the hostfile's, and those still in use
   fs::path out_, work_;                  // the run directory; the supervisor's own files
-  int64_t batch_ = 0, micro_ = 0, steps_ = 0;
+  int64_t batch_ = 0, micro_ = 0, micro_batches_ = 0, model_parallel_ = 1, steps_ = 0;
   bool user_resume_ = false;
   std::optional<Clock::time_point> pending_detection_;
   LaunchSummary summary_;
@@ -165,6 +165,8 @@ void Supervisor::validate() {
   }
   batch_ = run_setting(o_.train_args, out_, "batch", 12);
   micro_ = run_setting(o_.train_args, out_, "micro_batch", 0);
+  micro_batches_ = run_setting(o_.train_args, out_, "micro_batches", 0);
+  model_parallel_ = run_setting(o_.train_args, out_, "pp", 1) * run_setting(o_.train_args, out_, "tp", 1);
   steps_ = run_setting(o_.train_args, out_, "steps", 2000);
 }
 
@@ -189,7 +191,7 @@ std::vector<std::string> Supervisor::command(int ranks, bool resume) const {
   std::vector<std::string> args = o_.train_args;
   if (resume) {  // the settings come from run.toml; what would contradict the resume goes
     args = without_args(args, {"--out", "--resume", "--config", "--dp"});
-    args.insert(args.end(), {"--resume", out_.string(), "--dp", std::to_string(ranks)});
+    args.insert(args.end(), {"--resume", out_.string(), "--dp", std::to_string(ranks / model_parallel_)});
   } else {
     args = without_args(args, {"--out"});
     args.insert(args.end(), {"--out", out_.string()});
@@ -439,12 +441,14 @@ int Supervisor::ranks_on_remaining_hosts() {
   }
   const int per_host = (o_.ranks + int(all_hosts_.size()) - 1) / int(all_hosts_.size());
   const int available = std::min(o_.ranks, per_host * int(hosts_.size()));
-  const int next = choose_ranks(available, o_.min_ranks, batch_, micro_);
+  const int next = choose_ranks(available, o_.min_ranks, batch_, micro_, model_parallel_, micro_batches_);
   if (next == 0)
     summary_.error = std::to_string(available) + " rank(s) available on " + std::to_string(hosts_.size()) +
-                     " host(s), and no count from --min-ranks " + std::to_string(o_.min_ranks) +
-                     " up divides the global batch " + std::to_string(batch_) +
-                     (micro_ > 0 ? " into micro-batches of " + std::to_string(micro_) : "");
+                     " host(s), and no count from --min-ranks " + std::to_string(o_.min_ranks) + " up " +
+                     (model_parallel_ > 1 ? "is a multiple of pp x tp = " + std::to_string(model_parallel_) + " whose replicas divide" : "divides") +
+                     " the global batch " + std::to_string(batch_) +
+                     (micro_ > 0 ? " into micro-batches of " + std::to_string(micro_) : "") +
+                     (micro_batches_ > 0 ? " into " + std::to_string(micro_batches_) + " micro-batches" : "");
   return next;
 }
 
@@ -494,10 +498,14 @@ std::string Supervisor::summary_line() const {
 // ------------------------------------------------------------------------------------------
 // Public
 
-int choose_ranks(int available, int min_ranks, int64_t batch, int64_t micro_batch) {
+int choose_ranks(int available, int min_ranks, int64_t batch, int64_t micro_batch, int64_t model_parallel,
+                 int64_t micro_batches) {
   for (int n = available; n >= std::max(1, min_ranks); --n) {
-    if (batch % n != 0) continue;
-    if (micro_batch > 0 && (batch / n) % micro_batch != 0) continue;
+    if (n % model_parallel != 0) continue;
+    const int64_t dp = n / model_parallel;
+    if (batch % dp != 0) continue;
+    if (micro_batch > 0 && (batch / dp) % micro_batch != 0) continue;
+    if (micro_batches > 0 && (batch / dp) % micro_batches != 0) continue;
     return n;
   }
   return 0;

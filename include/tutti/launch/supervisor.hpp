@@ -44,9 +44,11 @@ std::vector<Host> read_hostfile(const std::string& path);
 // Throws InvalidArgument when the name does not resolve.
 bool host_reachable(const std::string& host, int port, double timeout_s);
 
-// The largest rank count in [min_ranks, available] that divides the global batch into equal
-// per-rank parts (and those into micro-batches when micro_batch > 0); 0 when there is none.
-int choose_ranks(int available, int min_ranks, int64_t batch, int64_t micro_batch);
+// The largest rank count in [min_ranks, available] that is a multiple of pp x tp (model_parallel)
+// whose data-parallel replicas divide the global batch into equal parts (and those into
+// micro-batches of micro_batch, or into micro_batches of them, when set); 0 when there is none.
+int choose_ranks(int available, int min_ranks, int64_t batch, int64_t micro_batch, int64_t model_parallel = 1,
+                 int64_t micro_batches = 0);
 
 // One recovery: from the failure being detected to every rank training again.
 struct Recovery {
