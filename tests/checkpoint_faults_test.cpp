@@ -51,7 +51,7 @@ train::CheckpointSnapshot snapshot_of(const nn::GPT& model, int64_t step) {
   state.seed = 1;
   state.data_path = "data.txt";
   state.data_position = step;
-  return train::snapshot(model, std::move(moments), step, state, {2, 1, 2});
+  return train::snapshot(model, std::move(moments), step, state, {.dp = 2, .zero = 1, .world = 2});
 }
 
 // A run directory with checkpoints at steps 10 and 20, each of a different model.
@@ -144,7 +144,7 @@ TEST(CheckpointFaults, ManifestDescribesTheCheckpoint) {
   const train::CheckpointCheck c = train::verify_checkpoint(ckpt_dir(run, 20));
   ASSERT_TRUE(c.ok()) << c.summary();
   EXPECT_EQ(c.manifest->step, 20);
-  EXPECT_EQ(c.manifest->layout, (ckpt::CheckpointLayout{2, 1, 2}));
+  EXPECT_EQ(c.manifest->layout, (ckpt::CheckpointLayout{.dp = 2, .zero = 1, .world = 2}));
   EXPECT_EQ(c.manifest->config_hash, train::config_hash(tiny_config()));
   EXPECT_NE(train::config_hash(tiny_config()), train::config_hash(tiny_config(32)));
   std::vector<std::string> names;
@@ -158,12 +158,12 @@ TEST(CheckpointFaults, ManifestDescribesTheCheckpoint) {
   nn::GPT model(tiny_config());
   const train::LoadedCheckpoint loaded = train::load_checkpoint(ckpt_dir(run, 20), model);
   EXPECT_EQ(loaded.state.step, 20);
-  EXPECT_EQ(loaded.manifest.layout, (ckpt::CheckpointLayout{2, 1, 2}));
+  EXPECT_EQ(loaded.manifest.layout, (ckpt::CheckpointLayout{.dp = 2, .zero = 1, .world = 2}));
 
   Result r = run_tutti("inspect " + run.string());
   EXPECT_EQ(r.code, 0) << r.err;
   EXPECT_EQ(r.err, "");
-  for (const char* text : {"step 20, layout dp=2 zero=1 world=2", "model: 1 layers, 2 heads, dim 16, context 16",
+  for (const char* text : {"step 20, layout dp=2 pp=1 tp=1 zero=1 world=2", "model: 1 layers, 2 heads, dim 16, context 16",
                            "model.safetensors", "32136 bytes", "OK", "transformer.wte.weight", "f32", "(256, 16)",
                            "wte.weight.exp_avg_sq", "total: 4 files", "step_00000010 OK step_00000020 OK"})
     EXPECT_NE(r.out.find(text), std::string::npos) << "'" << text << "' not in:\n" << r.out;

@@ -19,7 +19,7 @@ namespace {
 ckpt::Manifest sample() {
   ckpt::Manifest m;
   m.step = 20;
-  m.layout = {2, 1, 4};
+  m.layout = {.dp = 2, .pp = 2, .tp = 1, .zero = 1, .world = 4};
   m.config_hash = "xxh3_64:0123456789abcdef";
   m.files["config.json"] = {515, 0xcded95b5120e3b7cull};
   m.files["model.safetensors"] = {32136, 0x1b98f99d901c0726ull};
@@ -59,6 +59,19 @@ TEST(Manifest, RoundTrip) {
   EXPECT_EQ(ckpt::parse_manifest(ckpt::format_manifest(empty), "m.json"), empty);
 }
 
+// Manifests written before model parallelism have no pp and tp: they mean 1 and 1.
+TEST(Manifest, LayoutWithoutPipelineOrTensorParallelismReadsAsOne) {
+  ckpt::Manifest m = sample();
+  m.layout = {.dp = 4, .zero = 1, .world = 4};
+  std::string text = ckpt::format_manifest(m);
+  for (const std::string key : {"\"pp\": 1,", "\"tp\": 1,"}) {
+    const size_t at = text.find(key);
+    ASSERT_NE(at, std::string::npos) << text;
+    text.erase(at, key.size());
+  }
+  EXPECT_EQ(ckpt::parse_manifest(text, "old.json").layout, m.layout);
+}
+
 TEST(Manifest, ParserRejectsAnythingElse) {
   expect_rejected("", "not valid JSON");
   expect_rejected("[1, 2]", "expected an object");
@@ -70,7 +83,8 @@ TEST(Manifest, ParserRejectsAnythingElse) {
   expect_rejected(edited("\"step\": 20,", ""), "no \"step\"");
   expect_rejected(edited("\"dp\": 2", "\"dp\": 0"), "layout.dp");
   expect_rejected(edited("\"zero\": 1", "\"zero\": 4"), "layout.zero");
-  expect_rejected(edited("\"world\": 4", "\"world\": 3"), "multiple");
+  expect_rejected(edited("\"world\": 4", "\"world\": 3"), "is not dp x pp x tp = 2 x 2 x 1");
+  expect_rejected(edited("\"pp\": 2", "\"pp\": 0"), "layout.pp");
   expect_rejected(edited("\"world\": 4", "\"world\": 18446744073709551615"), "layout.world");
   expect_rejected(edited("xxh3_64:0123456789abcdef", "md5:0123"), "config_hash");
   expect_rejected(edited("1b98f99d901c0726", "1B98F99D901C0726"), "hex");
@@ -103,7 +117,7 @@ TEST(Manifest, CheckFilesFindsEveryKindOfDamage) {
   fs::create_directories(dir);
   for (const char* name : {"a.bin", "b.bin", "c.bin", "d.bin", "e.bin"}) write(dir / name, std::string(1000, name[0]));
   const ckpt::Manifest written =
-      ckpt::write_manifest(dir.string(), 7, {1, 0, 1}, "", {"a.bin", "b.bin", "c.bin", "d.bin", "e.bin"});
+      ckpt::write_manifest(dir.string(), 7, {}, "", {"a.bin", "b.bin", "c.bin", "d.bin", "e.bin"});
   EXPECT_EQ(ckpt::read_manifest(dir.string()), written);
   for (const ckpt::FileCheck& c : ckpt::check_files(dir.string(), written)) EXPECT_EQ(c.problem, "") << c.name;
 

@@ -113,7 +113,8 @@ std::string format_manifest(const Manifest& m) {
   Json j = Json::object();
   j["format"] = kManifestFormat;
   j["step"] = m.step;
-  j["layout"] = {{"dp", m.layout.dp}, {"zero", m.layout.zero}, {"world", m.layout.world}};
+  j["layout"] = {{"dp", m.layout.dp}, {"pp", m.layout.pp}, {"tp", m.layout.tp}, {"zero", m.layout.zero},
+                 {"world", m.layout.world}};
   j["config_hash"] = m.config_hash;
   Json files = Json::object();
   for (const auto& [name, d] : m.files) files[name] = {{"bytes", d.bytes}, {kChecksumKey, hex64(d.xxh3)}};
@@ -138,8 +139,11 @@ Manifest parse_manifest(const std::string& text, const std::string& path) {
   m.layout.dp = integer(path, field(path, layout, "dp", "layout"), "layout.dp", 1, kMaxRanks);
   m.layout.zero = integer(path, field(path, layout, "zero", "layout"), "layout.zero", 0, 3);
   m.layout.world = integer(path, field(path, layout, "world", "layout"), "layout.world", 1, kMaxRanks);
-  TUTTI_CHECK_AS(CheckpointError, m.layout.world % m.layout.dp == 0, path, ": layout.world ", m.layout.world,
-                 " is not a multiple of layout.dp ", m.layout.dp);
+  // pp and tp came with model parallelism; a manifest without them was written with 1 and 1.
+  if (layout.contains("pp")) m.layout.pp = integer(path, layout.at("pp"), "layout.pp", 1, kMaxRanks);
+  if (layout.contains("tp")) m.layout.tp = integer(path, layout.at("tp"), "layout.tp", 1, kMaxRanks);
+  TUTTI_CHECK_AS(CheckpointError, m.layout.world == m.layout.dp * m.layout.pp * m.layout.tp, path, ": layout.world ",
+                 m.layout.world, " is not dp x pp x tp = ", m.layout.dp, " x ", m.layout.pp, " x ", m.layout.tp);
 
   const Json& config_hash = field(path, j, "config_hash", "the manifest");
   TUTTI_CHECK_AS(CheckpointError, config_hash.is_string(), path, ": config_hash is ", config_hash.dump(),

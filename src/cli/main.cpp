@@ -242,8 +242,9 @@ void print_checkpoint(const std::string& dir, const std::string& label, std::vec
   std::printf("checkpoint %s: %s\n", dir.c_str(), r.problems.empty() ? "OK" : "BAD");
   if (r.check.manifest) {
     const ckpt::Manifest& m = *r.check.manifest;
-    std::printf("  step %lld, layout dp=%lld zero=%lld world=%lld, config hash %s\n", (long long)m.step,
-                (long long)m.layout.dp, (long long)m.layout.zero, (long long)m.layout.world,
+    std::printf("  step %lld, layout dp=%lld pp=%lld tp=%lld zero=%lld world=%lld, config hash %s\n",
+                (long long)m.step, (long long)m.layout.dp, (long long)m.layout.pp, (long long)m.layout.tp,
+                (long long)m.layout.zero, (long long)m.layout.world,
                 m.config_hash.empty() ? "(none)" : m.config_hash.c_str());
   }
   if (r.state)

@@ -246,7 +246,7 @@ class Run {
       loaded = load_checkpoint(result_.checkpoint, model_);
       state_ = loaded.state;
       state_.data_path = config.data;
-      check_ranks_agree(state_.step);
+      check_ranks_agree(loaded.manifest);
     }
     const int zero = layout_.mesh.dp > 1 ? config.zero : 0;
     replica_ = std::make_unique<parallel::DataParallel>(
@@ -421,7 +421,8 @@ class Run {
   void checkpoint() {
     auto [weights, moments] = gather_state();
     if (lead_) {
-      const ckpt::CheckpointLayout layout{layout_.mesh.dp, layout_.mesh.dp > 1 ? config_.zero : 0, world_.size()};
+      const parallel::MeshShape& m = layout_.mesh;
+      const ckpt::CheckpointLayout layout{m.dp, m.pp, m.tp, m.dp > 1 ? config_.zero : 0, world_.size()};
       writer_->submit(CheckpointSnapshot{config_.model(), std::move(weights), std::move(moments),
                                          replica_->steps_taken(), state_, layout});
       progress_->line() << "checkpoint of step " << state_.step << " (written in the background)\n" << std::flush;
@@ -445,6 +446,7 @@ class Run {
     if (world_.size() > 1) world_.barrier()->wait();
     const std::string dir = pick_checkpoint();
     LoadedCheckpoint back = load_checkpoint(dir, model_);
+    check_ranks_agree(back.manifest);
     replica_->load_optimizer_state(shards_of(back.optimizer_state, model_, kMoments), back.optimizer_steps);
     progress_->line() << "rolled back to " << dir << " (step " << back.state.step << ") after " << bad_in_row_
                       << " non-finite steps in a row\n" << std::flush;
@@ -457,15 +459,21 @@ class Run {
   }
 
   // Every rank must have loaded the same checkpoint (a file system that differs between hosts,
-  // or a checkpoint damaged on one of them, would otherwise train on different weights).
-  void check_ranks_agree(int64_t step) {
+  // or a checkpoint damaged on one of them, would otherwise train on different weights): the
+  // step and a digest of the manifest (layout, config hash, every file's checksum) must agree.
+  void check_ranks_agree(const ckpt::Manifest& manifest) {
     if (world_.size() == 1) return;
-    std::vector<int64_t> steps(size_t(world_.size()));
-    world_.all_gather(std::span<const int64_t>(&step, 1), std::span<int64_t>(steps), std::vector<int64_t>(steps.size(), 1))
-        ->wait();
-    for (size_t r = 0; r < steps.size(); ++r)
-      TUTTI_CHECK_AS(CheckpointError, steps[r] == steps[0], "ranks resumed from different checkpoints: rank 0 at step ",
-                     steps[0], ", rank ", r, " at step ", steps[r]);
+    const int64_t mine[2] = {manifest.step, int64_t(ckpt::xxh3_64(ckpt::format_manifest(manifest)))};
+    std::vector<int64_t> all(2 * size_t(world_.size()));
+    world_.all_gather(std::span<const int64_t>(mine, 2), std::span<int64_t>(all),
+                      std::vector<int64_t>(size_t(world_.size()), 2))->wait();
+    for (size_t r = 1; r < size_t(world_.size()); ++r) {
+      TUTTI_CHECK_AS(CheckpointError, all[2 * r] == all[0], "ranks resumed from different checkpoints: rank 0 at step ",
+                     all[0], ", rank ", r, " at step ", all[2 * r]);
+      TUTTI_CHECK_AS(CheckpointError, all[2 * r + 1] == all[1], "ranks loaded different checkpoints of step ", all[0],
+                     ": the manifest read by rank ", r, " differs from rank 0's (a file system that differs between "
+                     "hosts?)");
+    }
   }
 
   // The newest good checkpoint of the run; a note on damaged newer ones is logged once (rank 0).

@@ -25,8 +25,10 @@ inline constexpr const char* kManifestFormat = "tutti-checkpoint-manifest/1";
 // between ranks and resharding decisions.
 struct CheckpointLayout {
   int64_t dp = 1;     // data-parallel replicas
+  int64_t pp = 1;     // pipeline stages
+  int64_t tp = 1;     // tensor-parallel ranks per stage
   int64_t zero = 0;   // ZeRO stage (0: none)
-  int64_t world = 1;  // ranks in the job
+  int64_t world = 1;  // ranks in the job: dp x pp x tp
   bool operator==(const CheckpointLayout&) const = default;
 };
 
