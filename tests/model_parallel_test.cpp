@@ -127,3 +127,43 @@ TEST_F(ModelParallel, BadLayoutsFailOnEveryRankBeforeStarting) {
 }
 
 }  // namespace
+
+namespace {
+
+// Under pp every stage writes its own shard; the manifest covers them all, transformers' index
+// names each tensor's file, and a damaged shard makes the run fall back to the previous checkpoint.
+TEST_F(ModelParallel, ShardedCheckpointsAreIndexedVerifiedAndFallenBackFrom) {
+  const fs::path run = scratch() / "sharded";
+  Result r = train(4, "--steps 2 --checkpoint-interval 1 --pp 2 --tp 2 --micro-batches 2 --out " + run.string());
+  ASSERT_EQ(r.code, 0) << r.err;
+  const fs::path newest = checkpoint_of(run, 2);
+  for (const char* f : {"model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors",
+                        "optimizer-00001-of-00002.safetensors", "optimizer-00002-of-00002.safetensors",
+                        "model.safetensors.index.json", "config.json", "trainer_state.json", "manifest.json"})
+    EXPECT_TRUE(fs::exists(newest / f)) << f;
+  EXPECT_FALSE(fs::exists(newest / "model.safetensors"));
+  const auto index = nlohmann::json::parse(slurp(newest / "model.safetensors.index.json"));
+  EXPECT_EQ(index["weight_map"]["transformer.wte.weight"], "model-00001-of-00002.safetensors");
+  EXPECT_EQ(index["weight_map"]["transformer.h.3.mlp.c_fc.weight"], "model-00002-of-00002.safetensors");
+  EXPECT_EQ(index["weight_map"]["transformer.ln_f.bias"], "model-00002-of-00002.safetensors");
+  EXPECT_EQ(index["weight_map"].size(), 2u + 12u * 4u + 2u);  // wte once, wpe, 4 blocks, ln_f
+  Result inspect = run_tutti(0, " inspect " + run.string());
+  EXPECT_EQ(inspect.code, 0) << inspect.out << inspect.err;
+  EXPECT_NE(inspect.out.find("model-00002-of-00002.safetensors"), std::string::npos) << inspect.out;
+  EXPECT_NE(inspect.out.find("layout dp=1 pp=2 tp=2"), std::string::npos) << inspect.out;
+
+  std::string bytes = slurp(newest / "model-00002-of-00002.safetensors");
+  bytes[bytes.size() - 3] ^= 1;
+  std::ofstream(newest / "model-00002-of-00002.safetensors", std::ios::binary | std::ios::trunc) << bytes;
+  r = train(2, "--resume " + run.string() + " --steps 3 --pp 2 --tp 1");
+  ASSERT_EQ(r.code, 0) << r.err;
+  EXPECT_NE(r.err.find("model-00002-of-00002.safetensors: checksum mismatch"), std::string::npos) << r.err;
+  EXPECT_NE(r.out.find("at step 1"), std::string::npos) << r.out;
+  const auto want = losses(reference()), got = losses(run);
+  for (int step : {2, 3}) {
+    ASSERT_TRUE(got.count(step)) << step;
+    EXPECT_NEAR(got.at(step), want.at(step), 1e-5 * want.at(step)) << "step " << step;
+  }
+}
+
+}  // namespace

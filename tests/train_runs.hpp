@@ -14,6 +14,7 @@
 #include <string>
 
 #include "process_util.hpp"
+#include "tutti/ckpt/gpt_checkpoint.hpp"
 #include "tutti/ckpt/safetensors.hpp"
 
 namespace tutti::test {
@@ -59,23 +60,25 @@ inline fs::path checkpoint_of(const fs::path& run, int step) {
   return run / "checkpoints" / name;
 }
 
-// The weights of checkpoint `step` of two runs differ by at most `tolerance` (0: bitwise equal).
+// The weights of checkpoint `step` of two runs (one file or sharded by pipeline stage) differ by at
+// most `tolerance` (0: bitwise equal).
 inline void expect_same_weights(const fs::path& a, const fs::path& b, int step, int step_b = -1,
                                 double tolerance = 1e-5) {
-  auto wa = ckpt::read_safetensors((checkpoint_of(a, step) / "model.safetensors").string());
-  auto wb = ckpt::read_safetensors((checkpoint_of(b, step_b < 0 ? step : step_b) / "model.safetensors").string());
-  ASSERT_EQ(wa.tensors.size(), wb.tensors.size());
-  for (size_t i = 0; i < wa.tensors.size(); ++i) {
-    ASSERT_EQ(wa.tensors[i].first, wb.tensors[i].first);
-    const auto va = wa.tensors[i].second.to_vector<float>(), vb = wb.tensors[i].second.to_vector<float>();
-    ASSERT_EQ(va.size(), vb.size());
+  std::map<std::string, Tensor> wa, wb;
+  for (auto& [name, t] : ckpt::read_gpt_tensors(checkpoint_of(a, step).string())) wa.emplace(name, t);
+  for (auto& [name, t] : ckpt::read_gpt_tensors(checkpoint_of(b, step_b < 0 ? step : step_b).string())) wb.emplace(name, t);
+  ASSERT_EQ(wa.size(), wb.size());
+  for (const auto& [name, ta] : wa) {
+    ASSERT_TRUE(wb.count(name)) << name << " is missing in " << b;
+    const auto va = ta.to_vector<float>(), vb = wb.at(name).to_vector<float>();
+    ASSERT_EQ(va.size(), vb.size()) << name;
     if (tolerance == 0) {
-      EXPECT_TRUE(va == vb) << wa.tensors[i].first << " differs";
+      EXPECT_TRUE(va == vb) << name << " differs";
       continue;
     }
     double worst = 0;
     for (size_t k = 0; k < va.size(); ++k) worst = std::max(worst, double(std::abs(va[k] - vb[k])));
-    EXPECT_LE(worst, tolerance) << wa.tensors[i].first;
+    EXPECT_LE(worst, tolerance) << name;
   }
 }
 

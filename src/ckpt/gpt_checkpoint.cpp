@@ -4,9 +4,11 @@
 // weight (in, out) like HF's Conv1D, so tensors are written as they are.
 #include "tutti/ckpt/gpt_checkpoint.hpp"
 
+#include <algorithm>
 #include <cctype>
 #include <charconv>
 #include <climits>
+#include <cstdio>
 #include <filesystem>
 #include <fstream>
 #include <map>
@@ -27,6 +29,7 @@ using Json = nlohmann::ordered_json;
 namespace fs = std::filesystem;
 
 constexpr std::string_view kPrefix = "transformer.";
+constexpr const char* kIndexFile = "model.safetensors.index.json";
 
 std::string join(const std::string& dir, const char* name) { return (fs::path(dir) / name).string(); }
 
@@ -142,6 +145,57 @@ std::string list_names(const std::vector<std::string>& names) {
 // Saving
 // ============================================================================================
 
+void save_gpt_config(const std::string& dir, const nn::GPTConfig& config) {
+  write_file_atomic(join(dir, "config.json"), config_json(config).dump(2) + "\n");
+}
+
+std::string shard_file_name(const std::string& stem, int shard, int shards) {
+  if (shards == 1) return stem + ".safetensors";
+  char buf[64];
+  std::snprintf(buf, sizeof buf, "-%05d-of-%05d.safetensors", shard + 1, shards);
+  return stem + buf;
+}
+
+void write_gpt_tensors(const std::string& path, const std::vector<std::pair<std::string, Tensor>>& parameters) {
+  std::vector<std::pair<std::string, Tensor>> tensors;
+  for (auto& [name, t] : parameters) tensors.emplace_back(std::string(kPrefix) + name, t);
+  write_safetensors(path, tensors, {{"format", "pt"}});
+}
+
+void write_gpt_index(const std::string& dir, const std::vector<std::string>& files) {
+  Json map = Json::object();
+  uint64_t total = 0;
+  for (const std::string& file : files)
+    for (auto& [name, t] : read_safetensors(join(dir, file.c_str())).tensors) {
+      map[name] = file;
+      total += t.nbytes();
+    }
+  Json index = {{"metadata", {{"total_size", total}}}, {"weight_map", map}};
+  write_file_atomic(join(dir, kIndexFile), index.dump(2) + "\n");
+}
+
+std::vector<std::pair<std::string, Tensor>> read_gpt_tensors(const std::string& dir) {
+  std::error_code ec;
+  if (!fs::exists(join(dir, kIndexFile), ec)) return read_safetensors(join(dir, "model.safetensors")).tensors;
+  const std::string index_path = join(dir, kIndexFile);
+  std::vector<std::string> files;
+  try {
+    const Json index = Json::parse(read_text(index_path));
+    for (auto& [name, file] : index.at("weight_map").items()) {
+      const std::string f = file.get<std::string>();
+      TUTTI_CHECK_AS(CheckpointError, !f.empty() && f.find('/') == std::string::npos && f != "." && f != "..",
+                     index_path, ": tensor '", name, "' is in '", f, "', not a file of the checkpoint directory");
+      if (std::find(files.begin(), files.end(), f) == files.end()) files.push_back(f);
+    }
+  } catch (const Json::exception& e) {
+    TUTTI_FAIL(CheckpointError, index_path, ": not a model index: ", e.what());
+  }
+  std::vector<std::pair<std::string, Tensor>> all;
+  for (const std::string& f : files)
+    for (auto& named : read_safetensors(join(dir, f.c_str())).tensors) all.push_back(std::move(named));
+  return all;
+}
+
 void save_gpt(const std::string& dir, const nn::GPT& model) {
   save_gpt(dir, model.config(), model.named_parameters());
 }
@@ -153,11 +207,8 @@ void save_gpt(const std::string& dir, const nn::GPTConfig& config,
   TUTTI_CHECK_AS(CheckpointError, !ec, dir, ": cannot create the checkpoint directory: ", ec.message());
   TUTTI_CHECK_AS(CheckpointError, fs::is_directory(dir, ec), dir, ": exists and is not a directory");
 
-  write_file_atomic(join(dir, "config.json"), config_json(config).dump(2) + "\n");
-
-  std::vector<std::pair<std::string, Tensor>> tensors;
-  for (auto& [name, t] : parameters) tensors.emplace_back(std::string(kPrefix) + name, t);
-  write_safetensors(join(dir, "model.safetensors"), tensors, {{"format", "pt"}});
+  save_gpt_config(dir, config);
+  write_gpt_tensors(join(dir, "model.safetensors"), parameters);
 
   // A new directory's own entry must be durable too.
   if (created) fsync_directory(fs::absolute(fs::path(dir)).lexically_normal().parent_path().string());
@@ -203,8 +254,8 @@ nn::GPTConfig load_gpt_config(const std::string& dir) {
 }
 
 void load_gpt_weights(const std::string& dir, nn::GPT& model) {
-  const std::string path = join(dir, "model.safetensors");
-  SafetensorsFile file = read_safetensors(path);
+  const std::string path = join(dir, fs::exists(join(dir, kIndexFile)) ? kIndexFile : "model.safetensors");
+  SafetensorsFile file{read_gpt_tensors(dir), {}};
 
   // The file must hold the whole model, whatever part of it this rank holds.
   std::map<std::string, Shape> expected;

@@ -77,8 +77,8 @@ std::optional<int64_t> latest_checkpoint_step(const fs::path& out) {
   if (!(in >> name)) return std::nullopt;
   const std::string leaf = fs::path(name).filename().string();
   if (leaf.rfind("step_", 0) != 0) return std::nullopt;
-  if (!fs::exists(out / "checkpoints" / leaf / "model.safetensors") && !fs::exists(fs::path(name) / "model.safetensors"))
-    return std::nullopt;
+  const fs::path dir = fs::exists(out / "checkpoints" / leaf) ? out / "checkpoints" / leaf : fs::path(name);
+  if (!fs::exists(dir / "manifest.json") && !fs::exists(dir / "model.safetensors")) return std::nullopt;
   return std::stoll(leaf.substr(5));
 }
 

@@ -132,11 +132,15 @@ NamedTensors join_stage(comm::Communicator& tp, const NamedTensors& local, const
 
 }  // namespace
 
+NamedTensors gather_stage(const parallel::Mesh& mesh, const NamedTensors& local, const std::vector<std::string>& suffixes) {
+  if (mesh.dp_rank() != 0) return {};
+  return join_stage(mesh.tp_group(), local, suffixes);
+}
+
 NamedTensors gather_whole(const parallel::Mesh& mesh, const NamedTensors& local, const nn::GPTConfig& model,
                           const std::vector<std::string>& suffixes) {
-  if (mesh.dp_rank() != 0) return {};
-  NamedTensors stage = join_stage(mesh.tp_group(), local, suffixes);
-  if (mesh.tp_rank() != 0) return {};
+  NamedTensors stage = gather_stage(mesh, local, suffixes);
+  if (mesh.dp_rank() != 0 || mesh.tp_rank() != 0) return {};
   comm::Communicator& pp = mesh.pp_group();
   if (pp.rank() != 0) {  // names and shapes, then the values, to stage 0
     std::string header;

@@ -33,6 +33,10 @@ nn::GPTPartition partition_of(const Layout& layout, parallel::MeshCoord coord, c
 // "rank 3: dp 1/2, pp 0/2 (blocks 0-1, embeddings), tp 1/2 (heads 2-3, vocabulary rows 128-255)"
 std::string describe_part(const Layout& layout, const nn::GPTConfig& model, int rank, parallel::MeshCoord coord);
 
+// This pipeline stage's whole tensors (tensor-parallel shards joined) on its rank of dp 0 and tp 0
+// (empty elsewhere), in the stage's parameter order; collective over the tp group of replica 0.
+NamedTensors gather_stage(const parallel::Mesh& mesh, const NamedTensors& local, const std::vector<std::string>& suffixes);
+
 // The whole model's tensors in the single-process layout on world rank 0 (empty elsewhere), from
 // every stage's and every tensor-parallel rank's part of replica dp 0. `local` are this rank's
 // tensors under GPT parameter names, optionally with a suffix (".exp_avg"); collective over the

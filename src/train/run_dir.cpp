@@ -9,6 +9,8 @@
 #include <filesystem>
 #include <fstream>
 #include <iostream>
+#include <map>
+#include <thread>
 #include <nlohmann/json.hpp>
 #include <sstream>
 #include <utility>
@@ -22,9 +24,22 @@ namespace tutti::train {
 namespace {
 
 constexpr const char* kStateFormat = "tutti-trainer-state/1";
-// The files of a training checkpoint, each listed in its manifest.
-const std::vector<std::string> kCheckpointFiles = {"config.json", "model.safetensors", "optimizer.safetensors",
-                                                   "trainer_state.json"};
+// The files every training checkpoint lists in its manifest; the model and optimizer state are
+// model.safetensors and optimizer.safetensors, or per pipeline stage model-0000k-of-0000n.safetensors
+// (with transformers' model.safetensors.index.json) and optimizer-0000k-of-0000n.safetensors.
+const std::vector<std::string> kRequiredFiles = {"config.json", "trainer_state.json"};
+constexpr const char* kModelIndex = "model.safetensors.index.json";
+
+std::string shard_marker(int shard) { return "shard-" + std::to_string(shard) + ".done"; }
+
+// The files of `stem` ("model", "optimizer") among a checkpoint's files, in shard order.
+std::vector<std::string> files_of(const std::map<std::string, ckpt::FileDigest>& files, const std::string& stem) {
+  std::vector<std::string> out;
+  for (const auto& [name, digest] : files)
+    if (name == stem + ".safetensors" || (name.rfind(stem + "-", 0) == 0 && name.ends_with(".safetensors")))
+      out.push_back(name);
+  return out;  // std::map: sorted, and the shard numbers are zero-padded
+}
 
 std::string step_name(int64_t step) {
   char buf[32];
@@ -83,8 +98,8 @@ TrainerState read_trainer_state(const fs::path& dir, int64_t& optimizer_steps) {
 
 bool is_checkpoint_dir(const fs::path& p) {
   std::error_code ec;
-  return fs::exists(p / "model.safetensors", ec) || fs::exists(p / ckpt::kManifestFile, ec) ||
-         fs::exists(p / "trainer_state.json", ec);
+  return fs::exists(p / "model.safetensors", ec) || fs::exists(p / kModelIndex, ec) ||
+         fs::exists(p / ckpt::kManifestFile, ec) || fs::exists(p / "trainer_state.json", ec);
 }
 
 bool is_run_dir(const fs::path& p) {
@@ -98,12 +113,34 @@ std::string join(const std::vector<std::string>& parts, const char* sep) {
   return out;
 }
 
-// The writing half of save_checkpoint: everything into `tmp`, manifest last, fsynced.
+// Waits until every other shard's writer has left its marker in `tmp`; throws after `seconds`.
+void wait_for_shards(const fs::path& tmp, int shards, double seconds) {
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::duration<double>(seconds);
+  for (int k = 1; k < shards; ++k) {
+    std::error_code ec;
+    while (!fs::exists(tmp / shard_marker(k), ec)) {
+      TUTTI_CHECK_AS(CheckpointError, std::chrono::steady_clock::now() < deadline, "shard ", k, " of ", shards,
+                     " was not written within ", seconds, " s");
+      std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    }
+  }
+  for (int k = 1; k < shards; ++k) fs::remove(tmp / shard_marker(k));
+}
+
+// The writing half of save_checkpoint: this shard's files into `tmp`; shard 0 also the config,
+// the trainer state and, once every shard is there, the index and the manifest, last, fsynced.
 void write_checkpoint_files(const fs::path& tmp, const CheckpointSnapshot& snap) {
   const TrainerState& state = snap.state;
   fs::create_directories(tmp);
-  ckpt::save_gpt(tmp.string(), snap.config, snap.weights);
-  ckpt::write_safetensors((tmp / "optimizer.safetensors").string(), snap.optimizer_state);
+  const std::string model = ckpt::shard_file_name("model", snap.shard, snap.shards),
+                    optimizer = ckpt::shard_file_name("optimizer", snap.shard, snap.shards);
+  ckpt::write_gpt_tensors((tmp / model).string(), snap.weights);
+  ckpt::write_safetensors((tmp / optimizer).string(), snap.optimizer_state);
+  if (snap.shard > 0) {  // shard 0 commits: tell it this shard is complete
+    ckpt::write_file_atomic((tmp / shard_marker(snap.shard)).string(), "done\n");
+    return;
+  }
+  ckpt::save_gpt_config(tmp.string(), snap.config);
   nlohmann::json j = {{"format", kStateFormat},
                       {"step", state.step},
                       {"optimizer_steps", snap.optimizer_steps},
@@ -112,7 +149,21 @@ void write_checkpoint_files(const fs::path& tmp, const CheckpointSnapshot& snap)
                       {"sample_rng_state", std::to_string(state.sample_rng_state)},
                       {"last_loss", state.last_loss}};
   ckpt::write_file_atomic((tmp / "trainer_state.json").string(), j.dump(2) + "\n");
-  ckpt::write_manifest(tmp.string(), state.step, snap.layout, config_hash(snap.config), kCheckpointFiles);
+  std::vector<std::string> files = kRequiredFiles;
+  if (snap.shards > 1) {
+    wait_for_shards(tmp, snap.shards, snap.shard_wait_seconds);
+    std::vector<std::string> models;
+    for (int k = 0; k < snap.shards; ++k) {
+      models.push_back(ckpt::shard_file_name("model", k, snap.shards));
+      files.push_back(models.back());
+      files.push_back(ckpt::shard_file_name("optimizer", k, snap.shards));
+    }
+    ckpt::write_gpt_index(tmp.string(), models);
+    files.push_back(kModelIndex);
+  } else {
+    files.insert(files.end(), {model, optimizer});
+  }
+  ckpt::write_manifest(tmp.string(), state.step, snap.layout, config_hash(snap.config), files);
   ckpt::fsync_directory(tmp.string());
 }
 
@@ -148,6 +199,7 @@ void CheckpointWriter::submit(CheckpointSnapshot snap) {
     try {
       const auto t0 = std::chrono::steady_clock::now();
       last_ = save_checkpoint(run_dir_, snap, keep_);
+      if (snap.shard > 0) return;  // shard 0 commits, renaming the directory: it times the whole save
       Timing t{snap.state.step, 0, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count()};
       for (const auto& e : fs::directory_iterator(last_))
         if (e.is_regular_file()) t.bytes += static_cast<int64_t>(e.file_size());
@@ -164,6 +216,12 @@ std::string CheckpointWriter::wait() {
   return last_;
 }
 
+void prepare_sharded_save(const std::string& run_dir, int64_t step) {
+  const fs::path tmp = fs::path(run_dir) / "checkpoints" / (step_name(step) + ".tmp");
+  fs::remove_all(tmp);  // a leftover of an interrupted save
+  fs::create_directories(tmp);
+}
+
 std::string save_checkpoint(const std::string& run_dir, const CheckpointSnapshot& snap, int keep) {
   const fs::path checkpoints = fs::path(run_dir) / "checkpoints";
   const std::string name = step_name(snap.state.step);
@@ -172,8 +230,9 @@ std::string save_checkpoint(const std::string& run_dir, const CheckpointSnapshot
   const std::string unchanged = "; the previous checkpoints and 'latest' are unchanged";
   try {
     fs::create_directories(checkpoints);
-    fs::remove_all(tmp);  // a leftover of an interrupted save
+    if (snap.shards == 1) fs::remove_all(tmp);  // a leftover of an interrupted save (sharded: prepare_sharded_save)
     write_checkpoint_files(tmp, snap);
+    if (snap.shard > 0) return tmp.string();  // shard 0 commits
   } catch (const std::exception& e) {
     std::error_code ec;
     fs::remove_all(tmp, ec);  // frees the space a full disk needs back; nothing else to do on error
@@ -237,9 +296,14 @@ CheckpointCheck verify_checkpoint(const std::string& checkpoint_dir) {
     c.problems.push_back(msg);
     return c;
   }
-  for (const std::string& required : kCheckpointFiles)
+  for (const std::string& required : kRequiredFiles)
     if (!c.manifest->files.count(required))
       c.problems.push_back(std::string(ckpt::kManifestFile) + " does not list " + required);
+  for (const char* stem : {"model", "optimizer"})
+    if (files_of(c.manifest->files, stem).empty())
+      c.problems.push_back(std::string(ckpt::kManifestFile) + " does not list " + stem + ".safetensors");
+  if (files_of(c.manifest->files, "model").size() > 1 && !c.manifest->files.count(kModelIndex))
+    c.problems.push_back(std::string(ckpt::kManifestFile) + " does not list " + kModelIndex);
   const int64_t named_step = step_of(dir.filename().string());
   if (named_step >= 0 && named_step != c.manifest->step)
     c.problems.push_back(std::string(ckpt::kManifestFile) + " is of step " + std::to_string(c.manifest->step) +
@@ -358,8 +422,10 @@ LoadedCheckpoint load_checkpoint(const std::string& checkpoint_dir, nn::GPT& mod
                  "checkpoint '", checkpoint_dir, "' holds a model of ", cfg.n_layer, " layers, ", cfg.n_head,
                  " heads, dim ", cfg.n_embd, ", context ", cfg.block_size, "; the run expects ", want.n_layer,
                  " layers, ", want.n_head, " heads, dim ", want.n_embd, ", context ", want.block_size);
-  LoadedCheckpoint loaded{s, ckpt::read_safetensors((dir / "optimizer.safetensors").string()).tensors, opt_steps,
-                          manifest};
+  LoadedCheckpoint loaded{s, {}, opt_steps, manifest};
+  for (const std::string& file : files_of(manifest.files, "optimizer"))
+    for (auto& named : ckpt::read_safetensors((dir / file).string()).tensors)
+      loaded.optimizer_state.push_back(std::move(named));
   ckpt::load_gpt_weights(checkpoint_dir, model);
   return loaded;
 }
@@ -403,7 +469,12 @@ CheckpointReport inspect_checkpoint(const std::string& checkpoint_dir) {
       r.problems.push_back("config.json: does not match the manifest's config hash");
   });
   attempt("trainer_state.json", [&] { r.state = read_trainer_state(dir, r.optimizer_steps); });
-  for (const char* file : {"model.safetensors", "optimizer.safetensors"}) {
+  std::vector<std::string> tensor_files = {"model.safetensors", "optimizer.safetensors"};
+  if (r.check.manifest) {
+    tensor_files = files_of(r.check.manifest->files, "model");
+    for (const std::string& f : files_of(r.check.manifest->files, "optimizer")) tensor_files.push_back(f);
+  }
+  for (const std::string& file : tensor_files) {
     attempt(file, [&] {
       TensorFileInfo info{file, {}};
       for (auto& [name, t] : ckpt::read_safetensors((dir / file).string()).tensors)

@@ -2,6 +2,7 @@
 
 #include <unistd.h>
 
+#include <algorithm>
 #include <array>
 #include <atomic>
 #include <condition_variable>
@@ -9,6 +10,7 @@
 #include <thread>
 #include <chrono>
 #include <cstdlib>
+#include <cstring>
 #include <set>
 #include <sstream>
 #include <cmath>
@@ -256,10 +258,9 @@ class Run {
       replica_->load_optimizer_state(shards_of(loaded.optimizer_state, model_, kMoments), loaded.optimizer_steps);
       log_ << "resumed from " << result_.checkpoint << " at step " << state_.step << "\n";
     }
-    if (lead_) {
-      metrics_.open(fs::path(config.out) / "metrics.jsonl", std::ios::app);
+    if (lead_) metrics_.open(fs::path(config.out) / "metrics.jsonl", std::ios::app);
+    if (coord_.dp == 0 && coord_.tp == 0)  // each pipeline stage writes its shard
       writer_ = std::make_unique<CheckpointWriter>(config.out, config.keep_checkpoints);
-    }
     print_header();
   }
 
@@ -281,10 +282,8 @@ class Run {
       if (state_.step % config_.checkpoint_interval == 0 || state_.step == config_.steps || out.time_for_checkpoint)
         checkpoint();
     }
-    if (writer_) {
-      result_.checkpoint = writer_->wait();
-      log_checkpoint_timing();
-    }
+    if (writer_) result_.checkpoint = writer_->wait();
+    if (lead_) log_checkpoint_timing();
     const double total = std::chrono::duration<double>(Clock::now() - run_start).count();
     result_.steps = state_.step;
     result_.tokens_per_second = total > 0 ? double(tokens_per_step_ * (result_.steps - first_step)) / total : 0.0;
@@ -408,27 +407,46 @@ class Run {
                << "\n" << std::flush;
   }
 
-  // The whole model's weights and optimizer moments in the single-process layout on rank 0
-  // (collective: ZeRO shards, pipeline stages and tensor-parallel shards are gathered).
-  std::pair<NamedTensors, NamedTensors> gather_state() {
+  // This rank's weights (CPU copies) and optimizer moments (gathered from the ZeRO shards:
+  // collective over the replicas), under single-process names.
+  std::pair<NamedTensors, NamedTensors> local_state() {
     NamedTensors weights = model_.named_parameters(), moments = replica_->optimizer_state();
     for (auto& [name, t] : weights) t = t.to(Device::cpu()).clone();
-    const nn::GPTConfig model = config_.model();
-    return {gather_whole(mesh_, weights, model, {""}), gather_whole(mesh_, moments, model, kMoments)};
+    return {std::move(weights), std::move(moments)};
   }
 
-  // Rank 0 writes the gathered state in the background.
+  // Every stage's writer (dp 0, tp 0) gathers its stage's whole tensors and writes them in the
+  // background, all stages at once into one directory; rank 0 commits it when every shard is in.
   void checkpoint() {
-    auto [weights, moments] = gather_state();
+    auto [weights, moments] = local_state();
+    weights = gather_stage(mesh_, weights, {""});
+    moments = gather_stage(mesh_, moments, kMoments);
+    const parallel::MeshShape& m = layout_.mesh;
+    if (m.pp > 1) {
+      if (pipeline_.last()) drop_tied_copy(weights, moments);  // stage 0 writes wte
+      if (writer_) writer_->wait();  // this stage's previous shard is written (rank 0: committed)
+      if (lead_) prepare_sharded_save(config_.out, state_.step);
+      world_.barrier()->wait();
+    }
+    if (writer_) {
+      CheckpointSnapshot snap{config_.model(), std::move(weights), std::move(moments), replica_->steps_taken(), state_,
+                              {m.dp, m.pp, m.tp, m.dp > 1 ? config_.zero : 0, world_.size()}};
+      snap.shard = coord_.pp;
+      snap.shards = m.pp;
+      snap.shard_wait_seconds = std::max(600, config_.comm_timeout);
+      writer_->submit(std::move(snap));
+    }
     if (lead_) {
-      const parallel::MeshShape& m = layout_.mesh;
-      const ckpt::CheckpointLayout layout{m.dp, m.pp, m.tp, m.dp > 1 ? config_.zero : 0, world_.size()};
-      writer_->submit(CheckpointSnapshot{config_.model(), std::move(weights), std::move(moments),
-                                         replica_->steps_taken(), state_, layout});
       progress_->line() << "checkpoint of step " << state_.step << " (written in the background)\n" << std::flush;
       log_checkpoint_timing();
     }
     last_checkpoint_ = Clock::now();
+  }
+
+  static void drop_tied_copy(NamedTensors& weights, NamedTensors& moments) {
+    auto tied = [](const auto& named) { return named.first.rfind("wte.weight", 0) == 0; };
+    std::erase_if(weights, tied);
+    std::erase_if(moments, tied);
   }
 
   // The cost of the last background write, once, in metrics.jsonl.
@@ -544,7 +562,7 @@ class Run {
   void print_sample() {
     std::unique_ptr<nn::GPT> gathered;
     if (!model_.whole()) {
-      NamedTensors weights = gather_state().first;
+      NamedTensors weights = gather_whole(mesh_, local_state().first, config_.model(), {""});
       if (!lead_) return;
       gathered = std::make_unique<nn::GPT>(config_.model());
       auto params = gathered->named_parameters();
@@ -583,7 +601,7 @@ class Run {
   TrainerState state_;
   TrainResult result_;
   std::ofstream metrics_;
-  std::unique_ptr<CheckpointWriter> writer_;  // rank 0 writes checkpoints in the background
+  std::unique_ptr<CheckpointWriter> writer_;  // a stage's dp 0, tp 0 rank writes its shard in the background
   Progress* progress_ = nullptr;
   Clock::time_point last_checkpoint_;
   int bad_in_row_ = 0;

@@ -17,11 +17,28 @@ void save_gpt(const std::string& dir, const nn::GPT& model);
 void save_gpt(const std::string& dir, const nn::GPTConfig& config,
               const std::vector<std::pair<std::string, Tensor>>& parameters);
 
+// Writes config.json (transformers' GPT2Config) into the existing directory `dir`, atomically.
+void save_gpt_config(const std::string& dir, const nn::GPTConfig& config);
+
+// Model parallelism writes one file per pipeline stage, named as transformers names shards:
+// `stem`.safetensors for a single shard, else `stem`-00002-of-00004.safetensors (shard 1 of 4).
+std::string shard_file_name(const std::string& stem, int shard, int shards);
+// Writes `parameters` (GPT::named_parameters() names) to the safetensors file `path`, with the
+// "transformer." prefix.
+void write_gpt_tensors(const std::string& path, const std::vector<std::pair<std::string, Tensor>>& parameters);
+// Writes `dir`/model.safetensors.index.json (transformers' index of a sharded model: every
+// tensor's file, and the total size) for the model shard files `files` in `dir`.
+void write_gpt_index(const std::string& dir, const std::vector<std::string>& files);
+// Every tensor of the model in `dir` (names with the "transformer." prefix as written):
+// model.safetensors, or the shards model.safetensors.index.json names.
+std::vector<std::pair<std::string, Tensor>> read_gpt_tensors(const std::string& dir);
+
 // Reads config.json of a checkpoint directory. Throws CheckpointError on a missing file, bad
 // JSON, a model_type other than gpt2, or values GPTConfig::validate rejects.
 nn::GPTConfig load_gpt_config(const std::string& dir);
 
-// Copies model.safetensors into `model` after checking every name and shape. Accepts names with
+// Copies model.safetensors (or its shards) into `model` after checking every name and shape against
+// the whole model; a part of a model (GPTPartition) takes its layers and tensor-parallel shards. Accepts names with
 // or without the "transformer." prefix; ignores the non-persistent buffers "attn.bias" and
 // "attn.masked_bias", and "lm_head.weight" (tied to wte). Missing or extra tensors, wrong shapes
 // or dtypes other than F32 throw CheckpointError naming the tensor.

@@ -35,6 +35,9 @@ using NamedTensors = std::vector<std::pair<std::string, Tensor>>;
 
 // Everything a checkpoint holds, copied out of the training state so that it can be written while
 // training goes on.
+// Under pipeline parallelism every stage writes its own shard (shard of shards) of the weights and
+// optimizer state, whole tensors in the single-process layout, into the same directory at once;
+// shard 0 commits the checkpoint when every shard is there.
 struct CheckpointSnapshot {
   nn::GPTConfig config;
   NamedTensors weights;          // GPT::named_parameters() names, copies on the CPU
@@ -42,6 +45,8 @@ struct CheckpointSnapshot {
   int64_t optimizer_steps = 0;
   TrainerState state;
   ckpt::CheckpointLayout layout;  // the job that writes it, recorded in the manifest
+  int shard = 0, shards = 1;      // this writer's pipeline stage, and the number of stages
+  double shard_wait_seconds = 600;  // shard 0 waits this long for the others' files
 };
 CheckpointSnapshot snapshot(const nn::GPT& model, NamedTensors optimizer_state, int64_t optimizer_steps,
                             const TrainerState& state, const ckpt::CheckpointLayout& layout = {});
@@ -55,6 +60,10 @@ std::string config_hash(const nn::GPTConfig& config);
 // is removed, the previous checkpoints and `latest` are left as they were, and CheckpointError
 // says what failed.
 std::string save_checkpoint(const std::string& run_dir, const CheckpointSnapshot& snapshot, int keep);
+
+// Before a sharded save (shards > 1) of checkpoint `step`, on the writer of shard 0 and before any
+// other writer starts: an empty temporary directory for the shards (a leftover is removed).
+void prepare_sharded_save(const std::string& run_dir, int64_t step);
 
 // Writes checkpoints on a background thread, one at a time: submit() waits for the previous
 // write (rethrowing its error) and starts the next. The destructor waits too.
