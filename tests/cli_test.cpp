@@ -85,7 +85,21 @@ TEST(Cli, BadConfig) {
   expect_one_line_error(run_tutti("train --heads 3 --dim 128 --out " + out.string()), "must divide");
   expect_one_line_error(run_tutti("train --decay linear --out " + out.string()), "linear");
   expect_one_line_error(run_tutti("train --steps 12x --out " + out.string()), "12x");
+  expect_one_line_error(run_tutti("train --device gpu --out " + out.string()), "cpu, cuda or cuda:N, got 'gpu'");
+  expect_one_line_error(run_tutti("train --device cuda:99 --out " + out.string()), "--device cuda:99: no ");
+  expect_one_line_error(run_tutti("train --vocab 100 --out " + out.string()), "vocab 100 is smaller than the 256");
   EXPECT_FALSE(fs::exists(out));
+}
+
+// --data synthetic: random tokens of any vocabulary, for speed runs of models like GPT-2's.
+TEST(Cli, SyntheticTokens) {
+  const fs::path out = scratch() / "synthetic";
+  Result r = run_tutti("train --data synthetic --vocab 1000 --layers 1 --heads 2 --dim 16 --context 8 --batch 2 "
+                       "--steps 2 --eval-batches 1 --threads 1 --out " + out.string());
+  ASSERT_EQ(r.code, 0) << r.err;
+  EXPECT_NE(r.out.find("val loss 6.9"), std::string::npos) << r.out;  // ln(1000) = 6.91: uniform tokens
+  EXPECT_EQ(r.out.find("--- sample"), std::string::npos) << "no sample of random tokens: " << r.out;
+  EXPECT_NE(slurp(out / "checkpoints" / "step_00000002" / "config.json").find("\"vocab_size\": 1000"), std::string::npos);
 }
 
 TEST(Cli, ConfigFileAndFlagsCombine) {

@@ -153,3 +153,27 @@ TEST(Trainer, NonFiniteStepsAreSkippedAndTooManyRollBack) {
   EXPECT_EQ(step5, 2) << "steps 5-8 run again after the rollback";
   fs::remove_all(dir);
 }
+
+// On a GPU (skipped without one): fp32 training follows the CPU's losses, and a checkpoint written
+// on the GPU resumes on the CPU and the other way round.
+TEST(TrainerCuda, MatchesTheCpuAndCheckpointsMoveBetweenDevices) {
+  if (!device_available(Device::cuda(0))) GTEST_SKIP() << "no CUDA GPU";
+  const fs::path cpu_dir = temp_dir("cpu_ref"), gpu_dir = temp_dir("gpu");
+  train::TrainConfig cpu = tiny_run(cpu_dir, 10), gpu = tiny_run(gpu_dir, 10);
+  gpu.device = "cuda";
+  run(cpu, false);
+  run(gpu, false);
+  const auto a = step_losses(cpu_dir), b = step_losses(gpu_dir);
+  ASSERT_EQ(a.size(), b.size());
+  for (const auto& [step, loss] : a)
+    EXPECT_NEAR(std::stod(b.at(step)), std::stod(loss), 1e-4 * std::stod(loss)) << "step " << step;
+  train::TrainConfig onward = tiny_run(gpu_dir, 12);  // written on the GPU, resumed on the CPU
+  run(onward, true);
+  train::TrainConfig back = tiny_run(cpu_dir, 12);  // written on the CPU, resumed on the GPU
+  back.device = "cuda";
+  run(back, true);
+  const auto c = step_losses(gpu_dir), d = step_losses(cpu_dir);
+  for (int step : {11, 12}) EXPECT_NEAR(std::stod(c.at(step)), std::stod(d.at(step)), 1e-4 * std::stod(d.at(step)));
+  fs::remove_all(cpu_dir);
+  fs::remove_all(gpu_dir);
+}

@@ -35,11 +35,18 @@ MappedFile::~MappedFile() {
   if (data_) ::munmap(const_cast<uint8_t*>(data_), size_);
 }
 
-TokenDataset::TokenDataset(const std::string& path, int context, double val_fraction)
-    : path_(path), file_(std::make_unique<MappedFile>(path)), context_(context) {
+namespace {
+constexpr int64_t kSyntheticTokens = int64_t{1} << 40;  // as many as a run could want
+}
+
+TokenDataset::TokenDataset(const std::string& path, int context, double val_fraction, int vocab)
+    : path_(path), file_(path == "synthetic" ? nullptr : std::make_unique<MappedFile>(path)), context_(context),
+      vocab_(vocab) {
   TUTTI_CHECK_AS(DataError, context > 0, "context must be positive, got ", context);
   TUTTI_CHECK_AS(DataError, val_fraction > 0 && val_fraction < 1, "validation fraction must be in (0, 1), got ",
                  val_fraction);
+  TUTTI_CHECK_AS(DataError, vocab >= 2, "vocabulary must have at least 2 tokens, got ", vocab);
+  if (!file_) return;
   val_begin_ = static_cast<size_t>(static_cast<double>(file_->size()) * (1.0 - val_fraction));
   for (Split s : {Split::train, Split::val})
     TUTTI_CHECK_AS(DataError, tokens(s) >= context + 1, "data file '", path, "' (", file_->size(), " bytes) is too short: the ",
@@ -48,18 +55,31 @@ TokenDataset::TokenDataset(const std::string& path, int context, double val_frac
 }
 
 int64_t TokenDataset::tokens(Split split) const {
+  if (!file_) return kSyntheticTokens;
   return static_cast<int64_t>(split == Split::train ? val_begin_ : file_->size() - val_begin_);
 }
 
 Batch TokenDataset::batch(Split split, uint64_t seed, uint64_t step, int64_t first, int count) const {
   TUTTI_CHECK_AS(InvalidArgument, count > 0 && first >= 0, "batch of ", count, " samples from ", first,
                  ": count must be positive and first non-negative");
-  const uint8_t* base = file_->data() + (split == Split::train ? 0 : val_begin_);
-  const uint64_t windows = static_cast<uint64_t>(tokens(split) - context_);  // valid start offsets
   const uint64_t split_bit = split == Split::train ? 0 : (1ull << 62);
   Batch b{Tensor::empty({count, context_}, DType::i32), Tensor::empty({count, context_}, DType::i32)};
   int32_t* x = b.inputs.data<int32_t>();
   int32_t* y = b.targets.data<int32_t>();
+  if (!file_) {  // synthetic: context + 1 random tokens per sample
+    for (int i = 0; i < count; ++i) {
+      Rng rng = Rng::stream(seed, step, split_bit | static_cast<uint64_t>(first + i));
+      int32_t prev = static_cast<int32_t>(rng.below(uint64_t(vocab_)));
+      for (int t = 0; t < context_; ++t) {
+        const int32_t next = static_cast<int32_t>(rng.below(uint64_t(vocab_)));
+        x[int64_t(i) * context_ + t] = prev;
+        y[int64_t(i) * context_ + t] = prev = next;
+      }
+    }
+    return b;
+  }
+  const uint8_t* base = file_->data() + (split == Split::train ? 0 : val_begin_);
+  const uint64_t windows = static_cast<uint64_t>(tokens(split) - context_);  // valid start offsets
   for (int i = 0; i < count; ++i) {
     Rng rng = Rng::stream(seed, step, split_bit | static_cast<uint64_t>(first + i));
     const uint8_t* w = base + rng.below(windows);

@@ -47,6 +47,10 @@ void TrainConfig::validate() const {
   TUTTI_CHECK_AS(ConfigError, beta2 >= 0 && beta2 < 1, "beta2 must be in [0, 1), got ", beta2);
   TUTTI_CHECK_AS(ConfigError, decay == "cosine" || decay == "constant", "decay must be cosine or constant, got '",
                  decay, "'");
+  TUTTI_CHECK_AS(ConfigError, vocab >= 2, "vocab must be at least 2, got ", vocab);
+  TUTTI_CHECK_AS(ConfigError, data == "synthetic" || vocab >= 256, "vocab ", vocab,
+                 " is smaller than the 256 byte values of a data file (use --data synthetic for other vocabularies)");
+  compute_device();
   TUTTI_CHECK_AS(ConfigError, !data.empty(), "data path is empty");
   TUTTI_CHECK_AS(ConfigError, !out.empty(), "output directory is empty");
 }
@@ -57,8 +61,21 @@ nn::GPTConfig TrainConfig::model() const {
   m.n_head = heads;
   m.n_embd = dim;
   m.block_size = context;
-  m.vocab_size = 256;
+  m.vocab_size = vocab;
   return m;
+}
+
+Device TrainConfig::compute_device() const {
+  if (device == "cpu") return Device::cpu();
+  if (device == "cuda") return Device::cuda(0);
+  int index = -1;
+  const char* digits = device.c_str() + 5;
+  if (device.rfind("cuda:", 0) == 0 && *digits) {
+    const auto [end, ec] = std::from_chars(digits, device.c_str() + device.size(), index);
+    if (ec != std::errc() || *end) index = -1;
+  }
+  TUTTI_CHECK_AS(ConfigError, index >= 0, "device must be cpu, cuda or cuda:N, got '", device, "'");
+  return Device::cuda(index);
 }
 
 namespace {
@@ -107,7 +124,9 @@ std::vector<Setting> settings(TrainConfig& c) {
       number("heads", "attention heads per block (must divide dim)", c.heads),
       number("dim", "embedding width", c.dim),
       number("context", "context length in tokens (bytes)", c.context),
-      text("data", "training text; the last 10% of its bytes is the validation split", c.data),
+      number("vocab", "vocabulary size (256 for the bytes of a data file; e.g. 50304 with --data synthetic)", c.vocab),
+      text("data", "training text (the last 10% of its bytes is the validation split), or synthetic: random "
+           "tokens for speed runs", c.data),
       text("out", "output directory of the run (checkpoints, run.toml, metrics.jsonl)", c.out),
       number("batch", "global batch: sequences per optimizer step over all ranks (also --global-batch)", c.batch),
       number("steps", "optimizer steps", c.steps),
@@ -128,6 +147,7 @@ std::vector<Setting> settings(TrainConfig& c) {
       number("keep_checkpoints", "how many recent checkpoints to keep", c.keep_checkpoints),
       number("log_interval", "log a line every N steps when not on a terminal", c.log_interval),
       number("sample_tokens", "tokens of the sample printed at the end (0: none)", c.sample_tokens),
+      text("device", "where the model trains: cpu, cuda or cuda:N (one GPU per process)", c.device),
       number("threads", "compute threads per rank (0: every core)", c.threads),
       number("dp", "data-parallel replicas (0: the world size of the MPI launch / (pp x tp))", c.dp),
       number("pp", "pipeline stages: the blocks cut into pp stages balanced by their cost", c.pp),

@@ -219,12 +219,13 @@ class Run {
         mesh_(world, layout_.mesh), coord_{mesh_.dp_rank(), mesh_.pp_rank(), mesh_.tp_rank()},
         lead_(world.rank() == 0), log_(!lead_ ? null_stream_ : options.log ? *options.log : std::cout),
         dataset_((set_num_threads(config.threads > 0 ? config.threads : hardware_threads()),
-                  data::TokenDataset(config.data, config.context))),  // before touching the output directory
+                  data::TokenDataset(config.data, config.context, 0.1, config.vocab))),  // before the output directory
+        device_(config.compute_device()),
         model_(config.model(), partition_of(layout_, coord_, &mesh_.tp_group())),
-        pipeline_(mesh_.pp_group(), {layout_.micro, config.context, config.dim}, Device::cpu(), layout_.schedule,
+        pipeline_(mesh_.pp_group(), {layout_.micro, config.context, config.dim}, device_, layout_.schedule,
                   layout_.micro_batches),
-        eval_pipeline_(mesh_.pp_group(), {config.batch, config.context, config.dim}, Device::cpu(),
-                       parallel::Schedule::gpipe, 1),
+        eval_pipeline_(mesh_.pp_group(), {config.batch, config.context, config.dim}, device_, parallel::Schedule::gpipe,
+                       1),
         // The first and last stages of one (dp, tp) position: the tied wte's two copies.
         tied_(layout_.mesh.pp > 1 ? world.split(2 * (coord_.dp * layout_.mesh.tp + coord_.tp) +
                                                     (pipeline_.first() || pipeline_.last() ? 0 : 1),
@@ -239,6 +240,7 @@ class Run {
     mesh_.set_timeout(std::chrono::seconds(config.comm_timeout));
     Rng init_rng(static_cast<uint64_t>(config.seed));
     model_.init_weights(init_rng);
+    model_.to(device_);
     state_.seed = config.seed;
     state_.data_path = config.data;
     state_.sample_rng_state = static_cast<uint64_t>(config.seed) * 0x9E3779B97F4A7C15ull + 1;
@@ -288,7 +290,7 @@ class Run {
     result_.steps = state_.step;
     result_.tokens_per_second = total > 0 ? double(tokens_per_step_ * (result_.steps - first_step)) / total : 0.0;
     print_parallel_summary();
-    if (config_.sample_tokens > 0) print_sample();
+    if (config_.sample_tokens > 0 && !dataset_.synthetic()) print_sample();  // no text to continue
     progress_ = nullptr;
     return result_;
   }
@@ -319,7 +321,7 @@ class Run {
       const int64_t first = int64_t{coord_.dp} * layout_.per_rank + int64_t{m} * layout_.micro;
       data::Batch batch = dataset_.batch(data::Split::train, static_cast<uint64_t>(config_.seed),
                                          static_cast<uint64_t>(step), first, layout_.micro);
-      return model_.forward_part(pipeline_.first() ? batch.inputs : input, batch.targets);
+      return model_.forward_part(pipeline_.first() ? batch.inputs.to(device_) : input, batch.targets.to(device_));
     };
     double loss_sum = pipeline_.train_step(forward, [&] { replica_->begin_sync(); });
     replica_->end_sync();  // the replicas' mean gradient
@@ -370,7 +372,7 @@ class Run {
                                      static_cast<uint64_t>(i));
       const double loss = eval_pipeline_.forward_only(
           [&](int, const Tensor& input) {
-            return model_.forward_part(eval_pipeline_.first() ? b.inputs : input, b.targets);
+            return model_.forward_part(eval_pipeline_.first() ? b.inputs.to(device_) : input, b.targets.to(device_));
           },
           1);
       if (reports_loss_) total += loss;
@@ -412,6 +414,7 @@ class Run {
   std::pair<NamedTensors, NamedTensors> local_state() {
     NamedTensors weights = model_.named_parameters(), moments = replica_->optimizer_state();
     for (auto& [name, t] : weights) t = t.to(Device::cpu()).clone();
+    for (auto& [name, t] : moments) t = t.to(Device::cpu());
     return {std::move(weights), std::move(moments)};
   }
 
@@ -504,7 +507,8 @@ class Run {
   void print_header() {
     log_ << "tutti train: " << config_.model().num_parameters() << " parameters (" << config_.layers << " layers, "
          << config_.heads << " heads, dim " << config_.dim << ", context " << config_.context << "), "
-         << tokens_per_step_ << " tokens/step, " << num_threads() << " threads, data " << config_.data << " ("
+         << tokens_per_step_ << " tokens/step, " << (device_.is_cpu() ? std::to_string(num_threads()) + " threads"
+                                                       : device_.str()) << ", data " << config_.data << " ("
          << dataset_.tokens(data::Split::train) << " train / " << dataset_.tokens(data::Split::val)
          << " val tokens), out " << config_.out << "\n";
     if (world_.size() == 1 && layout_.micro_batches == 1) return;
@@ -588,6 +592,7 @@ class Run {
   std::ostream null_stream_{nullptr};
   std::ostream& log_;
   data::TokenDataset dataset_;
+  const Device device_;
   nn::GPT model_;
   parallel::Pipeline pipeline_, eval_pipeline_;
   std::unique_ptr<comm::Communicator> tied_;  // pp > 1: the stages holding a copy of wte
@@ -618,6 +623,15 @@ TrainResult run_training(const TrainConfig& config, const TrainOptions& options)
   comm::Communicator& world = options.world ? *options.world : *own_world;
   world.set_timeout(std::chrono::seconds(config.comm_timeout));
   plan_layout(config, world.size());  // settings errors before any collective or allocation
+  const Device device = config.compute_device();
+  if (device.is_cuda()) {
+    TUTTI_CHECK_AS(ConfigError, device_available(device), "--device ", config.device, ": ",
+                   device_available(Device::cuda(0)) ? "no such GPU on this machine"
+                                                     : "no CUDA GPU here, or tutti was built without CUDA (cmake -DTUTTI_CUDA=ON)",
+                   "; use --device cpu");
+    TUTTI_CHECK_AS(ConfigError, world.size() == 1, "--device ", config.device, " trains in one process for now: "
+                   "collectives between GPUs (NCCL) are not implemented yet; launch without mpirun");
+  }
   check_same_config(world, config);
   return Run(config, options, world).train();
 }

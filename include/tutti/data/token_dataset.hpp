@@ -34,8 +34,11 @@ struct Batch {
 
 class TokenDataset {
  public:
-  // Throws DataError when a split is shorter than context + 1 tokens.
-  TokenDataset(const std::string& path, int context, double val_fraction = 0.1);
+  // Throws DataError when a split is shorter than context + 1 tokens. The path "synthetic" is no
+  // file: uniformly random tokens in [0, vocab) drawn from the same (seed, step, sample) streams
+  // (speed runs of models with any vocabulary).
+  TokenDataset(const std::string& path, int context, double val_fraction = 0.1, int vocab = 256);
+  bool synthetic() const { return !file_; }
   const std::string& path() const { return path_; }
   int64_t tokens(Split split) const;
   // Random windows for training step `step` (or evaluation batch `step`): samples
@@ -50,6 +53,7 @@ class TokenDataset {
   std::string path_;
   std::unique_ptr<MappedFile> file_;
   int context_;
+  int vocab_;
   size_t val_begin_;
 };
 

@@ -17,8 +17,9 @@ struct TrainConfig {
   int heads = 4;
   int dim = 128;
   int context = 64;
+  int vocab = 256;  // tokens: bytes of a data file (256), or a synthetic stream of any size
   // data and output
-  std::string data = "data/tinyshakespeare.txt";
+  std::string data = "data/tinyshakespeare.txt";  // or "synthetic": random tokens (speed runs)
   std::string out = "runs/shakespeare";
   // optimisation
   int batch = 12;  // the global batch: sequences per optimizer step, over all ranks
@@ -42,6 +43,7 @@ struct TrainConfig {
   int log_interval = 50;
   int sample_tokens = 300;
   // machine and parallelism
+  std::string device = "cpu";  // cpu | cuda | cuda:N
   int threads = 0;         // 0: every core
   int dp = 0;              // data-parallel replicas; 0: the world size / (pp x tp)
   int pp = 1;              // pipeline stages
@@ -57,6 +59,7 @@ struct TrainConfig {
   // Throws ConfigError naming the first bad value.
   void validate() const;
   nn::GPTConfig model() const;
+  Device compute_device() const;  // `device` parsed; throws ConfigError naming a bad one
 };
 
 // One named setting bound to a field of a TrainConfig.
