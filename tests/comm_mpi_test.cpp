@@ -444,9 +444,6 @@ TEST(CommSpeed, AllReduceTimes) {
   }
 }
 
-// ---- main: every rank runs the suite, rank 0 reports ------------------------------------------
-
-// On ranks other than 0: prints only failures, prefixed with the rank.
 }  // namespace
 }  // namespace tutti
 

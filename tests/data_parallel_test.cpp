@@ -104,19 +104,12 @@ TEST_F(DataParallel, ZeroOneShardsTheOptimizerState) {
 
 TEST_F(DataParallel, BadLaunchesFailOnEveryRankWithoutHanging) {
   const std::string out = " --steps 2 --out " + (scratch() / "never").string();
-  auto every_rank_says = [](const Result& r, int np, const std::string& what) {
-    EXPECT_NE(r.code, 0);
-    for (int rank = 0; rank < np; ++rank)
-      EXPECT_NE(r.err.find("(rank " + std::to_string(rank) + " of " + std::to_string(np) + "): "), std::string::npos)
-          << r.err;
-    EXPECT_NE(r.err.find(what), std::string::npos) << r.err;
-  };
-  every_rank_says(train(2, "--dp 3" + out), 2, "dp 3 does not match the 2 ranks");
-  every_rank_says(train(4, "--batch 6" + out), 4, "global batch 6 is not divisible by dp 4");
-  every_rank_says(train(2, "--micro-batch 3" + out), 2, "not divisible into micro-batches of 3");
+  expect_every_rank_says(train(2, "--dp 3" + out), 2, "dp 3 does not match the 2 ranks");
+  expect_every_rank_says(train(4, "--batch 6" + out), 4, "global batch 6 is not divisible by dp 4");
+  expect_every_rank_says(train(2, "--micro-batch 3" + out), 2, "not divisible into micro-batches of 3");
   // Different settings on the two ranks (MPMD launch): the configuration hash differs.
   const std::string cmd = std::string(TUTTI_CLI) + " train" + kTiny + out;
   Result mixed = shell(kMpirun + "-np 1 " + cmd + " --lr 0.001 : -np 1 " + cmd + " --lr 0.002");
-  every_rank_says(mixed, 2, "differs between ranks");
+  expect_every_rank_says(mixed, 2, "differs between ranks");
   EXPECT_FALSE(fs::exists(scratch() / "never"));
 }

@@ -106,19 +106,12 @@ TEST_F(ModelParallel, CheckpointsMoveBetweenLayouts) {
 
 TEST_F(ModelParallel, BadLayoutsFailOnEveryRankBeforeStarting) {
   const std::string out = " --steps 2 --out " + (scratch() / "never").string();
-  auto every_rank_says = [](const Result& r, int np, const std::string& what) {
-    EXPECT_NE(r.code, 0);
-    for (int rank = 0; rank < np; ++rank)
-      EXPECT_NE(r.err.find("(rank " + std::to_string(rank) + " of " + std::to_string(np) + "): "), std::string::npos)
-          << r.err;
-    EXPECT_NE(r.err.find(what), std::string::npos) << r.err;
-  };
-  every_rank_says(train(3, "--tp 3" + out), 3, "tp 3 does not divide the 4 heads");
-  every_rank_says(train(4, "--pp 4 --layers 2" + out), 4, "pp 4 needs at least as many layers; the model has 2");
-  every_rank_says(train(2, "--pp 2 --tp 2" + out), 2, "pp 2 x tp 2 = 4 does not divide the 2 ranks");
-  every_rank_says(train(4, "--dp 1 --tp 2" + out), 4, "dp 1 x pp 1 x tp 2 = 2 does not match the 4 ranks");
-  every_rank_says(train(4, "--dp 2 --pp 2 --zero 2" + out), 4, "zero 2 (sharded gradients) does not combine with pp 2");
-  every_rank_says(train(2, "--pp 2 --schedule zigzag" + out), 2, "schedule must be gpipe or 1f1b, got 'zigzag'");
+  expect_every_rank_says(train(3, "--tp 3" + out), 3, "tp 3 does not divide the 4 heads");
+  expect_every_rank_says(train(4, "--pp 4 --layers 2" + out), 4, "pp 4 needs at least as many layers; the model has 2");
+  expect_every_rank_says(train(2, "--pp 2 --tp 2" + out), 2, "pp 2 x tp 2 = 4 does not divide the 2 ranks");
+  expect_every_rank_says(train(4, "--dp 1 --tp 2" + out), 4, "dp 1 x pp 1 x tp 2 = 2 does not match the 4 ranks");
+  expect_every_rank_says(train(4, "--dp 2 --pp 2 --zero 2" + out), 4, "zero 2 (sharded gradients) does not combine with pp 2");
+  expect_every_rank_says(train(2, "--pp 2 --schedule zigzag" + out), 2, "schedule must be gpipe or 1f1b, got 'zigzag'");
   EXPECT_FALSE(fs::exists(scratch() / "never"));
   // Fewer micro-batches than stages runs, with a warning about the bubble.
   Result few = train(2, "--pp 2 --micro-batches 1 --steps 1 --out " + (scratch() / "few").string());

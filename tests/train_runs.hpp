@@ -54,6 +54,15 @@ inline void expect_same_losses(const fs::path& a, const fs::path& b, int first_s
   }
 }
 
+// A failed launch whose every rank printed its error ("(rank r of np): ...") including `what`.
+inline void expect_every_rank_says(const Result& r, int np, const std::string& what) {
+  EXPECT_NE(r.code, 0);
+  for (int rank = 0; rank < np; ++rank)
+    EXPECT_NE(r.err.find("(rank " + std::to_string(rank) + " of " + std::to_string(np) + "): "), std::string::npos)
+        << r.err;
+  EXPECT_NE(r.err.find(what), std::string::npos) << r.err;
+}
+
 inline fs::path checkpoint_of(const fs::path& run, int step) {
   char name[32];
   std::snprintf(name, sizeof name, "step_%08d", step);
