@@ -103,7 +103,9 @@ int run_train(const TrainArgs& args, comm::Communicator& world) {
   train::TrainResult r = train::run_training(config, options);
   if (world.rank() != 0) return 0;
   std::cout << "done: " << r.steps << " steps, train loss " << r.train_loss << ", val loss " << r.val_loss << ", "
-            << static_cast<int64_t>(r.tokens_per_second) << " tok/s, checkpoint " << r.checkpoint << "\n";
+            << static_cast<int64_t>(r.tokens_per_second) << " tok/s over the run";
+  if (r.step_tokens_per_second > 0) std::cout << " (" << static_cast<int64_t>(r.step_tokens_per_second) << " at the median step)";
+  std::cout << ", checkpoint " << r.checkpoint << "\n";
   return 0;
 }
 

@@ -289,6 +289,11 @@ class Run {
     const double total = std::chrono::duration<double>(Clock::now() - run_start).count();
     result_.steps = state_.step;
     result_.tokens_per_second = total > 0 ? double(tokens_per_step_ * (result_.steps - first_step)) / total : 0.0;
+    if (step_seconds_.size() > 1) {  // the median step, the first (warm-up) left out
+      std::vector<double> t(step_seconds_.begin() + 1, step_seconds_.end());
+      std::nth_element(t.begin(), t.begin() + std::ptrdiff_t(t.size() / 2), t.end());
+      result_.step_tokens_per_second = double(tokens_per_step_) / t[t.size() / 2];
+    }
     print_parallel_summary();
     if (config_.sample_tokens > 0 && !dataset_.synthetic()) print_sample();  // no text to continue
     progress_ = nullptr;
@@ -382,6 +387,7 @@ class Run {
   }
 
   void log_step(double loss, float lr, double norm, bool bad, double secs) {
+    step_seconds_.push_back(secs);
     const double rate = double(tokens_per_step_) / secs;
     tokens_per_second_ = tokens_per_second_ == 0.0 ? rate : 0.9 * tokens_per_second_ + 0.1 * rate;
     if (lead_) {
@@ -540,15 +546,14 @@ class Run {
     return out;
   }
 
-  // Under model parallelism: the measured pipeline bubble next to the prediction, and each rank's
-  // peak memory.
+  // Each rank's peak tensor memory and, under pipeline parallelism, the measured bubble next to
+  // the prediction.
   void print_parallel_summary() {
-    if (world_.size() == 1) return;
     const int64_t peak = allocator_stats(Device::cpu()).peak_bytes_in_use;
     std::vector<int64_t> peaks(size_t(world_.size()));
     world_.all_gather(std::span<const int64_t>(&peak, 1), std::span<int64_t>(peaks),
                       std::vector<int64_t>(peaks.size(), 1))->wait();
-    std::string line = "peak tensor memory per rank:";
+    std::string line = world_.size() == 1 ? "peak tensor memory:" : "peak tensor memory per rank:";
     for (int64_t p : peaks) line += " " + mib(p);
     progress_->line() << line << "\n";
     if (!bubbles_.empty()) {
@@ -612,6 +617,7 @@ class Run {
   int bad_in_row_ = 0;
   int64_t logged_checkpoint_ = -1;
   double tokens_per_second_ = 0.0;  // smoothed, for the progress line
+  std::vector<double> step_seconds_;  // of this run's steps, for the median
 };
 
 }  // namespace
