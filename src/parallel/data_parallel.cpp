@@ -172,25 +172,23 @@ struct DataParallel::Impl {
     }
     armed = false;
     stats.exposed_seconds = std::chrono::duration<double>(Clock::now() - t0).count();
-    const float inv = 1.0f / static_cast<float>(world);
-    if (options.zero < 2) {
-      if (world > 1) backend().scale(grads.data<float>(), inv, grads.data<float>(), n);
+    // The buffers hold the group's sum: grad_squares and step divide by the group size, which
+    // saves a pass over every gradient.
+    if (options.zero < 2)
       for (Segment& s : segments) s.param.set_grad(grads.slice(0, s.offset, s.offset + s.numel).view(s.param.shape()));
-    } else if (world > 1) {
-      backend().scale(grad_shard.data<float>(), inv, grad_shard.data<float>(), hi - lo);
-    }
   }
 
   double grad_squares(const std::function<bool(const std::string&)>& counted) {
     if (options.zero == 0 && rank != 0) return 0.0;  // every rank holds the same; rank 0 counts it
     const float* g = shard_grads();
-    if (!counted) return backend().sum_squares(g, hi - lo);
+    const double mean = 1.0 / (double(world) * double(world));  // the buffers hold the sum
+    if (!counted) return backend().sum_squares(g, hi - lo) * mean;
     double total = 0.0;
     for (const Segment& seg : segments) {
       const int64_t b = std::max(seg.offset, lo), e = std::min(seg.offset + seg.numel, hi);
       if (b < e && counted(seg.name)) total += backend().sum_squares(g + (b - lo), e - b);
     }
-    return total;
+    return total * mean;
   }
 
   const float* shard_grads() const {
@@ -200,7 +198,7 @@ struct DataParallel::Impl {
   void step(float lr, float grad_scale) {
     NoGradGuard no_grad;
     ++t;
-    AdamWStep s = optim::adamw_step(adamw, t, lr, grad_scale);
+    AdamWStep s = optim::adamw_step(adamw, t, lr, grad_scale / static_cast<float>(world));  // sum -> mean
     const float* g = shard_grads();
     for (const Segment& seg : segments) {
       const int64_t b = std::max(seg.offset, lo), e = std::min(seg.offset + seg.numel, hi);

@@ -48,10 +48,11 @@ class DataParallel {
   // Call before the backward of the last micro-batch of a step: gradients that become final
   // during that backward are reduced as they appear. Earlier micro-batches just accumulate.
   void begin_sync();
-  // After that backward: waits for every bucket; afterwards each rank holds the group's mean
-  // gradient (ZeRO 2: of its own shard only; ZeRO 0/1: param.grad() views it).
+  // After that backward: waits for every bucket; afterwards each rank holds the group's summed
+  // gradient (ZeRO 2: of its own shard only; ZeRO 0/1: param.grad() views it). grad_squares and
+  // step divide by the group size: the mean without a pass of its own.
   void end_sync();
-  // This rank's share of the squared L2 norm of the mean gradient, over the parameters `counted`
+  // This rank's share of the squared L2 norm of the group's mean gradient, over the parameters `counted`
   // accepts (all when empty): summed over the group it is the squared norm. Model parallelism
   // sums it over the whole mesh, counting each replicated parameter once.
   double grad_squares(const std::function<bool(const std::string&)>& counted = {});
