@@ -4,6 +4,7 @@
 #include <gtest/gtest.h>
 
 #include "train_runs.hpp"
+#include "tutti/core/device.hpp"
 
 using namespace tutti::test;
 
@@ -156,6 +157,23 @@ TEST_F(ModelParallel, ShardedCheckpointsAreIndexedVerifiedAndFallenBackFrom) {
   for (int step : {2, 3}) {
     ASSERT_TRUE(got.count(step)) << step;
     EXPECT_NEAR(got.at(step), want.at(step), 1e-5 * want.at(step)) << "step " << step;
+  }
+}
+
+// Two GPUs (skipped with fewer): one rank per GPU, device tensors over NCCL, under dp 2 and pp 2,
+// follow the one-GPU run's losses.
+TEST_F(ModelParallel, TwoGpusFollowOneGpu) {
+  if (!tutti::device_available(tutti::Device::cuda(1))) GTEST_SKIP() << "fewer than 2 GPUs";
+  const fs::path one = scratch() / "gpu1";
+  Result r = train(0, "--device cuda --steps 6 --out " + one.string());
+  ASSERT_EQ(r.code, 0) << r.err;
+  for (const std::string layout : {"--dp 2", "--pp 2 --micro-batches 4", "--dp 2 --zero 1"}) {
+    SCOPED_TRACE(layout);
+    const fs::path run = scratch() / ("gpu2_" + std::to_string(std::hash<std::string>{}(layout)));
+    r = train(2, "--device cuda --steps 6 " + layout + " --out " + run.string());
+    ASSERT_EQ(r.code, 0) << r.out << r.err;
+    expect_same_losses(one, run, 1, 1e-4);
+    expect_same_weights(one, run, 6, -1, 1e-4);
   }
 }
 

@@ -43,14 +43,14 @@ inline std::map<int, double> losses(const fs::path& run) {
   return out;
 }
 
-// Every step of `a` from first_step on has the same loss in `b` (1e-5 relative).
-inline void expect_same_losses(const fs::path& a, const fs::path& b, int first_step = 1) {
+// Every step of `a` from first_step on has the same loss in `b` (within `rel`, relative).
+inline void expect_same_losses(const fs::path& a, const fs::path& b, int first_step = 1, double rel = 1e-5) {
   const auto la = losses(a), lb = losses(b);
   ASSERT_FALSE(la.empty());
   for (const auto& [step, loss] : la) {
     if (step < first_step) continue;
     ASSERT_TRUE(lb.count(step)) << b << " has no step " << step;
-    EXPECT_NEAR(lb.at(step), loss, 1e-5 * std::abs(loss)) << "step " << step << ": " << a << " vs " << b;
+    EXPECT_NEAR(lb.at(step), loss, rel * std::abs(loss)) << "step " << step << ": " << a << " vs " << b;
   }
 }
 

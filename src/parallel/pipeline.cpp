@@ -156,6 +156,7 @@ class Pipeline::Step {
       Tensor buffer = t.contiguous().detach();
       backend_for(buffer.device()).synchronize();  // the kernels that wrote it have finished
       auto work = p_.group_.send(std::span<const float>(buffer.data<float>(), size_t(buffer.numel())), peer, tag);
+      work->is_completed();  // the nccl backend batches sends until polled: start it now
       p_.in_flight_.push_back({std::move(work), std::move(buffer), micro});
     });
   }

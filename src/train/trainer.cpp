@@ -24,6 +24,7 @@
 #include "tutti/ckpt/safetensors.hpp"
 #include "tutti/core/threads.hpp"
 #include "tutti/ops/ops.hpp"
+#include "tutti/comm/nccl.hpp"
 #include "tutti/core/allocator.hpp"
 #include "tutti/parallel/data_parallel.hpp"
 #include "tutti/parallel/mesh.hpp"
@@ -208,6 +209,16 @@ std::string mib(int64_t bytes) {
   return buf;
 }
 
+// The device this rank trains on: --device cuda under a launcher is one GPU per rank, the rank's
+// index among the ranks of its host (Open MPI's and Slurm's local rank).
+Device run_device(const TrainConfig& config, const comm::Communicator& world) {
+  const Device device = config.compute_device();
+  if (!device.is_cuda() || world.size() == 1) return device;
+  for (const char* name : {"OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "SLURM_LOCALID"})
+    if (const char* v = std::getenv(name)) return Device::cuda(std::atoi(v));
+  return Device::cuda(world.rank());
+}
+
 // ============================================================================================
 // One training run on this rank
 // ============================================================================================
@@ -220,14 +231,17 @@ class Run {
         lead_(world.rank() == 0), log_(!lead_ ? null_stream_ : options.log ? *options.log : std::cout),
         dataset_((set_num_threads(config.threads > 0 ? config.threads : hardware_threads()),
                   data::TokenDataset(config.data, config.context, 0.1, config.vocab))),  // before the output directory
-        device_(config.compute_device()),
-        model_(config.model(), partition_of(layout_, coord_, &mesh_.tp_group())),
-        pipeline_(mesh_.pp_group(), {layout_.micro, config.context, config.dim}, device_, layout_.schedule,
+        device_(run_device(config, world)),
+        // GPUs of several ranks: device tensors travel over NCCL, host values over the launcher's world.
+        nccl_(device_.is_cuda() && world.size() > 1 ? comm::make_nccl_from(world, device_.index) : nullptr),
+        device_mesh_(nccl_ ? std::make_unique<parallel::Mesh>(*nccl_, layout_.mesh) : nullptr),
+        model_(config.model(), partition_of(layout_, coord_, &dmesh().tp_group())),
+        pipeline_(dmesh().pp_group(), {layout_.micro, config.context, config.dim}, device_, layout_.schedule,
                   layout_.micro_batches),
-        eval_pipeline_(mesh_.pp_group(), {config.batch, config.context, config.dim}, device_, parallel::Schedule::gpipe,
+        eval_pipeline_(dmesh().pp_group(), {config.batch, config.context, config.dim}, device_, parallel::Schedule::gpipe,
                        1),
         // The first and last stages of one (dp, tp) position: the tied wte's two copies.
-        tied_(layout_.mesh.pp > 1 ? world.split(2 * (coord_.dp * layout_.mesh.tp + coord_.tp) +
+        tied_(layout_.mesh.pp > 1 ? (nccl_ ? *nccl_ : world).split(2 * (coord_.dp * layout_.mesh.tp + coord_.tp) +
                                                     (pipeline_.first() || pipeline_.last() ? 0 : 1),
                                                 coord_.pp)
                                   : nullptr),
@@ -237,7 +251,8 @@ class Run {
         tokens_per_step_(int64_t{config.batch} * config.context),
         heartbeat_((prepare_output(), config.out), world.rank()),  // the data checked out: now the directory
         inject_nan_(steps_from_env("TUTTI_INJECT_NAN_STEPS")) {
-    mesh_.set_timeout(std::chrono::seconds(config.comm_timeout));
+    for (parallel::Mesh* m : {&mesh_, device_mesh_.get()})
+      if (m) m->set_timeout(std::chrono::seconds(config.comm_timeout));
     Rng init_rng(static_cast<uint64_t>(config.seed));
     model_.init_weights(init_rng);
     model_.to(device_);
@@ -254,7 +269,7 @@ class Run {
     }
     const int zero = layout_.mesh.dp > 1 ? config.zero : 0;
     replica_ = std::make_unique<parallel::DataParallel>(
-        model_, mesh_.dp_group(), optim::AdamWOptions{config.lr, config.beta1, config.beta2, 1e-8f, config.weight_decay},
+        model_, dmesh().dp_group(), optim::AdamWOptions{config.lr, config.beta1, config.beta2, 1e-8f, config.weight_decay},
         parallel::DataParallelOptions{int64_t(config.bucket_mib) << 20, zero});
     if (options.resume) {
       replica_->load_optimizer_state(shards_of(loaded.optimizer_state, model_, kMoments), loaded.optimizer_steps);
@@ -320,6 +335,7 @@ class Run {
     const int64_t step = state_.step;  // 0-based index of this step; it completes step + 1
     const auto t0 = Clock::now();
     mesh_.set_step(step + 1);
+    if (device_mesh_) device_mesh_->set_step(step + 1);
     heartbeat_.set_step(step);
     replica_->zero_grad();
     auto forward = [&](int m, const Tensor& input) {
@@ -360,6 +376,9 @@ class Run {
     log_step(loss, lr, norm, out.bad, std::chrono::duration<double>(Clock::now() - t0).count());
     return out;
   }
+
+  // The groups that carry device tensors: NCCL's for GPUs of several ranks, else the world's.
+  parallel::Mesh& dmesh() { return device_mesh_ ? *device_mesh_ : mesh_; }
 
   // Whether this rank counts parameter `name` in the global gradient norm: tensor-parallel shards
   // on every rank, replicated tensors on tp rank 0, the tied wte on the first stage only.
@@ -598,6 +617,8 @@ class Run {
   std::ostream& log_;
   data::TokenDataset dataset_;
   const Device device_;
+  std::unique_ptr<comm::Communicator> nccl_;     // GPUs of several ranks: the world over NCCL
+  std::unique_ptr<parallel::Mesh> device_mesh_;  // its groups, for device tensors
   nn::GPT model_;
   parallel::Pipeline pipeline_, eval_pipeline_;
   std::unique_ptr<comm::Communicator> tied_;  // pp > 1: the stages holding a copy of wte
@@ -635,8 +656,17 @@ TrainResult run_training(const TrainConfig& config, const TrainOptions& options)
                    device_available(Device::cuda(0)) ? "no such GPU on this machine"
                                                      : "no CUDA GPU here, or tutti was built without CUDA (cmake -DTUTTI_CUDA=ON)",
                    "; use --device cpu");
-    TUTTI_CHECK_AS(ConfigError, world.size() == 1, "--device ", config.device, " trains in one process for now: "
-                   "collectives between GPUs (NCCL) are not implemented yet; launch without mpirun");
+    if (world.size() > 1) {
+      TUTTI_CHECK_AS(ConfigError, config.device == "cuda", "--device ", config.device, " names one GPU for ",
+                     world.size(), " ranks; use --device cuda (one GPU per rank, by its local rank)");
+      TUTTI_CHECK_AS(ConfigError, comm::nccl_available(), "--device cuda with ", world.size(),
+                     " ranks needs NCCL, and this build has none (cmake -DTUTTI_NCCL_ROOT=...)");
+      TUTTI_CHECK_AS(ConfigError, config.tp == 1, "tp ", config.tp, " on GPUs is not implemented yet (the "
+                     "vocabulary-parallel cross-entropy has no CUDA kernels); use dp and pp");
+      const Device mine = run_device(config, world);
+      TUTTI_CHECK_AS(ConfigError, device_available(mine), "rank ", world.rank(), " would train on ", mine.str(),
+                     ", which this machine does not have: launch at most one rank per GPU");
+    }
   }
   check_same_config(world, config);
   return Run(config, options, world).train();
