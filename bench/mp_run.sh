@@ -192,7 +192,7 @@ def parse(model, name, rep, ranks, threads, rc, tag, foreign, wall):
         r["tokens"] = int(m.group(1))
     if m := re.search(r"rank 0: parameters " + num + r" MiB, gradients " + num + r" MiB, optimizer state " + num, log):
         r["p0"] = float(m.group(1))
-    if m := re.search(r"peak tensor memory per rank:((?: [0-9.]+ MiB)+)", log):
+    if m := re.search(r"peak tensor memory(?: per rank)?:((?: [0-9.]+ MiB)+)", log):
         r["peaks"] = [float(x) for x in re.findall(num + " MiB", m.group(1))]
     if m := re.search(r"pipeline bubble \(stage 0, median of \d+ steps\): " + num + r"% measured, " + num + "% predicted", log):
         r["bubble"] = (float(m.group(1)), float(m.group(2)))
@@ -257,7 +257,7 @@ for model in models:
 print()
 print("tok/s = tokens per step (batch x context) / the median step time of a run (metrics.jsonl, steps 2 onwards, rank 0's clock), "
       "median over repetitions (min-max over them), and as a multiple of the model's one-process run. "
-      "`tutti train` prints rank 0's parameter MiB and the peak tensor memory only with more than one rank "
+      "`tutti train` prints rank 0's parameter MiB only with more than one rank or micro-batch "
       "(the parameter MiB of a one-process run is computed from its parameter count); the bubble is stage 0's, "
       "median over the run's steps.")
 agree = []

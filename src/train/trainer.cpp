@@ -539,7 +539,8 @@ class Run {
     if (world_.size() == 1 && layout_.micro_batches == 1) return;
     const parallel::MeshShape& m = layout_.mesh;
     const parallel::MemoryReport mem = replica_->memory();
-    log_ << "mesh dp " << m.dp << " x pp " << m.pp << " x tp " << m.tp << " (" << world_.backend() << "), zero "
+    log_ << "mesh dp " << m.dp << " x pp " << m.pp << " x tp " << m.tp << " (" << world_.backend()
+         << (nccl_ ? "; device tensors over nccl" : "") << "), zero "
          << (m.dp > 1 ? config_.zero : 0) << ", " << layout_.per_rank << " sequences per replica in "
          << layout_.micro_batches << " micro-batch(es) of " << layout_.micro;
     if (m.pp > 1)
@@ -568,11 +569,12 @@ class Run {
   // Each rank's peak tensor memory and, under pipeline parallelism, the measured bubble next to
   // the prediction.
   void print_parallel_summary() {
-    const int64_t peak = allocator_stats(Device::cpu()).peak_bytes_in_use;
+    const int64_t peak = allocator_stats(device_).peak_bytes_in_use;
     std::vector<int64_t> peaks(size_t(world_.size()));
     world_.all_gather(std::span<const int64_t>(&peak, 1), std::span<int64_t>(peaks),
                       std::vector<int64_t>(peaks.size(), 1))->wait();
-    std::string line = world_.size() == 1 ? "peak tensor memory:" : "peak tensor memory per rank:";
+    std::string line = std::string("peak tensor memory") + (device_.is_cuda() ? " on the GPU" : "") +
+                       (world_.size() == 1 ? ":" : " per rank:");
     for (int64_t p : peaks) line += " " + mib(p);
     progress_->line() << line << "\n";
     if (!bubbles_.empty()) {
