@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # On a 2-GPU machine, in one device call: build tutti with CUDA, NCCL and MPI, run the NCCL tests
-# and the two-GPU training test (dp 2, pp 2 against one GPU), then GPT-2 124M training speed on one
-# GPU and on two (dp 2 at twice the global batch: scaling efficiency; pp 2 at the same batch).
+# and the two-GPU training test (dp 2, pp 2, tp 2 against one GPU), then GPT-2 124M training speed on one
+# GPU and on two (dp 2 at twice the global batch: scaling efficiency; pp 2 and tp 2 at the same batch).
 #   bash bench/gpu2_run.sh OUT_DIR        (carry .gpu-debs; see scripts/gpu_build.sh)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -18,6 +18,7 @@ step() {
 step build bash scripts/gpu_build.sh -DTUTTI_BUILD_EXAMPLES=OFF
 source scripts/gpu_env.sh
 step nccl_test build-gpu/tests/nccl_test
+step cuda_backend_test build-gpu/tests/cuda_backend_test
 step two_gpu_test build-gpu/tests/model_parallel_test --gtest_filter='*Gpu*'
 gpt2() {  # gpt2 NAME NP BATCH [train flags...]
   local name=$1 np=$2 batch=$3; shift 3
@@ -32,6 +33,7 @@ gpt2() {  # gpt2 NAME NP BATCH [train flags...]
 gpt2 gpt2_1gpu_b16 1 16
 gpt2 gpt2_dp2_b32 2 32 --dp 2
 gpt2 gpt2_pp2_b16 2 16 --pp 2 --micro-batches 8
+gpt2 gpt2_tp2_b16 2 16 --tp 2
 python3 - "$OUT" <<'PY' | tee "$OUT/summary.txt"
 import json, statistics, sys, pathlib
 out = pathlib.Path(sys.argv[1])
@@ -40,7 +42,7 @@ def median_ms(name):
     if not p.exists(): return None
     ms = [json.loads(l)["ms"] for l in open(p) if '"loss"' in l and '"ms"' in l][1:]
     return statistics.median(ms) if ms else None
-rows = {"gpt2_1gpu_b16": 16, "gpt2_dp2_b32": 32, "gpt2_pp2_b16": 16}
+rows = {"gpt2_1gpu_b16": 16, "gpt2_dp2_b32": 32, "gpt2_pp2_b16": 16, "gpt2_tp2_b16": 16}
 rate = {}
 for name, batch in rows.items():
     m = median_ms(name)

@@ -441,6 +441,48 @@ TEST(CudaBackend, CrossEntropyForwardBackward) {
   }
 }
 
+// A vocabulary-parallel rank's part: columns [first, first + V) of a vocabulary whose targets
+// fall in and out of them.
+TEST(CudaBackend, VocabParallelCrossEntropy) {
+  if (!tutti::device_available(tutti::Device::cuda(0))) GTEST_SKIP() << "no CUDA device";
+  Rng rng(21);
+  const int64_t cases[][3] = {{1, 1, 0}, {37, 37, 37}, {1000, 3, 3}, {64, 25152, 25152}};  // N, V, first
+  for (const auto& c : cases) {
+    const int64_t N = c[0], V = c[1], first = c[2];
+    Tensor logits = random_tensor({N, V}, rng, -8.0, 8.0), targets = random_indices({N}, first + V, rng);
+    Tensor lg = logits.to(kGpu), tg = targets.to(kGpu);
+    Tensor stats = Tensor::empty({N, 3}), stats_g = poisoned({N, 3}, kGpu);
+    cpu().vocab_cross_entropy_stats(f32(logits), i32(targets), first, f32(stats), N, V);
+    gpu().vocab_cross_entropy_stats(f32(lg), i32(tg), first, f32(stats_g), N, V);
+    EXPECT_TRUE(all_close(stats_g, stats, 1e-5, 1e-6)) << N << " x " << V;
+    Tensor lse = random_tensor({N}, rng, 2.0, 9.0), lse_g = lse.to(kGpu);
+    const float dloss = 1.0f / static_cast<float>(N);
+    Tensor d = Tensor::empty({N, V}), dg = poisoned({N, V}, kGpu);
+    cpu().vocab_cross_entropy_backward(f32(logits), i32(targets), first, f32(lse), dloss, f32(d), N, V);
+    gpu().vocab_cross_entropy_backward(f32(lg), i32(tg), first, f32(lse_g), dloss, f32(dg), N, V);
+    EXPECT_TRUE(all_close(dg, d, 1e-4, 1e-9)) << N << " x " << V;
+  }
+}
+
+// Negative indices (rows another rank of a vocabulary-parallel group holds): zero rows, no gradient.
+TEST(CudaBackend, EmbeddingOfOtherRanksRows) {
+  if (!tutti::device_available(tutti::Device::cuda(0))) GTEST_SKIP() << "no CUDA device";
+  const int64_t n = 4, C = 3, V = 2;
+  Tensor idx = Tensor::from_vector({n}, std::vector<int32_t>{1, -1, 0, -1});
+  Rng rng(22);
+  Tensor table = random_tensor({V, C}, rng), dout = random_tensor({n, C}, rng);
+  Tensor out = Tensor::empty({n, C}), out_g = poisoned({n, C}, kGpu), table_g = table.to(kGpu);
+  cpu().embedding_forward(i32(idx), f32(table), f32(out), n, C, V);
+  Tensor idx_g = idx.to(kGpu);
+  gpu().embedding_forward(i32(idx_g), f32(table_g), f32(out_g), n, C, V);
+  EXPECT_TRUE(all_close(out_g, out, 0.0, 0.0));
+  for (float v : out.slice(0, 1, 2).contiguous().to_vector<float>()) EXPECT_EQ(v, 0.0f);
+  Tensor dt = Tensor::zeros({V, C}), dt_g = Tensor::zeros({V, C}, DType::f32, kGpu), dout_g = dout.to(kGpu);
+  cpu().embedding_backward(i32(idx), f32(dout), f32(dt), n, C);
+  gpu().embedding_backward(i32(idx_g), f32(dout_g), f32(dt_g), n, C);
+  EXPECT_TRUE(all_close(dt_g, dt, 1e-6, 1e-7));
+}
+
 TEST(CudaBackend, LayerNormForwardBackward) {
   if (!tutti::device_available(tutti::Device::cuda(0))) GTEST_SKIP() << "no CUDA device";
   Rng rng(13);

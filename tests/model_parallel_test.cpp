@@ -160,14 +160,14 @@ TEST_F(ModelParallel, ShardedCheckpointsAreIndexedVerifiedAndFallenBackFrom) {
   }
 }
 
-// Two GPUs (skipped with fewer): one rank per GPU, device tensors over NCCL, under dp 2 and pp 2,
-// follow the one-GPU run's losses.
+// Two GPUs (skipped with fewer): one rank per GPU, device tensors over NCCL, under dp 2, pp 2 and
+// tp 2, follow the one-GPU run's losses.
 TEST_F(ModelParallel, TwoGpusFollowOneGpu) {
   if (!tutti::device_available(tutti::Device::cuda(1))) GTEST_SKIP() << "fewer than 2 GPUs";
   const fs::path one = scratch() / "gpu1";
   Result r = train(0, "--device cuda --steps 6 --out " + one.string());
   ASSERT_EQ(r.code, 0) << r.err;
-  for (const std::string layout : {"--dp 2", "--pp 2 --micro-batches 4", "--dp 2 --zero 1"}) {
+  for (const std::string layout : {"--dp 2", "--pp 2 --micro-batches 4", "--dp 2 --zero 1", "--tp 2"}) {
     SCOPED_TRACE(layout);
     const fs::path run = scratch() / ("gpu2_" + std::to_string(std::hash<std::string>{}(layout)));
     r = train(2, "--device cuda --steps 6 " + layout + " --out " + run.string());

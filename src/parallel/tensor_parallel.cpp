@@ -34,9 +34,22 @@ Tensor all_reduced(const Tensor& x, comm::Communicator& group) {
   return out;
 }
 
-void check_cpu(const Tensor& t, const char* op) {
-  TUTTI_CHECK_AS(InvalidArgument, t.device().is_cpu(), op, ": tensor parallelism over MPI needs CPU tensors, got ",
-                 t.str());
+// The group must reach the tensor's memory: GPU tensors need an nccl group.
+void check_reachable(const Tensor& t, const comm::Communicator& group, const char* op) {
+  TUTTI_CHECK_AS(InvalidArgument, t.device().is_cpu() || group.backend() == "nccl", op, ": ", t.str(),
+                 " cannot travel over the ", group.backend(), " group; GPU tensors need an nccl group");
+}
+
+// Sums (or maxes) small host vectors over the group, through the device `device` when the group
+// carries device memory.
+void all_reduce_values(comm::Communicator& group, std::vector<float>& v, comm::ReduceOp op, Device device) {
+  if (device.is_cpu()) {
+    group.all_reduce(std::span<float>(v), op)->wait();
+    return;
+  }
+  Tensor t = Tensor::from_vector({int64_t(v.size())}, v).to(device);
+  group.all_reduce(std::span<float>(t.data<float>(), v.size()), op)->wait();
+  v = t.to(Device::cpu()).to_vector<float>();
 }
 
 }  // namespace
@@ -92,7 +105,7 @@ Tensor join_shards(const std::vector<Tensor>& shards, TensorSplit split) {
 
 Tensor copy_to_group(const Tensor& x, comm::Communicator& group) {
   if (group.size() == 1 || !any_requires_grad({&x})) return x;
-  check_cpu(x, "copy_to_group");
+  check_reachable(x, group, "copy_to_group");
   const Tensor out = x.contiguous().view(x.shape());  // a new handle on the same data: the node's output
   return record(out, std::make_shared<GroupNode>("copy_to_group", x, [&group](const Tensor& g) {
                   return all_reduced(g, group);
@@ -101,7 +114,7 @@ Tensor copy_to_group(const Tensor& x, comm::Communicator& group) {
 
 Tensor reduce_from_group(const Tensor& x, comm::Communicator& group) {
   if (group.size() == 1) return x;
-  check_cpu(x, "reduce_from_group");
+  check_reachable(x, group, "reduce_from_group");
   Tensor out = all_reduced(x, group);
   if (!any_requires_grad({&x})) return out;
   return record(out, std::make_shared<GroupNode>("reduce_from_group", x, [](const Tensor& g) { return g; }));
@@ -140,30 +153,33 @@ Tensor vocab_parallel_cross_entropy(const Tensor& logits_in, const Tensor& targe
                  "vocab_parallel_cross_entropy: logits must be f32 (N, V), got ", logits_in.str());
   TUTTI_CHECK_AS(InvalidArgument, targets_in.dtype() == DType::i32 && targets_in.numel() == logits_in.size(0),
                  "vocab_parallel_cross_entropy: targets ", targets_in.str(), " do not match logits ", logits_in.str());
-  check_cpu(logits_in, "vocab_parallel_cross_entropy");
+  check_reachable(logits_in, group, "vocab_parallel_cross_entropy");
   const Tensor logits = logits_in.contiguous(), targets = targets_in.contiguous();
   const int64_t N = logits.size(0), V = logits.size(1);
-  Backend& be = backend_for(logits.device());
-  std::vector<float> stats(size_t(3 * N));
-  be.vocab_cross_entropy_stats(logits.data<float>(), targets.data<int32_t>(), first, stats.data(), N, V);
+  const Device device = logits.device();
+  Tensor stats_t = Tensor::empty({N, 3}, DType::f32, device);
+  backend_for(device).vocab_cross_entropy_stats(logits.data<float>(), targets.data<int32_t>(), first,
+                                                stats_t.data<float>(), N, V);
+  const std::vector<float> stats = stats_t.to(Device::cpu()).to_vector<float>();
   // The rows' global max, then the sums of exp(x - max) rescaled to it and the targets' logits.
   std::vector<float> mx(static_cast<size_t>(N)), sums(static_cast<size_t>(2 * N));
   for (int64_t r = 0; r < N; ++r) mx[size_t(r)] = stats[size_t(3 * r)];
-  group.all_reduce(std::span<float>(mx), comm::ReduceOp::max)->wait();
+  all_reduce_values(group, mx, comm::ReduceOp::max, device);
   for (int64_t r = 0; r < N; ++r) {
     const size_t i = size_t(r);
     sums[i] = stats[3 * i + 1] * std::exp(stats[3 * i] - mx[i]);
     sums[size_t(N) + i] = stats[3 * i + 2];
   }
-  group.all_reduce(std::span<float>(sums))->wait();
-  Tensor lse = Tensor::empty({N}, DType::f32, Device::cpu());
+  all_reduce_values(group, sums, comm::ReduceOp::sum, device);
+  std::vector<float> lse_values(static_cast<size_t>(N));
   double total = 0.0;
   for (int64_t r = 0; r < N; ++r) {
     const size_t i = size_t(r);
-    lse.data<float>()[i] = std::log(sums[i]) + mx[i];
-    total += double(lse.data<float>()[i]) - double(sums[size_t(N) + i]);
+    lse_values[i] = std::log(sums[i]) + mx[i];
+    total += double(lse_values[i]) - double(sums[size_t(N) + i]);
   }
-  Tensor loss = Tensor::full({}, static_cast<float>(total / double(N)), logits.device());
+  const Tensor lse = Tensor::from_vector({N}, lse_values).to(device);
+  Tensor loss = Tensor::full({}, static_cast<float>(total / double(N)), device);
   if (!any_requires_grad({&logits_in})) return loss;
   return record(loss, std::make_shared<GroupNode>("vocab_parallel_cross_entropy", logits_in,
                                                   [logits, targets, lse, first, N, V](const Tensor& g) {

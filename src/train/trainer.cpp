@@ -663,8 +663,6 @@ TrainResult run_training(const TrainConfig& config, const TrainOptions& options)
                      world.size(), " ranks; use --device cuda (one GPU per rank, by its local rank)");
       TUTTI_CHECK_AS(ConfigError, comm::nccl_available(), "--device cuda with ", world.size(),
                      " ranks needs NCCL, and this build has none (cmake -DTUTTI_NCCL_ROOT=...)");
-      TUTTI_CHECK_AS(ConfigError, config.tp == 1, "tp ", config.tp, " on GPUs is not implemented yet (the "
-                     "vocabulary-parallel cross-entropy has no CUDA kernels); use dp and pp");
       const Device mine = run_device(config, world);
       TUTTI_CHECK_AS(ConfigError, device_available(mine), "rank ", world.rank(), " would train on ", mine.str(),
                      ", which this machine does not have: launch at most one rank per GPU");

@@ -258,6 +258,17 @@ class CudaBackend final : public Backend {
     activate();
     CUDA_CHECK(kernels::cross_entropy_backward(probs, targets, dloss, dlogits, N, V, limits_, stream()));
   }
+  void vocab_cross_entropy_stats(const float* logits, const int32_t* targets, int64_t first, float* stats, int64_t N,
+                                 int64_t V) override {
+    activate();
+    CUDA_CHECK(kernels::vocab_cross_entropy_stats(logits, targets, first, stats, N, V, stream()));
+  }
+  void vocab_cross_entropy_backward(const float* logits, const int32_t* targets, int64_t first, const float* lse,
+                                    float dloss, float* dlogits, int64_t N, int64_t V) override {
+    activate();
+    CUDA_CHECK(kernels::vocab_cross_entropy_backward(logits, targets, first, lse, dloss, dlogits, N, V, limits_,
+                                                     stream()));
+  }
   void softmax(const float* x, float* y, int64_t rows, int64_t cols) override {
     activate();
     CUDA_CHECK(kernels::softmax(x, y, rows, cols, stream()));

@@ -238,6 +238,21 @@ struct EmbeddingBackwardOp {
     if (row >= 0) atomicAdd(dtable + row * C + i % C, dout[i]);
   }
 };
+struct VocabCrossEntropyBackwardOp {  // d = exp(x - lse[row]) dloss, minus dloss at this rank's target
+  const float* logits;
+  const int32_t* targets;
+  int64_t first;
+  const float* lse;
+  float dloss;
+  float* dlogits;
+  int64_t V;
+  __device__ void operator()(int64_t i) const {
+    const int64_t row = i / V;
+    float d = expf(logits[i] - lse[row]) * dloss;
+    if (targets[row] - first == i % V) d -= dloss;
+    dlogits[i] = d;
+  }
+};
 struct CrossEntropyBackwardOp {  // d = p dloss, minus dloss at the target
   const float* probs;
   const int32_t* targets;
@@ -464,6 +479,24 @@ __global__ void cross_entropy_forward_kernel(const float* logits, const int32_t*
   }
 }
 
+__global__ void vocab_cross_entropy_stats_kernel(const float* logits, const int32_t* targets, int64_t first,
+                                                 float* stats, int64_t V) {
+  const int64_t row = blockIdx.x;
+  const float* xr = logits + row * V;
+  float mx = -INFINITY;
+  for (int64_t j = threadIdx.x; j < V; j += blockDim.x) mx = fmaxf(mx, xr[j]);
+  mx = block_max(mx);
+  float total = 0.0f;
+  for (int64_t j = threadIdx.x; j < V; j += blockDim.x) total += expf(xr[j] - mx);
+  total = block_sum(total);
+  if (threadIdx.x == 0) {
+    const int64_t t = targets[row] - first;
+    stats[3 * row] = mx;
+    stats[3 * row + 1] = total;
+    stats[3 * row + 2] = (t >= 0 && t < V) ? xr[t] : 0.0f;
+  }
+}
+
 __global__ void layer_norm_forward_kernel(const float* x, const float* w, const float* b, float* y, float* mean,
                                           float* rstd, int64_t cols, float eps) {
   const int64_t row = blockIdx.x;
@@ -639,6 +672,22 @@ cudaError_t cross_entropy_forward(const float* logits, const int32_t* targets, f
 cudaError_t cross_entropy_backward(const float* probs, const int32_t* targets, float dloss, float* dlogits, int64_t N,
                                    int64_t V, const LaunchLimits& lim, cudaStream_t stream) {
   return launch_elementwise(N * V, lim, stream, CrossEntropyBackwardOp{probs, targets, dloss, dlogits, V});
+}
+
+cudaError_t vocab_cross_entropy_stats(const float* logits, const int32_t* targets, int64_t first, float* stats,
+                                      int64_t N, int64_t V, cudaStream_t stream) {
+  if (N <= 0 || V <= 0) return cudaSuccess;
+  if (!rows_fit(N)) return cudaErrorInvalidValue;
+  vocab_cross_entropy_stats_kernel<<<static_cast<unsigned>(N), row_threads(V), 0, stream>>>(logits, targets, first,
+                                                                                              stats, V);
+  return cudaGetLastError();
+}
+
+cudaError_t vocab_cross_entropy_backward(const float* logits, const int32_t* targets, int64_t first, const float* lse,
+                                         float dloss, float* dlogits, int64_t N, int64_t V, const LaunchLimits& lim,
+                                         cudaStream_t stream) {
+  return launch_elementwise(N * V, lim, stream,
+                            VocabCrossEntropyBackwardOp{logits, targets, first, lse, dloss, dlogits, V});
 }
 
 cudaError_t layer_norm_forward(const float* x, const float* w, const float* b, float* y, float* mean, float* rstd,

@@ -69,6 +69,13 @@ cudaError_t cross_entropy_forward(const float* logits, const int32_t* targets, f
                                   int64_t V, cudaStream_t stream);
 cudaError_t cross_entropy_backward(const float* probs, const int32_t* targets, float dloss, float* dlogits, int64_t N,
                                    int64_t V, const LaunchLimits& lim, cudaStream_t stream);
+// Vocabulary-parallel cross-entropy, this rank's columns [first, first + V): stats (N, 3) = per row
+// max, sum of exp(x - max), the target's logit (0 when another rank's); backward as the CPU's.
+cudaError_t vocab_cross_entropy_stats(const float* logits, const int32_t* targets, int64_t first, float* stats,
+                                      int64_t N, int64_t V, cudaStream_t stream);
+cudaError_t vocab_cross_entropy_backward(const float* logits, const int32_t* targets, int64_t first, const float* lse,
+                                         float dloss, float* dlogits, int64_t N, int64_t V, const LaunchLimits& lim,
+                                         cudaStream_t stream);
 cudaError_t layer_norm_forward(const float* x, const float* w, const float* b, float* y, float* mean, float* rstd,
                                int64_t rows, int64_t cols, float eps, cudaStream_t stream);
 size_t layer_norm_backward_workspace_bytes(int64_t rows, int64_t cols, const LaunchLimits& lim);
