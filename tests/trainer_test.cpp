@@ -7,6 +7,7 @@
 #include <sstream>
 
 #include "process_util.hpp"
+#include "tutti/core/energy.hpp"
 #include "tutti/train/run_dir.hpp"
 #include "tutti/train/trainer.hpp"
 
@@ -154,6 +155,21 @@ TEST(Trainer, NonFiniteStepsAreSkippedAndTooManyRollBack) {
   fs::remove_all(dir);
 }
 
+// Energy comes from the machine's counter or is reported as not measured, never estimated.
+TEST(Trainer, EnergyFromTheCounterOrNotAtAll) {
+  const fs::path dir = temp_dir("energy");
+  const train::TrainResult r = run(tiny_run(dir, 3), false);
+  const std::string metrics = slurp(dir / "metrics.jsonl");
+  if (EnergyMeter(Device::cpu()).available()) {
+    EXPECT_GT(r.energy_joules, 0.0);
+    EXPECT_NE(metrics.find("\"joules\":"), std::string::npos) << metrics;
+  } else {
+    EXPECT_EQ(r.energy_joules, -1.0);
+    EXPECT_EQ(metrics.find("joules"), std::string::npos) << metrics;
+  }
+  fs::remove_all(dir);
+}
+
 // On a GPU (skipped without one): fp32 training follows the CPU's losses, and a checkpoint written
 // on the GPU resumes on the CPU and the other way round.
 TEST(TrainerCuda, MatchesTheCpuAndCheckpointsMoveBetweenDevices) {
@@ -162,7 +178,8 @@ TEST(TrainerCuda, MatchesTheCpuAndCheckpointsMoveBetweenDevices) {
   train::TrainConfig cpu = tiny_run(cpu_dir, 10), gpu = tiny_run(gpu_dir, 10);
   gpu.device = "cuda";
   run(cpu, false);
-  run(gpu, false);
+  const train::TrainResult on_gpu = run(gpu, false);
+  if (EnergyMeter(Device::cuda(0)).available()) EXPECT_GT(on_gpu.energy_joules, 0.0);  // NVML
   const auto a = step_losses(cpu_dir), b = step_losses(gpu_dir);
   ASSERT_EQ(a.size(), b.size());
   for (const auto& [step, loss] : a)

@@ -26,6 +26,7 @@
 #include "tutti/ops/ops.hpp"
 #include "tutti/comm/nccl.hpp"
 #include "tutti/core/allocator.hpp"
+#include "tutti/core/energy.hpp"
 #include "tutti/parallel/data_parallel.hpp"
 #include "tutti/parallel/mesh.hpp"
 #include "tutti/parallel/pipeline.hpp"
@@ -235,6 +236,7 @@ class Run {
         // GPUs of several ranks: device tensors travel over NCCL, host values over the launcher's world.
         nccl_(device_.is_cuda() && world.size() > 1 ? comm::make_nccl_from(world, device_.index) : nullptr),
         device_mesh_(nccl_ ? std::make_unique<parallel::Mesh>(*nccl_, layout_.mesh) : nullptr),
+        energy_(device_),
         model_(config.model(), partition_of(layout_, coord_, &dmesh().tp_group())),
         pipeline_(dmesh().pp_group(), {layout_.micro, config.context, config.dim}, device_, layout_.schedule,
                   layout_.micro_batches),
@@ -287,6 +289,7 @@ class Run {
     progress_ = &progress;
     if (state_.step == 0) evaluate_and_log();
     const auto run_start = Clock::now();
+    const double run_joules_start = energy_.joules();
     last_checkpoint_ = run_start;
     const int64_t first_step = state_.step;
     while (state_.step < config_.steps) {
@@ -309,6 +312,7 @@ class Run {
       std::nth_element(t.begin(), t.begin() + std::ptrdiff_t(t.size() / 2), t.end());
       result_.step_tokens_per_second = double(tokens_per_step_) / t[t.size() / 2];
     }
+    print_energy(energy_.joules() - run_joules_start, total);
     print_parallel_summary();
     if (config_.sample_tokens > 0 && !dataset_.synthetic()) print_sample();  // no text to continue
     progress_ = nullptr;
@@ -334,6 +338,7 @@ class Run {
   Outcome train_step() {
     const int64_t step = state_.step;  // 0-based index of this step; it completes step + 1
     const auto t0 = Clock::now();
+    const double joules_before = energy_.joules();
     mesh_.set_step(step + 1);
     if (device_mesh_) device_mesh_->set_step(step + 1);
     heartbeat_.set_step(step);
@@ -355,10 +360,12 @@ class Run {
     // rank 0's clock asks for a checkpoint, agreed by every rank in one all-reduce.
     const bool time_due = lead_ && config_.checkpoint_minutes > 0 &&
                           Clock::now() - last_checkpoint_ >= std::chrono::minutes(config_.checkpoint_minutes);
-    std::array<double, 3> agreed{reports_loss_ ? loss_sum / layout_.micro_batches : 0.0, time_due ? 1.0 : 0.0,
-                                 replica_->grad_squares([&](const std::string& name) { return counted(name); })};
+    std::array<double, 5> agreed{reports_loss_ ? loss_sum / layout_.micro_batches : 0.0, time_due ? 1.0 : 0.0,
+                                 replica_->grad_squares([&](const std::string& name) { return counted(name); }),
+                                 energy_.joules() - joules_before, energy_.available() ? 1.0 : 0.0};
     if (world_.size() > 1) world_.all_reduce(std::span<double>(agreed))->wait();
     const double loss = agreed[0] / layout_.mesh.dp, norm = std::sqrt(agreed[2]);
+    step_joules_ = agreed[4] == world_.size() ? agreed[3] : -1.0;  // every rank's counter, or none
     const float lr = schedule_.at(step);
     Outcome out{!std::isfinite(loss) || !std::isfinite(norm), agreed[1] > 0};
     if (!out.bad) {
@@ -413,8 +420,9 @@ class Run {
       char loss_text[32];
       std::snprintf(loss_text, sizeof loss_text, "%.9g", loss);
       metrics_ << "{\"step\":" << state_.step << ",\"loss\":" << (bad ? "null" : loss_text) << ",\"lr\":" << lr
-               << ",\"grad_norm\":" << (std::isfinite(norm) ? norm : -1.0) << ",\"ms\":" << secs * 1e3
-               << (bad ? ",\"skipped\":true" : "") << "}\n" << std::flush;  // a killed run keeps every line
+               << ",\"grad_norm\":" << (std::isfinite(norm) ? norm : -1.0) << ",\"ms\":" << secs * 1e3;
+      if (step_joules_ >= 0) metrics_ << ",\"joules\":" << step_joules_;
+      metrics_ << (bad ? ",\"skipped\":true" : "") << "}\n" << std::flush;  // a killed run keeps every line
     }
     progress_->step(state_.step, loss, lr, tokens_per_second_);
   }
@@ -566,6 +574,29 @@ class Run {
     return out;
   }
 
+  // The run's energy over every rank, from the hardware's counters, or why there is none: no
+  // estimate stands in for a missing counter.
+  void print_energy(double mine, double seconds) {
+    std::array<double, 2> sum{mine, energy_.available() ? 1.0 : 0.0};
+    if (world_.size() > 1) world_.all_reduce(std::span<double>(sum))->wait();
+    const int64_t tokens = tokens_per_step_ * int64_t(step_seconds_.size());
+    if (sum[1] < world_.size() || tokens == 0) {
+      result_.energy_joules = -1.0;
+      progress_->line() << "energy: not measured (" << (energy_.available() ? "a rank has no counter" : energy_.source())
+                        << ")\n";
+      return;
+    }
+    result_.energy_joules = sum[0];
+    char text[200];
+    std::snprintf(text, sizeof text, "energy: %.1f J over the run (%.4f J/token, average %.1f W; %s%s)", sum[0],
+                  sum[0] / double(tokens), seconds > 0 ? sum[0] / seconds : 0.0, energy_.source().c_str(),
+                  world_.size() > 1 ? ", summed over the ranks" : "");
+    progress_->line() << text << "\n";
+    if (lead_)
+      metrics_ << nlohmann::json{{"energy_joules", sum[0]}, {"joules_per_token", sum[0] / double(tokens)},
+                                 {"average_watts", seconds > 0 ? sum[0] / seconds : 0.0}}.dump() << "\n" << std::flush;
+  }
+
   // Each rank's peak tensor memory and, under pipeline parallelism, the measured bubble next to
   // the prediction.
   void print_parallel_summary() {
@@ -621,6 +652,7 @@ class Run {
   const Device device_;
   std::unique_ptr<comm::Communicator> nccl_;     // GPUs of several ranks: the world over NCCL
   std::unique_ptr<parallel::Mesh> device_mesh_;  // its groups, for device tensors
+  EnergyMeter energy_;                           // this rank's device's counter, when it has one
   nn::GPT model_;
   parallel::Pipeline pipeline_, eval_pipeline_;
   std::unique_ptr<comm::Communicator> tied_;  // pp > 1: the stages holding a copy of wte
@@ -641,6 +673,7 @@ class Run {
   int64_t logged_checkpoint_ = -1;
   double tokens_per_second_ = 0.0;  // smoothed, for the progress line
   std::vector<double> step_seconds_;  // of this run's steps, for the median
+  double step_joules_ = -1.0;         // the last step's energy over every rank (-1: not measured)
 };
 
 }  // namespace

@@ -16,6 +16,7 @@ struct TrainResult {
   double val_loss = 0.0;
   double tokens_per_second = 0.0;       // over the whole run (evaluations and checkpoint waits included)
   double step_tokens_per_second = 0.0;  // at the median step, the first left out (0 with fewer than 2 steps)
+  double energy_joules = -1.0;          // the hardware's counters over every rank; -1: none to read
   std::string checkpoint;   // the last checkpoint written
   std::string sample;       // generated at the end (sample_tokens bytes)
   int64_t skipped_steps = 0;  // updates skipped for a non-finite loss or gradient
