@@ -91,6 +91,20 @@ TEST(Cli, BadConfig) {
   EXPECT_FALSE(fs::exists(out));
 }
 
+// --preset gpt2: GPT-2's setup, which a config file and flags override.
+TEST(Cli, PresetsStartARunThatFlagsOverride) {
+  const fs::path out = scratch() / "preset";
+  Result r = run_tutti("train --preset gpt2 --layers 1 --heads 2 --dim 16 --context 8 --batch 2 --steps 1 --vocab 512 "
+                       "--threads 1 --out " + out.string());
+  ASSERT_EQ(r.code, 0) << r.err;
+  const std::string toml = slurp(out / "run.toml");
+  for (const char* line : {"data = \"synthetic\"", "beta2 = 0.95", "layers = 1", "vocab = 512"})
+    EXPECT_NE(toml.find(line), std::string::npos) << line << "\n" << toml;
+  expect_one_line_error(run_tutti("train --preset gpt3 --out " + (scratch() / "never").string()),
+                        "unknown preset 'gpt3'; the presets are gpt2, shakespeare");
+  EXPECT_FALSE(fs::exists(scratch() / "never"));
+}
+
 // --data synthetic: random tokens of any vocabulary, for speed runs of models like GPT-2's.
 TEST(Cli, SyntheticTokens) {
   const fs::path out = scratch() / "synthetic";

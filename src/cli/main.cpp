@@ -55,7 +55,7 @@ void apply_threads(int threads) { set_num_threads(threads > 0 ? threads : hardwa
 // tutti train
 
 struct TrainArgs {
-  std::string config_file, resume;
+  std::string config_file, resume, preset;
   std::map<std::string, std::string> values;  // settings given as flags
 };
 
@@ -64,6 +64,9 @@ void add_train(CLI::App& app, TrainArgs& args) {
   cmd->add_option("--config", args.config_file, "TOML file of settings (keys as the flags below, '_' for '-')")
       ->check(CLI::ExistingFile);
   cmd->add_option("--resume", args.resume, "continue the run in this output directory from its latest checkpoint");
+  cmd->add_option("--preset", args.preset,
+                  "start from a named setup, before --config and flags: gpt2 (GPT-2 124M on synthetic tokens, "
+                  "vocabulary 50304, context 1024, batch 16: a speed run) or shakespeare (the default)");
   train::TrainConfig defaults;
   for (const train::Setting& s : train::settings(defaults)) {
     std::string flag = "--" + s.name;
@@ -76,6 +79,7 @@ void add_train(CLI::App& app, TrainArgs& args) {
         ->type_name(s.kind == train::Setting::Kind::text ? "TEXT" : (s.kind == train::Setting::Kind::integer ? "INT" : "NUM"));
   }
   cmd->get_option("--config")->excludes(cmd->get_option("--resume"));
+  cmd->get_option("--preset")->excludes(cmd->get_option("--resume"));
 }
 
 int run_train(const TrainArgs& args, comm::Communicator& world) {
@@ -85,6 +89,7 @@ int run_train(const TrainArgs& args, comm::Communicator& world) {
     config = train::load_run_config(args.resume);
   } else {
     config.data = default_data_path();
+    if (!args.preset.empty()) train::apply_preset(config, args.preset);
     if (!args.config_file.empty()) train::apply_toml_file(config, args.config_file);
   }
   auto all = train::settings(config);

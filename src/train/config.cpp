@@ -165,6 +165,33 @@ std::vector<Setting> settings(TrainConfig& c) {
   };
 }
 
+void apply_preset(TrainConfig& c, const std::string& name) {
+  if (name == "shakespeare") {
+    const std::string data = c.data;  // where the corpus is: the caller's default
+    c = TrainConfig{};
+    c.data = data;
+    return;
+  }
+  TUTTI_CHECK_AS(ConfigError, name == "gpt2", "unknown preset '", name, "'; the presets are gpt2, shakespeare");
+  c.layers = 12;
+  c.heads = 12;
+  c.dim = 768;
+  c.context = 1024;
+  c.vocab = 50304;
+  c.data = "synthetic";
+  c.batch = 16;
+  c.lr = 6e-4f;
+  c.min_lr = 6e-5f;
+  c.beta2 = 0.95f;
+  c.warmup = 10;
+  c.steps = 50;
+  c.eval_interval = 1000;
+  c.eval_batches = 1;
+  c.checkpoint_interval = 1000;
+  c.log_interval = 10;
+  c.sample_tokens = 0;
+}
+
 void apply_toml_file(TrainConfig& config, const std::string& path) {
   toml::table table;
   try {

@@ -72,6 +72,12 @@ struct Setting {
 };
 std::vector<Setting> settings(TrainConfig& config);
 
+// Named starting points, applied before a config file and flags (which override them):
+// "gpt2" is GPT-2 124M (12 layers, 12 heads, dim 768, context 1024, vocabulary 50304 as padded
+// for speed) on synthetic tokens, batch 16, AdamW (6e-4, betas 0.9/0.95); "shakespeare" is the
+// default. Unknown names throw ConfigError listing the known ones.
+void apply_preset(TrainConfig& config, const std::string& name);
+
 // Applies a TOML file's keys (flat, names as above). Unknown keys, wrong types and files that do
 // not parse throw ConfigError naming the file, key and value.
 void apply_toml_file(TrainConfig& config, const std::string& path);
