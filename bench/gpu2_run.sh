@@ -34,6 +34,7 @@ gpt2 gpt2_1gpu_b16 1 16
 gpt2 gpt2_dp2_b32 2 32 --dp 2
 gpt2 gpt2_pp2_b16 2 16 --pp 2 --micro-batches 8
 gpt2 gpt2_tp2_b16 2 16 --tp 2
+gpt2 gpt2_pp2_b16_m4 2 16 --pp 2 --micro-batches 4
 python3 - "$OUT" <<'PY' | tee "$OUT/summary.txt"
 import json, statistics, sys, pathlib
 out = pathlib.Path(sys.argv[1])
@@ -42,7 +43,7 @@ def median_ms(name):
     if not p.exists(): return None
     ms = [json.loads(l)["ms"] for l in open(p) if '"loss"' in l and '"ms"' in l][1:]
     return statistics.median(ms) if ms else None
-rows = {"gpt2_1gpu_b16": 16, "gpt2_dp2_b32": 32, "gpt2_pp2_b16": 16, "gpt2_tp2_b16": 16}
+rows = {"gpt2_1gpu_b16": 16, "gpt2_dp2_b32": 32, "gpt2_pp2_b16": 16, "gpt2_tp2_b16": 16, "gpt2_pp2_b16_m4": 16}
 rate = {}
 for name, batch in rows.items():
     m = median_ms(name)

@@ -154,7 +154,8 @@ class Pipeline::Step {
     reap();
     timed(Span::Kind::send, micro, [&] {
       Tensor buffer = t.contiguous().detach();
-      backend_for(buffer.device()).synchronize();  // the kernels that wrote it have finished
+      // The kernels that wrote it must have finished; nccl orders its send after them by itself.
+      if (p_.group_.backend() != "nccl") backend_for(buffer.device()).synchronize();
       auto work = p_.group_.send(std::span<const float>(buffer.data<float>(), size_t(buffer.numel())), peer, tag);
       work->is_completed();  // the nccl backend batches sends until polled: start it now
       p_.in_flight_.push_back({std::move(work), std::move(buffer), micro});
