@@ -113,3 +113,16 @@ TEST_F(DataParallel, BadLaunchesFailOnEveryRankWithoutHanging) {
   expect_every_rank_says(mixed, 2, "differs between ranks");
   EXPECT_FALSE(fs::exists(scratch() / "never"));
 }
+
+// A rank that computes slowly (40 ms of sleep in each forward) is named in the log and metrics.
+TEST_F(DataParallel, StragglersAreNamed) {
+  const fs::path out = scratch() / "straggler";
+  const std::string cmd = std::string(TUTTI_CLI) + " train" + kTiny + "--steps 4 --straggler-interval 2 --out " +
+                          out.string();
+  Result r = shell("TUTTI_INJECT_SLOW_RANK=1:40 " + kMpirun + "-np 2 " + cmd);
+  ASSERT_EQ(r.code, 0) << r.err;
+  EXPECT_NE(r.out.find("straggler: rank 1 computed"), std::string::npos) << r.out;
+  EXPECT_EQ(r.out.find("straggler: rank 0"), std::string::npos) << r.out;
+  EXPECT_NE(slurp(out / "metrics.jsonl").find("\"straggler_rank\":1"), std::string::npos);
+}
+

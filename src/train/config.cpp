@@ -39,6 +39,8 @@ void TrainConfig::validate() const {
   positive("comm_timeout", comm_timeout);
   non_negative("checkpoint_minutes", checkpoint_minutes);
   positive("max_bad_steps", max_bad_steps);
+  non_negative("straggler_interval", straggler_interval);
+  TUTTI_CHECK_AS(ConfigError, straggler_threshold > 0, "straggler_threshold must be positive, got ", straggler_threshold);
   non_negative("lr", lr);
   non_negative("min_lr", min_lr);
   non_negative("weight_decay", weight_decay);
@@ -162,6 +164,10 @@ std::vector<Setting> settings(TrainConfig& c) {
              c.comm_timeout),
       number("max_bad_steps", "steps with a non-finite loss or gradient are skipped; this many in a row roll "
              "back to the last checkpoint", c.max_bad_steps),
+      number("straggler_interval", "every N steps compare the ranks' compute time and name slow ones (0: never)",
+             c.straggler_interval),
+      number("straggler_threshold", "a rank whose compute time exceeds the median by more than this fraction is "
+             "named a straggler", c.straggler_threshold),
   };
 }
 

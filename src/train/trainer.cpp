@@ -155,6 +155,14 @@ std::set<int64_t> steps_from_env(const char* name) {
   return out;
 }
 
+// TUTTI_INJECT_SLOW_RANK="RANK:MS" (tests): that rank sleeps MS milliseconds in each forward.
+int slow_ms_from_env(int rank) {
+  const char* v = std::getenv("TUTTI_INJECT_SLOW_RANK");
+  int r = -1, ms = 0;
+  if (!v || std::sscanf(v, "%d:%d", &r, &ms) != 2 || r != rank) return 0;
+  return ms;
+}
+
 std::string bytes_to_text(const std::vector<int32_t>& tokens) {
   std::string s;
   for (int32_t t : tokens) s += static_cast<char>(t);
@@ -252,7 +260,8 @@ class Run {
                   config.decay == "cosine"},
         tokens_per_step_(int64_t{config.batch} * config.context),
         heartbeat_((prepare_output(), config.out), world.rank()),  // the data checked out: now the directory
-        inject_nan_(steps_from_env("TUTTI_INJECT_NAN_STEPS")) {
+        inject_nan_(steps_from_env("TUTTI_INJECT_NAN_STEPS")),
+        inject_slow_ms_(slow_ms_from_env(world.rank())) {
     for (parallel::Mesh* m : {&mesh_, device_mesh_.get()})
       if (m) m->set_timeout(std::chrono::seconds(config.comm_timeout));
     Rng init_rng(static_cast<uint64_t>(config.seed));
@@ -298,6 +307,7 @@ class Run {
         roll_back();
         continue;
       }
+      if (config_.straggler_interval > 0 && state_.step % config_.straggler_interval == 0) compare_ranks();
       if (state_.step % config_.eval_interval == 0 || state_.step == config_.steps) evaluate_and_log();
       if (state_.step % config_.checkpoint_interval == 0 || state_.step == config_.steps || out.time_for_checkpoint)
         checkpoint();
@@ -344,6 +354,7 @@ class Run {
     heartbeat_.set_step(step);
     replica_->zero_grad();
     auto forward = [&](int m, const Tensor& input) {
+      if (inject_slow_ms_ > 0) std::this_thread::sleep_for(std::chrono::milliseconds(inject_slow_ms_));
       const int64_t first = int64_t{coord_.dp} * layout_.per_rank + int64_t{m} * layout_.micro;
       data::Batch batch = dataset_.batch(data::Split::train, static_cast<uint64_t>(config_.seed),
                                          static_cast<uint64_t>(step), first, layout_.micro);
@@ -378,10 +389,48 @@ class Run {
                         << ", update skipped (" << ++bad_in_row_ << " in a row)\n" << std::flush;
     }
     if (layout_.mesh.pp > 1) bubbles_.push_back(pipeline_.last_timeline().bubble_fraction());
+    for (const parallel::Span& span : pipeline_.last_timeline().spans)
+      if (span.kind == parallel::Span::Kind::forward || span.kind == parallel::Span::Kind::backward)
+        compute_seconds_ += span.end - span.begin;
+    ++compute_steps_;
     state_.step = step + 1;
     state_.data_position = step + 1;
     log_step(loss, lr, norm, out.bad, std::chrono::duration<double>(Clock::now() - t0).count());
     return out;
+  }
+
+  // Stragglers: every rank's mean forward + backward time per step since the last comparison,
+  // measured before the collectives that would hide it, against the median; slow ranks are named.
+  void compare_ranks() {
+    const double mine = compute_steps_ > 0 ? compute_seconds_ / compute_steps_ : 0.0;
+    compute_seconds_ = 0.0;
+    const int steps = std::exchange(compute_steps_, 0);
+    if (world_.size() == 1) return;
+    std::vector<double> all(size_t(world_.size()));
+    world_.all_gather(std::span<const double>(&mine, 1), std::span<double>(all), std::vector<int64_t>(all.size(), 1))
+        ->wait();
+    // Ranks of different pipeline stages do different work: compare each rank with its stage's.
+    for (int stage = 0; stage < layout_.mesh.pp; ++stage) {
+      std::vector<std::pair<double, int>> peers;
+      for (int r = 0; r < world_.size(); ++r)
+        if (parallel::mesh_coord(layout_.mesh, r).pp == stage) peers.emplace_back(all[size_t(r)], r);
+      if (peers.size() < 2) continue;
+      std::vector<std::pair<double, int>> sorted = peers;
+      std::sort(sorted.begin(), sorted.end());
+      const size_t n = sorted.size();
+      const double median = n % 2 ? sorted[n / 2].first : 0.5 * (sorted[n / 2 - 1].first + sorted[n / 2].first);
+      for (const auto& [seconds, r] : peers) {
+        if (median <= 0 || seconds <= median * (1.0 + config_.straggler_threshold)) continue;
+        char text[200];
+        std::snprintf(text, sizeof text, "straggler: rank %d computed %.1f ms per step over the last %d steps, %.0f%% "
+                      "above the median %.1f ms of its %zu peers", r, seconds * 1e3, steps,
+                      100.0 * (seconds / median - 1.0), median * 1e3, peers.size());
+        progress_->line() << text << "\n" << std::flush;
+        if (lead_)
+          metrics_ << nlohmann::json{{"step", state_.step}, {"straggler_rank", r}, {"compute_ms", seconds * 1e3},
+                                     {"median_ms", median * 1e3}}.dump() << "\n" << std::flush;
+      }
+    }
   }
 
   // The groups that carry device tensors: NCCL's for GPUs of several ranks, else the world's.
@@ -663,6 +712,9 @@ class Run {
   const int64_t tokens_per_step_;
   Heartbeat heartbeat_;
   std::set<int64_t> inject_nan_;  // fault injection (tests): steps whose loss becomes NaN, once each
+  const int inject_slow_ms_;      // fault injection (tests): this rank sleeps so long in each forward
+  double compute_seconds_ = 0.0;  // this rank's forward + backward time since the last comparison
+  int compute_steps_ = 0;
   TrainerState state_;
   TrainResult result_;
   std::ofstream metrics_;

@@ -55,6 +55,8 @@ struct TrainConfig {
   int bucket_mib = 4;      // gradient bucket size (4 MiB hid the most communication, bench/RESULTS.md)
   int comm_timeout = 60;   // seconds a collective may take before the run fails
   int max_bad_steps = 3;   // non-finite steps in a row before rolling back to the last checkpoint
+  int straggler_interval = 50;        // compare the ranks' compute time every N steps (0: never)
+  float straggler_threshold = 0.2f;   // name a rank slower than the median by more than this fraction
 
   // Throws ConfigError naming the first bad value.
   void validate() const;
