@@ -491,20 +491,19 @@ class Run {
                << "\n" << std::flush;
   }
 
-  // This rank's weights (CPU copies) and optimizer moments (gathered from the ZeRO shards:
-  // collective over the replicas), under single-process names.
-  std::pair<NamedTensors, NamedTensors> local_state() {
-    NamedTensors weights = model_.named_parameters(), moments = replica_->optimizer_state();
+  // This rank's weights, CPU copies under single-process names.
+  NamedTensors local_weights() {
+    NamedTensors weights = model_.named_parameters();
     for (auto& [name, t] : weights) t = t.to(Device::cpu()).clone();
-    for (auto& [name, t] : moments) t = t.to(Device::cpu());
-    return {std::move(weights), std::move(moments)};
+    return weights;
   }
 
   // Every stage's writer (dp 0, tp 0) gathers its stage's whole tensors and writes them in the
   // background, all stages at once into one directory; rank 0 commits it when every shard is in.
   void checkpoint() {
-    auto [weights, moments] = local_state();
-    weights = gather_stage(mesh_, weights, {""});
+    NamedTensors moments = replica_->optimizer_state();  // gathered from the ZeRO shards: collective
+    for (auto& [name, t] : moments) t = t.to(Device::cpu());
+    NamedTensors weights = gather_stage(mesh_, local_weights(), {""});
     moments = gather_stage(mesh_, moments, kMoments);
     const parallel::MeshShape& m = layout_.mesh;
     if (m.pp > 1) {
@@ -672,7 +671,7 @@ class Run {
   void print_sample() {
     std::unique_ptr<nn::GPT> gathered;
     if (!model_.whole()) {
-      NamedTensors weights = gather_whole(mesh_, local_state().first, config_.model(), {""});
+      NamedTensors weights = gather_whole(mesh_, local_weights(), config_.model(), {""});
       if (!lead_) return;
       gathered = std::make_unique<nn::GPT>(config_.model());
       auto params = gathered->named_parameters();
