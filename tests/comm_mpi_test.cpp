@@ -16,6 +16,7 @@
 
 #include "comm/backends.hpp"
 #include "mpi_test_main.hpp"
+#include "test_util.hpp"
 #include "tutti/comm/communicator.hpp"
 #include "tutti/parallel/mesh.hpp"
 
@@ -32,15 +33,7 @@ Communicator& world() { return *g_world; }
 int rank() { return g_world->rank(); }
 int nranks() { return g_world->size(); }
 
-template <class F>
-std::string message_of(F f) {
-  try {
-    f();
-  } catch (const std::exception& e) {
-    return e.what();
-  }
-  return "(no exception)";
-}
+using test::message_of;
 
 // Rank r's element i: small integers (sums are exact in every type, u8 sums stay below 256 for
 // up to 4 ranks), with negatives for the signed types so max and min differ from sum.
@@ -448,9 +441,5 @@ TEST(CommSpeed, AllReduceTimes) {
 }  // namespace tutti
 
 int main(int argc, char** argv) {
-  auto world = tutti::comm::make_world("mpi");
-  tutti::g_world = world.get();
-  const int code = tutti::test::run_mpi_tests(argc, argv, *world, "comm_mpi_test");
-  world.reset();
-  return code;
+  return tutti::test::mpi_test_main(argc, argv, "comm_mpi_test", tutti::g_world);
 }

@@ -11,6 +11,7 @@
 
 #include "comm/collective_args.hpp"
 #include "comm/work.hpp"
+#include "test_util.hpp"
 #include "tutti/comm/communicator.hpp"
 #include "tutti/parallel/mesh.hpp"
 
@@ -24,15 +25,7 @@ using comm::ReduceOp;
 using parallel::MeshCoord;
 using parallel::MeshShape;
 
-template <class F>
-std::string message_of(F f) {
-  try {
-    f();
-  } catch (const std::exception& e) {
-    return e.what();
-  }
-  return "(no exception)";
-}
+using test::message_of;
 
 // ---- local backend --------------------------------------------------------------------------
 

@@ -36,12 +36,7 @@ const fs::path& reference() {  // the single process, 6 steps
 
 }  // namespace
 
-class DataParallel : public ::testing::Test {
- protected:
-  void SetUp() override {
-    if (!have_mpirun()) GTEST_SKIP() << "mpirun not found (apt-get install openmpi-bin)";
-  }
-};
+class DataParallel : public MpirunTest {};
 
 struct Layout {
   int np, micro, zero;

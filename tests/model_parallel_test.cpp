@@ -44,12 +44,7 @@ struct MeshCase {
 
 void PrintTo(const MeshCase& c, std::ostream* os) { *os << c.name(); }
 
-class ModelParallel : public ::testing::Test {
- protected:
-  void SetUp() override {
-    if (!have_mpirun()) GTEST_SKIP() << "mpirun not found (apt-get install openmpi-bin)";
-  }
-};
+class ModelParallel : public MpirunTest {};
 
 class ModelParallelEquivalence : public ModelParallel, public ::testing::WithParamInterface<MeshCase> {};
 

@@ -1,11 +1,12 @@
 // main() of a *_mpi_test: every rank runs the whole suite under `mpirun -np N`; only rank 0
 // prints gtest's usual output, other ranks print their failures, and the exit code is the worst
-// over all ranks. Include once, in the test's .cpp, and call run_mpi_tests from main.
+// over all ranks. Include once, in the test's .cpp, and return mpi_test_main from main.
 #pragma once
 #include <gtest/gtest.h>
 
 #include <chrono>
 #include <cstdio>
+#include <memory>
 #include <string>
 
 #include "tutti/comm/communicator.hpp"
@@ -42,6 +43,15 @@ inline int run_mpi_tests(int argc, char** argv, comm::Communicator& world, const
   world.all_reduce(std::span<int64_t>(&failed, 1), comm::ReduceOp::max)->wait();
   if (world.rank() == 0 && failed) std::fprintf(stderr, "%s: a test failed on some rank\n", name);
   return failed ? 1 : 0;
+}
+
+// The whole main() of an *_mpi_test: `world` points at the mpi world while the tests run.
+inline int mpi_test_main(int argc, char** argv, const char* name, comm::Communicator*& world) {
+  std::unique_ptr<comm::Communicator> owned = comm::make_world("mpi");
+  world = owned.get();
+  const int code = run_mpi_tests(argc, argv, *owned, name);
+  world = nullptr;
+  return code;
 }
 
 }  // namespace tutti::test

@@ -26,6 +26,7 @@
 #include <vector>
 
 #include "backend/cuda/cuda_backend.hpp"
+#include "test_util.hpp"
 #include "tutti/comm/nccl.hpp"
 
 namespace tutti {
@@ -410,15 +411,7 @@ TEST(Nccl, SplitByParity) {
 
 // ---- bad arguments ---------------------------------------------------------------------------------
 
-template <class F>
-std::string message_of(F f) {
-  try {
-    f();
-  } catch (const std::exception& e) {
-    return e.what();
-  }
-  return "(no exception)";
-}
+using tutti::test::message_of;
 
 TEST(NcclArgs, DeviceAndRankOutOfRange) {
   const std::string device = message_of([] { comm::make_nccl(0, 1, comm::NcclId{}, 99); });

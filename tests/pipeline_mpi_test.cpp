@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "mpi_test_main.hpp"
+#include "test_util.hpp"
 #include "tutti/autograd/node.hpp"
 #include "tutti/comm/communicator.hpp"
 #include "tutti/nn/module.hpp"
@@ -33,15 +34,7 @@ using Millis = std::chrono::milliseconds;
 comm::Communicator* g_world = nullptr;
 comm::Communicator& world() { return *g_world; }
 
-template <class F>
-std::string message_of(F f) {
-  try {
-    f();
-  } catch (const std::exception& e) {
-    return e.what();
-  }
-  return "(no exception)";
-}
+using test::message_of;
 
 // The groups a pipeline runs on: the world, a world of one (no communication), and the world
 // split in two by rank parity (so group ranks differ from world ranks).
@@ -57,6 +50,20 @@ struct Groups {
 std::vector<int> micro_counts(int stages) {
   std::set<int> counts{1, 2, stages, 2 * stages + 1};
   return {counts.begin(), counts.end()};
+}
+
+// Runs check(group, schedule, m) for every group, both schedules and every micro-batch count,
+// each under a trace naming the case.
+template <class Check>
+void for_each_case(Check check) {
+  Groups groups;
+  for (auto [name, group] : groups.all())
+    for (Schedule schedule : {Schedule::gpipe, Schedule::one_f_one_b})
+      for (int m : micro_counts(group->size())) {
+        SCOPED_TRACE(testing::Message() << name << " group of " << group->size() << ", "
+                                        << parallel::schedule_name(schedule) << ", M = " << m);
+        check(*group, schedule, m);
+      }
 }
 
 // ---- the toy model: a chain of Linear + gelu layers, two per stage -----------------------------
@@ -176,16 +183,7 @@ void check_against_reference(comm::Communicator& group, Schedule schedule, int m
   else EXPECT_EQ(eval_sum, 0.0);
 }
 
-TEST(Pipeline, LossAndGradientsMatchTheSingleProcess) {
-  Groups groups;
-  for (auto [name, group] : groups.all())
-    for (Schedule schedule : {Schedule::gpipe, Schedule::one_f_one_b})
-      for (int m : micro_counts(group->size())) {
-        SCOPED_TRACE(testing::Message() << name << " group of " << group->size() << ", "
-                                        << parallel::schedule_name(schedule) << ", M = " << m);
-        check_against_reference(*group, schedule, m);
-      }
-}
+TEST(Pipeline, LossAndGradientsMatchTheSingleProcess) { for_each_case(check_against_reference); }
 
 // ---- a stage whose tape is counted and whose compute sleeps -------------------------------------
 
@@ -272,32 +270,27 @@ void check_timeline(const parallel::Timeline& t, int micro_batches) {
 // ---- 2. activations held at once, schedule order, before_last_backward --------------------------
 
 TEST(Pipeline, OneFOneBHoldsAtMostStagesMinusStageMicroBatches) {
-  Groups groups;
-  for (auto [name, group] : groups.all())
-    for (Schedule schedule : {Schedule::gpipe, Schedule::one_f_one_b})
-      for (int m : micro_counts(group->size())) {
-        SCOPED_TRACE(testing::Message() << name << " group of " << group->size() << ", "
-                                        << parallel::schedule_name(schedule) << ", M = " << m);
-        const int p = group->size(), s = group->rank();
-        Live live;
-        Pipeline pipe(*group, Shape{kRows, kWidth}, Device::cpu(), schedule, m);
-        Tensor param = Tensor::full({kRows, kWidth}, 0.5f).set_requires_grad(true);
-        int hook_calls = 0, backwards_at_hook = -1;
-        pipe.train_step(sleepy_stage(pipe, param, live, Millis(0), Millis(0)), [&] {
-          ++hook_calls;
-          backwards_at_hook = live.backwards;
-        });
-        EXPECT_EQ(live.peak, schedule == Schedule::gpipe ? m : std::min(m, p - s));
-        EXPECT_EQ(live.now, 0) << "tapes still alive after the step";
-        EXPECT_EQ(live.backwards, m);
-        EXPECT_EQ(hook_calls, 1);
-        EXPECT_EQ(backwards_at_hook, m - 1) << "before_last_backward ran before the last backward";
-        check_timeline(pipe.last_timeline(), m);
-        EXPECT_EQ(compute_order(pipe.last_timeline()), expected_order(schedule, p, s, m));
-        if (pipe.first()) {
-          EXPECT_FLOAT_EQ(param.grad().to_vector<float>()[0], 1.0f / float(kRows * kWidth));
-        }
-      }
+  for_each_case([](comm::Communicator& group, Schedule schedule, int m) {
+    const int p = group.size(), s = group.rank();
+    Live live;
+    Pipeline pipe(group, Shape{kRows, kWidth}, Device::cpu(), schedule, m);
+    Tensor param = Tensor::full({kRows, kWidth}, 0.5f).set_requires_grad(true);
+    int hook_calls = 0, backwards_at_hook = -1;
+    pipe.train_step(sleepy_stage(pipe, param, live, Millis(0), Millis(0)), [&] {
+      ++hook_calls;
+      backwards_at_hook = live.backwards;
+    });
+    EXPECT_EQ(live.peak, schedule == Schedule::gpipe ? m : std::min(m, p - s));
+    EXPECT_EQ(live.now, 0) << "tapes still alive after the step";
+    EXPECT_EQ(live.backwards, m);
+    EXPECT_EQ(hook_calls, 1);
+    EXPECT_EQ(backwards_at_hook, m - 1) << "before_last_backward ran before the last backward";
+    check_timeline(pipe.last_timeline(), m);
+    EXPECT_EQ(compute_order(pipe.last_timeline()), expected_order(schedule, p, s, m));
+    if (pipe.first()) {
+      EXPECT_FLOAT_EQ(param.grad().to_vector<float>()[0], 1.0f / float(kRows * kWidth));
+    }
+  });
 }
 
 // ---- 3. measured bubble against (p - 1) / (m + p - 1) -------------------------------------------
@@ -375,9 +368,5 @@ TEST(Pipeline, NamesPredictionsAndBadInput) {
 }  // namespace tutti
 
 int main(int argc, char** argv) {
-  auto world = tutti::comm::make_world("mpi");
-  tutti::g_world = world.get();
-  const int code = tutti::test::run_mpi_tests(argc, argv, *world, "pipeline_mpi_test");
-  world.reset();
-  return code;
+  return tutti::test::mpi_test_main(argc, argv, "pipeline_mpi_test", tutti::g_world);
 }

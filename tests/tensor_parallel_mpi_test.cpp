@@ -107,9 +107,5 @@ TEST(TensorParallelGPT, IndivisibleHeadsOrVocabularyAreOneClearError) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  auto world = comm::make_world("mpi");
-  g_world = world.get();
-  const int code = run_mpi_tests(argc, argv, *world, "tensor_parallel_mpi_test");
-  world.reset();
-  return code;
+  return tutti::test::mpi_test_main(argc, argv, "tensor_parallel_mpi_test", g_world);
 }

@@ -20,6 +20,17 @@
 
 namespace tutti::test {
 
+// What f throws, or "(no exception)".
+template <class F>
+std::string message_of(F f) {
+  try {
+    f();
+  } catch (const std::exception& e) {
+    return e.what();
+  }
+  return "(no exception)";
+}
+
 using Vec = std::vector<double>;
 
 // ---- random tensors -------------------------------------------------------------------------

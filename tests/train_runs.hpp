@@ -25,6 +25,14 @@ inline const std::string kMpirun =
     "OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_rmaps_base_oversubscribe=1 "
     "timeout 300 mpirun --oversubscribe --bind-to none ";
 
+// A fixture for tests that launch with mpirun: skipped where there is none.
+class MpirunTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    if (!have_mpirun()) GTEST_SKIP() << "mpirun not found (apt-get install openmpi-bin)";
+  }
+};
+
 // `tutti ARGS` in one process (np 0) or under mpirun -np np.
 inline Result run_tutti(int np, const std::string& args) {
   const std::string cmd = std::string(TUTTI_CLI) + args;

@@ -447,15 +447,22 @@ cudaError_t launch_column_sum(Load load, int64_t rows, int64_t cols, ColumnOutpu
 // ------------------------------------------------------------------------------------------------
 // One block per row.
 
+// A row's max and sum of exp(x - max), on every thread of the block (one block per row).
+__device__ __forceinline__ void row_max_and_exp_sum(const float* xr, int64_t V, float& mx, float& total) {
+  mx = -INFINITY;
+  for (int64_t j = threadIdx.x; j < V; j += blockDim.x) mx = fmaxf(mx, xr[j]);
+  mx = block_max(mx);
+  total = 0.0f;
+  for (int64_t j = threadIdx.x; j < V; j += blockDim.x) total += expf(xr[j] - mx);
+  total = block_sum(total);
+}
+
 __global__ void softmax_kernel(const float* x, float* y, int64_t cols) {
   const float* xr = x + static_cast<int64_t>(blockIdx.x) * cols;
   float* yr = y + static_cast<int64_t>(blockIdx.x) * cols;
-  float mx = -INFINITY;
-  for (int64_t j = threadIdx.x; j < cols; j += blockDim.x) mx = fmaxf(mx, xr[j]);
-  mx = block_max(mx);
-  float total = 0.0f;
-  for (int64_t j = threadIdx.x; j < cols; j += blockDim.x) total += expf(xr[j] - mx);
-  const float inv = 1.0f / block_sum(total);
+  float mx, total;
+  row_max_and_exp_sum(xr, cols, mx, total);
+  const float inv = 1.0f / total;
   for (int64_t j = threadIdx.x; j < cols; j += blockDim.x) yr[j] = expf(xr[j] - mx) * inv;
 }
 
@@ -465,12 +472,8 @@ __global__ void cross_entropy_forward_kernel(const float* logits, const int32_t*
   const int64_t row = blockIdx.x;
   const float* xr = logits + row * V;
   float* pr = probs + row * V;
-  float mx = -INFINITY;
-  for (int64_t j = threadIdx.x; j < V; j += blockDim.x) mx = fmaxf(mx, xr[j]);
-  mx = block_max(mx);
-  float total = 0.0f;
-  for (int64_t j = threadIdx.x; j < V; j += blockDim.x) total += expf(xr[j] - mx);
-  total = block_sum(total);
+  float mx, total;
+  row_max_and_exp_sum(xr, V, mx, total);
   const float inv = 1.0f / total;
   for (int64_t j = threadIdx.x; j < V; j += blockDim.x) pr[j] = expf(xr[j] - mx) * inv;
   if (threadIdx.x == 0) {
@@ -483,12 +486,8 @@ __global__ void vocab_cross_entropy_stats_kernel(const float* logits, const int3
                                                  float* stats, int64_t V) {
   const int64_t row = blockIdx.x;
   const float* xr = logits + row * V;
-  float mx = -INFINITY;
-  for (int64_t j = threadIdx.x; j < V; j += blockDim.x) mx = fmaxf(mx, xr[j]);
-  mx = block_max(mx);
-  float total = 0.0f;
-  for (int64_t j = threadIdx.x; j < V; j += blockDim.x) total += expf(xr[j] - mx);
-  total = block_sum(total);
+  float mx, total;
+  row_max_and_exp_sum(xr, V, mx, total);
   if (threadIdx.x == 0) {
     const int64_t t = targets[row] - first;
     stats[3 * row] = mx;
@@ -542,12 +541,9 @@ __global__ void layer_norm_dx_kernel(const float* x, const float* w, const float
 __global__ void causal_softmax_kernel(float* scores, int64_t rows_per_matrix, int64_t len, int64_t past) {
   const int64_t row = blockIdx.x, n = past + row % rows_per_matrix + 1;
   float* s = scores + row * len;
-  float mx = -INFINITY;
-  for (int64_t j = threadIdx.x; j < n; j += blockDim.x) mx = fmaxf(mx, s[j]);
-  mx = block_max(mx);
-  float total = 0.0f;
-  for (int64_t j = threadIdx.x; j < n; j += blockDim.x) total += expf(s[j] - mx);
-  const float inv = 1.0f / block_sum(total);
+  float mx, total;
+  row_max_and_exp_sum(s, n, mx, total);
+  const float inv = 1.0f / total;
   for (int64_t j = threadIdx.x; j < len; j += blockDim.x) s[j] = j < n ? expf(s[j] - mx) * inv : 0.0f;
 }
 
