@@ -8,6 +8,7 @@ packages=(
   libdnnl-dev ocl-icd-opencl-dev opencl-headers   # oneDNN (CPU GEMM); Debian builds it with OpenCL
   libopenblas-dev                                 # only for bench/gemm_bench (oneDNN vs OpenBLAS)
   libtomlplusplus-dev libcli11-dev nlohmann-json3-dev
+  libtbb-dev                                      # oneTBB: the workflow's task runtime
   libxxhash-dev clang-14 libclang-rt-14-dev       # checkpoint checksums; libFuzzer + ASan for fuzz/run.sh
   libgtest-dev libgmock-dev libbenchmark-dev
   libopenmpi-dev openmpi-bin                      # the mpi communicator backend and mpirun
