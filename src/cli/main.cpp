@@ -17,6 +17,7 @@
 #include "tutti/core/threads.hpp"
 #include "tutti/launch/supervisor.hpp"
 #include "tutti/train/run_dir.hpp"
+#include "tutti/train/sweep.hpp"
 #include "tutti/train/trainer.hpp"
 
 namespace fs = std::filesystem;
@@ -190,6 +191,59 @@ int run_eval(const EvalArgs& args) {
 }
 
 // ------------------------------------------------------------------------------------------
+// tutti sweep
+
+struct SweepArgs {
+  std::string config_file, out;
+  int workers = 0;
+  bool dry_run = false;
+};
+
+void add_sweep(CLI::App& app, SweepArgs& args) {
+  auto* cmd = app.add_subcommand(
+      "sweep", "Run many small training jobs (a grid or random search over train settings) as separate `tutti train` "
+               "processes, a few at once, stopping the ones that fall behind (successive halving); print a ranked "
+               "table, write OUT/sweep.jsonl and OUT/sweep.svg");
+  cmd->add_option("config", args.config_file, "sweep file (TOML): [base], [search] and [sweep] tables")
+      ->required()->check(CLI::ExistingFile);
+  cmd->add_option("--out", args.out, "the sweep's directory, which must be new or empty [default: [sweep] out]");
+  cmd->add_option("--workers", args.workers, "trials at once [default: [sweep] workers, else cores / threads_per_trial]")
+      ->check(CLI::PositiveNumber);
+  cmd->add_flag("--dry-run", args.dry_run, "check the file and list the trials with their commands; run nothing");
+  cmd->footer(
+      "The sweep file (docs/sweep.md):\n"
+      "  [base]    settings every trial shares: any key of `tutti train --help` (layers = 2, steps = 300, ...)\n"
+      "  [search]  KEY = [v1, v2, ...]               a grid: every combination is a trial\n"
+      "            KEY = {min = A, max = B, log = true}  a range: sampled in a random search\n"
+      "  [sweep]   trials = N (random search; needed with ranges), seed = S, workers = W, threads_per_trial = 1,\n"
+      "            out = \"runs/sweep\", metric = \"val_loss\" | \"train_loss\", eta = 3 (halving factor),\n"
+      "            rungs = [steps...] (evaluation steps where trials are compared; [] turns halving off;\n"
+      "            default eval_interval x eta^k)\n"
+      "At a rung, a trial continues when it is within the top max(1, ceil(n / eta)) of the n trials that reached\n"
+      "it so far; the others are stopped. out, threads, dp, pp and tp are set by the sweep, not the file.");
+}
+
+int run_sweep(const SweepArgs& args) {
+  train::SweepConfig config = train::load_sweep_config(args.config_file);
+  if (!args.out.empty()) config.out = args.out;
+  if (args.workers > 0) config.workers = args.workers;
+  const std::string binary = fs::read_symlink("/proc/self/exe").string();
+  if (args.dry_run) {
+    const std::vector<train::Trial> trials = train::plan_trials(config, binary);
+    std::cout << train::format_plan(config, trials);
+    return 0;
+  }
+  train::SweepOptions options;
+  options.binary = binary;
+  const train::SweepResult result = train::run_sweep(config, options);
+  std::cout << "\n" << train::format_table(result, config.metric);
+  const bool any = std::any_of(result.trials.begin(), result.trials.end(),
+                               [](const train::TrialResult& r) { return r.status != train::TrialResult::Status::failed; });
+  TUTTI_CHECK(any, "every trial failed; their output is in ", (fs::path(config.out) / "logs").string());
+  return 0;
+}
+
+// ------------------------------------------------------------------------------------------
 // tutti launch
 
 struct LaunchArgs {
@@ -346,6 +400,8 @@ int main(int argc, char** argv) {
   add_inspect(app, inspect_args);
   LaunchArgs launch_args;
   add_launch(app, launch_args);
+  SweepArgs sweep_args;
+  add_sweep(app, sweep_args);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
@@ -361,6 +417,7 @@ int main(int argc, char** argv) {
     if (app.got_subcommand("eval")) return run_eval(eval_args);
     if (app.got_subcommand("inspect")) return run_inspect(inspect_args);
     if (app.got_subcommand("launch")) return run_launch(launch_args);
+    if (app.got_subcommand("sweep")) return run_sweep(sweep_args);
   } catch (const std::exception& e) {
     const bool many = world && world->size() > 1;
     const std::string where =
