@@ -25,7 +25,8 @@ namespace {
 // ============================================================================================
 
 constexpr size_t kMaxPoints = 2000;
-constexpr int kLeft = 72, kRight = 230, kTop = 34, kBottom = 46;  // margins around a plot area
+constexpr int kLeft = 72, kTop = 34, kBottom = 46;  // margins around a plot area; the legend is right of it
+constexpr int kLegendMin = 160, kLegendMax = 560;
 const char* const kPalette[] = {"#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd",
                                 "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf"};
 const char* const kDashes[] = {"", "6,3", "2,2", "8,3,2,3"};  // after the 10 colours, the next dash
@@ -52,13 +53,15 @@ Axis make_axis(double lo, double hi, int target = 5) {
   return a;
 }
 
-// A tick label: as few decimals as the spacing needs; k and M for large values.
-std::string tick_label(double v, double step) {
+// A tick label: as few decimals as the spacing needs; k or M on every tick of an axis that
+// reaches 10^4 or 10^6.
+std::string tick_label(double v, const Axis& axis) {
   char buf[32];
-  const double a = std::abs(v);
-  if (a >= 1e6 && step >= 1e5) std::snprintf(buf, sizeof buf, "%gM", v / 1e6);
-  else if (a >= 1e4 && step >= 1e3) std::snprintf(buf, sizeof buf, "%gk", v / 1e3);
-  else if (step >= 1e-4) std::snprintf(buf, sizeof buf, "%.*f", std::max(0, int(-std::floor(std::log10(step) + 1e-9))), v);
+  const double top = std::max(std::abs(axis.lo), std::abs(axis.hi));
+  if (top >= 1e6) std::snprintf(buf, sizeof buf, "%gM", v / 1e6);
+  else if (top >= 1e4) std::snprintf(buf, sizeof buf, "%gk", v / 1e3);
+  else if (axis.step >= 1e-4)
+    std::snprintf(buf, sizeof buf, "%.*f", std::max(0, int(-std::floor(std::log10(axis.step) + 1e-9))), v);
   else std::snprintf(buf, sizeof buf, "%.3g", v);
   return buf;
 }
@@ -94,7 +97,15 @@ struct Frame {  // the plot area in pixels and the data ranges it shows
   double py(double y) const { return y1 - (y - ay.lo) / (ay.hi - ay.lo) * (y1 - y0); }
 };
 
-Frame frame_of(const Chart& chart, int width, int height, double top) {
+// The legend's width: its longest name at about 7 pixels a character, within bounds.
+int legend_width(const std::vector<Chart>& charts) {
+  size_t longest = 0;
+  for (const Chart& c : charts)
+    for (const Series& s : c.series) longest = std::max(longest, s.name.size());
+  return std::clamp(int(longest) * 7 + 50, kLegendMin, kLegendMax);
+}
+
+Frame frame_of(const Chart& chart, int plot_right, int height, double top) {
   double xlo = std::numeric_limits<double>::infinity(), xhi = -xlo, ylo = xlo, yhi = -xlo;
   for (const Series& s : chart.series)
     for (size_t i = 0; i < s.x.size() && i < s.y.size(); ++i) {
@@ -103,7 +114,7 @@ Frame frame_of(const Chart& chart, int width, int height, double top) {
       ylo = std::min(ylo, s.y[i]), yhi = std::max(yhi, s.y[i]);
     }
   if (!std::isfinite(xlo)) xlo = xhi = ylo = yhi = 0;  // no points: an empty frame
-  return {double(kLeft), double(width - kRight), top + kTop, top + height - kBottom, make_axis(xlo, xhi, 8),
+  return {double(kLeft), double(plot_right), top + kTop, top + height - kBottom, make_axis(xlo, xhi, 8),
           make_axis(ylo, yhi, 5)};
 }
 
@@ -116,10 +127,10 @@ void draw_axes(std::ostream& o, const Chart& chart, const Frame& f) {
   o << "<g class=\"ticks\" fill=\"#333\">\n";
   for (double t : f.ay.ticks)
     o << "<text x=\"" << num(f.x0 - 6) << "\" y=\"" << num(f.py(t) + 4) << "\" text-anchor=\"end\">"
-      << tick_label(t, f.ay.step) << "</text>\n";
+      << tick_label(t, f.ay) << "</text>\n";
   for (double t : f.ax.ticks)
     o << "<text x=\"" << num(f.px(t)) << "\" y=\"" << num(f.y1 + 16) << "\" text-anchor=\"middle\">"
-      << tick_label(t, f.ax.step) << "</text>\n";
+      << tick_label(t, f.ax) << "</text>\n";
   o << "</g>\n";
   o << "<text class=\"title\" x=\"" << num((f.x0 + f.x1) / 2) << "\" y=\"" << num(f.y0 - 12)
     << "\" text-anchor=\"middle\" font-size=\"14\" font-weight=\"bold\">" << escape(chart.title) << "</text>\n";
@@ -209,11 +220,13 @@ double tokens_per_step(const fs::path& run_dir) {
 std::string render_svg(const std::vector<Chart>& charts, int width, int chart_height) {
   std::ostringstream o;
   const int height = chart_height * int(std::max<size_t>(1, charts.size()));
+  const int plot_right = width - kLegendMin;  // the plot keeps its size; a long legend widens the page
+  width = plot_right + legend_width(charts);
   o << "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"" << width
     << "\" height=\"" << height << "\" viewBox=\"0 0 " << width << " " << height
     << "\" font-family=\"sans-serif\" font-size=\"12\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n";
   for (size_t c = 0; c < charts.size(); ++c) {
-    const Frame f = frame_of(charts[c], width, chart_height, double(c) * chart_height);
+    const Frame f = frame_of(charts[c], plot_right, chart_height, double(c) * chart_height);
     o << "<g class=\"chart\">\n";
     draw_axes(o, charts[c], f);
     for (size_t i = 0; i < charts[c].series.size(); ++i) draw_series(o, charts[c].series[i], f, i);

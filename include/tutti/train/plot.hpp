@@ -19,8 +19,9 @@ struct Chart {
   std::vector<Series> series;
 };
 
-// The charts stacked top to bottom in one SVG document, each `chart_height` pixels high; a series
-// of more than 2000 points is thinned to every k-th point (its last point kept).
+// The charts stacked top to bottom in one SVG document, each `chart_height` pixels high and
+// `width` wide, wider when the legend needs it; a series of more than 2000 points is thinned to
+// every k-th point (its last point kept).
 std::string render_svg(const std::vector<Chart>& charts, int width = 900, int chart_height = 320);
 
 // render_svg(charts) written to `path` atomically (a temporary file renamed over it), so a reader
