@@ -169,6 +169,13 @@ TEST(SweepConfig, DryRunListsTrialsAndWritesNothing) {
   EXPECT_FALSE(fs::exists(out));
 }
 
+TEST(SweepConfig, ShippedExampleIsValid) {
+  const Result r = sweep(fs::path(TUTTI_SOURCE_DIR) / "examples/sweep/shakespeare_lr.toml", "--dry-run");
+  ASSERT_EQ(r.code, 0) << r.err;
+  EXPECT_NE(r.out.find("12 trials (random search), halving eta 3 on val_loss at steps [50, 150]"), std::string::npos)
+      << r.out;
+}
+
 // ============================================================================================
 // Running sweeps
 // ============================================================================================
