@@ -169,6 +169,15 @@ TEST(SweepConfig, DryRunListsTrialsAndWritesNothing) {
   EXPECT_FALSE(fs::exists(out));
 }
 
+TEST(SweepConfig, Help) {
+  const Result r = shell(std::string(TUTTI_CLI) + " sweep --help");
+  EXPECT_EQ(r.code, 0);
+  for (const char* text : {"--out", "--workers", "--dry-run", "[base]", "[search]", "[sweep]", "trials", "eta", "rungs",
+                           "threads_per_trial", "metric", "ceil(n / eta)"})
+    EXPECT_NE(r.out.find(text), std::string::npos) << text;
+  EXPECT_NE(shell(std::string(TUTTI_CLI) + " sweep").code, 0) << "the sweep file is required";
+}
+
 TEST(SweepConfig, ShippedExampleIsValid) {
   const Result r = sweep(fs::path(TUTTI_SOURCE_DIR) / "examples/sweep/shakespeare_lr.toml", "--dry-run");
   ASSERT_EQ(r.code, 0) << r.err;
