@@ -368,11 +368,12 @@ SweepResult run_sweep(SweepConfig config, const SweepOptions& options) {
   SweepState state{config, log, SuccessiveHalving(config.rungs, config.eta), {}, {}, {}, trials.size()};
   state.jsonl.open(fs::path(config.out) / "sweep.jsonl", std::ios::app);
   TUTTI_CHECK(state.jsonl.good(), "cannot write '", (fs::path(config.out) / "sweep.jsonl").string(), "'");
-  std::string rungs;
-  for (int64_t r : config.rungs) rungs += (rungs.empty() ? "" : ", ") + std::to_string(r);
+  std::ostringstream halving;
+  halving << "halving eta " << config.eta << " on " << config.metric << " at steps";
+  for (int64_t r : config.rungs) halving << " " << r;
   log << "sweep: " << trials.size() << " trials, " << workers << " at once (" << config.threads_per_trial
-      << " thread" << (config.threads_per_trial > 1 ? "s" : "") << " each), halving eta " << config.eta << " at steps ["
-      << rungs << "] on " << config.metric << ", into " << config.out << "\n" << std::flush;
+      << " thread" << (config.threads_per_trial > 1 ? "s" : "") << " each), "
+      << (config.rungs.empty() ? "no early stopping" : halving.str()) << ", into " << config.out << "\n" << std::flush;
 
   // At most `workers` trials at once; the node's queue is FIFO, so trials start in index order,
   // each as soon as a running one ends. A trial's task blocks on its process, so the arena has a
