@@ -30,6 +30,23 @@ void Backend::gelu_backward(const float*, const float*, float*, int64_t) { missi
 void Backend::relu_forward(const float*, float*, int64_t) { missing(*this, "relu"); }
 void Backend::relu_backward(const float*, const float*, float*, int64_t) { missing(*this, "relu_backward"); }
 void Backend::gemm(const Gemm&) { missing(*this, "matmul"); }
+void Backend::to_bf16(const float*, BFloat16*, int64_t) { missing(*this, "to_bf16 (mixed precision)"); }
+void Backend::gemm_bf16(const GemmBf16&) { missing(*this, "matmul in bf16 (mixed precision)"); }
+void Backend::attention_forward_bf16(const BFloat16*, float*, BFloat16*, int64_t, int64_t, int64_t, int64_t) {
+  missing(*this, "causal_attention in bf16 (mixed precision)");
+}
+void Backend::attention_backward_bf16(const BFloat16*, const BFloat16*, const float*, float*, int64_t, int64_t,
+                                      int64_t, int64_t) {
+  missing(*this, "causal_attention_backward in bf16 (mixed precision)");
+}
+bool Backend::flash_attention_supports(int64_t, int64_t, int64_t) const { return false; }
+void Backend::flash_attention_forward(const BFloat16*, float*, float*, int64_t, int64_t, int64_t, int64_t) {
+  missing(*this, "flash attention");
+}
+void Backend::flash_attention_backward(const BFloat16*, const float*, const float*, const float*, float*, int64_t,
+                                       int64_t, int64_t, int64_t) {
+  missing(*this, "flash attention backward");
+}
 void Backend::layer_norm_forward(const float*, const float*, const float*, float*, float*, float*, int64_t, int64_t,
                                  float) {
   missing(*this, "layer_norm");

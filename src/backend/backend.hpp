@@ -11,17 +11,27 @@
 
 namespace tutti {
 
+// A bf16 value as its 16 bits (the upper half of an fp32's): the operands of mixed precision's
+// matrix products. Rounding from fp32 is to nearest, ties to even.
+struct BFloat16 {
+  uint16_t bits;
+};
+
 // Row-major GEMM description: C = alpha * op(A) op(B) + beta * C, repeated `batch` times with
-// element strides stride_a/b/c between the matrices.
-struct Gemm {
+// element strides stride_a/b/c between the matrices. A and B are T (fp32, or bf16 for mixed
+// precision); C and the accumulation are fp32 either way.
+template <class T>
+struct GemmOf {
   bool trans_a = false, trans_b = false;
   int64_t m = 0, n = 0, k = 0;
   float alpha = 1.0f, beta = 0.0f;
-  const float* a = nullptr; int64_t lda = 0;
-  const float* b = nullptr; int64_t ldb = 0;
+  const T* a = nullptr; int64_t lda = 0;
+  const T* b = nullptr; int64_t ldb = 0;
   float* c = nullptr; int64_t ldc = 0;
   int64_t batch = 1, stride_a = 0, stride_b = 0, stride_c = 0;
 };
+using Gemm = GemmOf<float>;
+using GemmBf16 = GemmOf<BFloat16>;
 
 struct AdamWStep {
   float lr, beta1, beta2, eps, weight_decay;
@@ -94,6 +104,24 @@ class Backend {
                                             const float* lse, float dloss, float* dlogits, int64_t N, int64_t V);
   virtual void softmax(const float* x, float* y, int64_t rows, int64_t cols);
   virtual void adamw(float* param, const float* grad, float* m, float* v, int64_t n, const AdamWStep& s);
+
+  // -- mixed precision: bf16 operands, fp32 accumulation and results -------------------------
+  virtual void to_bf16(const float* x, BFloat16* y, int64_t n);  // round to nearest even
+  virtual void gemm_bf16(const GemmBf16& g);
+  // attention_forward / backward with the matrix products in bf16: qkv rounded to bf16 by the
+  // caller, probs (B, H, T, T) kept in bf16; scores, softmax statistics, y and dqkv in fp32.
+  virtual void attention_forward_bf16(const BFloat16* qkv, float* y, BFloat16* probs, int64_t B, int64_t T, int64_t C,
+                                      int64_t H);
+  virtual void attention_backward_bf16(const BFloat16* qkv, const BFloat16* probs, const float* dy, float* dqkv,
+                                       int64_t B, int64_t T, int64_t C, int64_t H);
+  // Flash attention in bf16: no (T, T) matrix in memory. Forward keeps lse (B, H, T), each row's
+  // log-sum-exp (in this backend's units), from which backward recomputes the probabilities; it
+  // also reads the forward's y. Only for shapes flash_attention_supports accepts.
+  virtual bool flash_attention_supports(int64_t B, int64_t C, int64_t H) const;
+  virtual void flash_attention_forward(const BFloat16* qkv, float* y, float* lse, int64_t B, int64_t T, int64_t C,
+                                       int64_t H);
+  virtual void flash_attention_backward(const BFloat16* qkv, const float* y, const float* lse, const float* dy,
+                                        float* dqkv, int64_t B, int64_t T, int64_t C, int64_t H);
 };
 
 // The backend of a device (cpu always; cuda when built with it and a GPU is present).

@@ -24,6 +24,8 @@ void GPTConfig::validate() const {
   TUTTI_CHECK_AS(ConfigError, block_size > 0, "context must be positive, got ", block_size);
   TUTTI_CHECK_AS(ConfigError, vocab_size > 0, "vocab_size must be positive, got ", vocab_size);
   TUTTI_CHECK_AS(ConfigError, layer_norm_epsilon > 0, "layer_norm_epsilon must be positive, got ", layer_norm_epsilon);
+  TUTTI_CHECK_AS(ConfigError, compute == DType::f32 || compute == DType::bf16, "compute dtype must be f32 or bf16, got ",
+                 dtype_name(compute));
 }
 
 int64_t GPTConfig::num_parameters() const {
@@ -67,7 +69,7 @@ namespace {
 // A row-parallel linear layer: partial products summed over the group, then the bias.
 Tensor row_parallel(const Linear& lin, const Tensor& x, comm::Communicator& tp) {
   if (tp.size() == 1) return lin.forward(x);
-  return ops::add(parallel::reduce_from_group(ops::linear(x, lin.weight), tp), lin.bias);
+  return ops::add(parallel::reduce_from_group(ops::linear(x, lin.weight, Tensor(), lin.weight_bf16), tp), lin.bias);
 }
 }  // namespace
 
@@ -83,7 +85,7 @@ struct GPT::Block : Module {
   }
   Tensor forward(const Tensor& x) const {  // (B, T, C)
     Tensor qkv = attn.c_attn.forward(parallel::copy_to_group(ln_1.forward(x), tp));  // (B, T, 3C / P)
-    Tensor h = ops::add(x, row_parallel(attn.c_proj, ops::causal_attention(qkv, n_head), tp));
+    Tensor h = ops::add(x, row_parallel(attn.c_proj, ops::causal_attention(qkv, n_head, compute_dtype()), tp));
     Tensor hidden = ops::gelu(mlp.c_fc.forward(parallel::copy_to_group(ln_2.forward(h), tp)));  // (B, T, 4C / P)
     return ops::add(h, row_parallel(mlp.c_proj, hidden, tp));
   }
@@ -138,6 +140,7 @@ GPT::GPT(const GPTConfig& config, const GPTPartition& partition)
     ln_f_ = std::make_unique<LayerNorm>(config.n_embd, config.layer_norm_epsilon);
     register_module("ln_f", *ln_f_);
   }
+  set_compute_dtype(config.compute);
 }
 
 GPT::~GPT() = default;
@@ -224,7 +227,7 @@ Tensor GPT::head_loss(const Tensor& x, const Tensor& targets) const {
                  "targets ", targets.str(), " do not match the activations ", x.str());
   const int64_t N = x.size(0) * x.size(1);
   Tensor h = parallel::copy_to_group(ops::reshape(ln_f_->forward(x), {N, config_.n_embd}), tp_group());
-  Tensor logits = ops::matmul(h, wte_->weight, false, true);  // (N, V / P): the head is tied to wte
+  Tensor logits = ops::matmul(h, wte_->weight, false, true, wte_->weight_bf16);  // (N, V / P): tied to wte
   const int64_t first_col = int64_t{tp_group().rank()} * wte_->weight.size(0);
   return parallel::vocab_parallel_cross_entropy(logits, targets.contiguous().view({-1}), first_col, tp_group());
 }
@@ -243,7 +246,7 @@ Tensor GPT::forward(const Tensor& idx) const {
   Tensor x = embed(idx);
   for (const auto& block : blocks_) x = block->forward(x);
   x = ops::reshape(ln_f_->forward(x), {B * T, C});
-  Tensor logits = ops::matmul(x, wte_->weight, false, true);  // (B*T, V): the head is tied to wte
+  Tensor logits = ops::matmul(x, wte_->weight, false, true, wte_->weight_bf16);  // (B*T, V): tied to wte
   return ops::reshape(logits, {B, T, config_.vocab_size});
 }
 

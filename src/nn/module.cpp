@@ -1,5 +1,6 @@
 #include "tutti/nn/module.hpp"
 
+#include "tutti/autograd/node.hpp"
 #include "tutti/ops/ops.hpp"
 
 namespace tutti::nn {
@@ -40,6 +41,27 @@ void Module::to(Device device) {
   }
 }
 
+void Module::set_compute_dtype(DType dtype) {
+  TUTTI_CHECK_AS(InvalidArgument, dtype == DType::f32 || dtype == DType::bf16,
+                 "modules compute in f32 or bf16, not ", dtype_name(dtype));
+  compute_dtype_ = dtype;
+  if (dtype == DType::f32)
+    for (auto& [weight, copy] : compute_copies_) *copy = Tensor();
+  for (auto& [name, child] : children_) child->set_compute_dtype(dtype);
+}
+
+void Module::refresh_compute_copies() {
+  NoGradGuard no_grad;
+  if (compute_dtype_ == DType::bf16) {
+    for (auto& [weight, copy] : compute_copies_) {
+      *copy = ops::to_bf16(weight);  // on the weight's device, wherever to() has moved it
+    }
+  }
+  for (auto& [name, child] : children_) child->refresh_compute_copies();
+}
+
+void Module::register_compute_copy(const Tensor& weight, Tensor& copy) { compute_copies_.emplace_back(weight, &copy); }
+
 Tensor& Module::register_parameter(const std::string& name, Tensor value) {
   value.set_requires_grad(true);
   params_.emplace_back(name, value);
@@ -65,8 +87,9 @@ Linear::Linear(int64_t in_features, int64_t out_features, bool with_bias) {
                  "): sizes must be positive");
   weight = register_parameter("weight", Tensor::zeros({in_features, out_features}));
   if (with_bias) bias = register_parameter("bias", Tensor::zeros({out_features}));
+  register_compute_copy(weight, weight_bf16);
 }
-Tensor Linear::forward(const Tensor& x) const { return ops::linear(x, weight, bias); }
+Tensor Linear::forward(const Tensor& x) const { return ops::linear(x, weight, bias, weight_bf16); }
 
 LayerNorm::LayerNorm(int64_t features, float eps_) : eps(eps_) {
   TUTTI_CHECK_AS(InvalidArgument, features > 0, "LayerNorm(", features, "): size must be positive");
@@ -78,6 +101,7 @@ Tensor LayerNorm::forward(const Tensor& x) const { return ops::layer_norm(x, wei
 Embedding::Embedding(int64_t count, int64_t dim) {
   TUTTI_CHECK_AS(InvalidArgument, count > 0 && dim > 0, "Embedding(", count, ", ", dim, "): sizes must be positive");
   weight = register_parameter("weight", Tensor::zeros({count, dim}));
+  register_compute_copy(weight, weight_bf16);
 }
 Tensor Embedding::forward(const Tensor& indices) const { return ops::embedding(indices, weight); }
 

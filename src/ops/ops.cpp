@@ -52,6 +52,10 @@ Tensor record_op(Tensor out, OpKind kind, std::vector<Tensor> inputs, FnNode::Ru
 Backend& backend_of(const Tensor& t) { return backend_for(t.device()); }
 float* f32(const Tensor& t) { return t.data<float>(); }
 const int32_t* i32(const Tensor& t) { return t.data<int32_t>(); }
+BFloat16* bf16(const Tensor& t) {
+  TUTTI_CHECK(t.dtype() == DType::bf16, "expected a bf16 tensor, got ", t.str());
+  return static_cast<BFloat16*>(t.raw_data());
+}
 
 void check_f32(const Tensor& t, const char* op, const char* what) {
   TUTTI_CHECK_AS(InvalidArgument, t.defined(), op, ": ", what, " is undefined");
@@ -74,18 +78,20 @@ MatShape mat_shape(const Tensor& t, bool trans) {
   return {nd == 3 ? t.size(0) : 1, trans ? c : r, trans ? r : c};
 }
 
-void gemm_into(const Tensor& a, bool ta, const Tensor& b, bool tb, const Tensor& c, float beta) {
+template <class T>
+GemmOf<T> gemm_of(const Tensor& a, bool ta, const Tensor& b, bool tb, const Tensor& c, float beta, const T* pa,
+                  const T* pb) {
   const MatShape sa = mat_shape(a, ta), sb = mat_shape(b, tb);
-  Gemm g;
+  GemmOf<T> g;
   g.trans_a = ta;
   g.trans_b = tb;
   g.m = sa.rows;
   g.n = sb.cols;
   g.k = sa.cols;
   g.beta = beta;
-  g.a = f32(a);
+  g.a = pa;
   g.lda = a.size(-1);
-  g.b = f32(b);
+  g.b = pb;
   g.ldb = b.size(-1);
   g.c = f32(c);
   g.ldc = c.size(-1);
@@ -93,7 +99,14 @@ void gemm_into(const Tensor& a, bool ta, const Tensor& b, bool tb, const Tensor&
   g.stride_a = a.ndim() == 3 ? a.size(1) * a.size(2) : 0;
   g.stride_b = b.ndim() == 3 ? b.size(1) * b.size(2) : 0;
   g.stride_c = c.ndim() == 3 ? c.size(1) * c.size(2) : 0;
-  backend_of(c).gemm(g);
+  return g;
+}
+
+// C (f32) from A and B of one dtype: f32, or bf16 (mixed precision, fp32 accumulation).
+void gemm_into(const Tensor& a, bool ta, const Tensor& b, bool tb, const Tensor& c, float beta) {
+  TUTTI_CHECK(a.dtype() == b.dtype(), "gemm operands of different dtypes: ", a.str(), " and ", b.str());
+  if (a.dtype() == DType::bf16) backend_of(c).gemm_bf16(gemm_of(a, ta, b, tb, c, beta, bf16(a), bf16(b)));
+  else backend_of(c).gemm(gemm_of<float>(a, ta, b, tb, c, beta, f32(a), f32(b)));
 }
 
 Tensor gemm_new(const Tensor& a, bool ta, const Tensor& b, bool tb) {
@@ -105,20 +118,37 @@ Tensor gemm_new(const Tensor& a, bool ta, const Tensor& b, bool tb) {
 }
 
 // Reduces a batched gradient to the shape of a 2-D operand that was broadcast over the batch.
-Tensor unbroadcast_batch(const Tensor& g, const Tensor& like) {
+Tensor unbroadcast_batch(const Tensor& g, const Shape& like) {
   if (g.ndim() == like.ndim()) return g;
-  Tensor out = Tensor::zeros(like.shape(), DType::f32, g.device());
+  Tensor out = Tensor::zeros(like, DType::f32, g.device());
   const int64_t per = like.numel();
   for (int64_t i = 0; i < g.size(0); ++i) backend_of(g).axpy(1.0f, f32(g) + i * per, f32(out), per);
   return out;
 }
 
+// The bf16 copy of weight `w` for mixed precision, checked; undefined stays undefined (fp32).
+const Tensor& checked_copy(const Tensor& copy, const Tensor& w, const char* op) {
+  if (!copy.defined()) return copy;
+  TUTTI_CHECK_AS(InvalidArgument, copy.dtype() == DType::bf16 && copy.shape() == w.shape() && copy.is_contiguous(),
+                 op, ": the bf16 copy ", copy.str(), " does not match the weight ", w.str());
+  check_same_device(copy, w, op);
+  return copy;
+}
+
 }  // namespace
+
+Tensor to_bf16(const Tensor& x_in) {
+  check_f32(x_in, "to_bf16", "input");
+  const Tensor x = x_in.contiguous();
+  Tensor y = Tensor::empty(x.shape(), DType::bf16, x.device());
+  if (x.numel()) backend_of(x).to_bf16(f32(x), bf16(y), x.numel());
+  return y;
+}
 
 // ------------------------------------------------------------------------------------------
 // matmul
 
-Tensor matmul(const Tensor& a_in, const Tensor& b_in, bool ta, bool tb) {
+Tensor matmul(const Tensor& a_in, const Tensor& b_in, bool ta, bool tb, const Tensor& b_bf16) {
   check_f32(a_in, "matmul", "a");
   check_f32(b_in, "matmul", "b");
   check_same_device(a_in, b_in, "matmul");
@@ -130,13 +160,17 @@ Tensor matmul(const Tensor& a_in, const Tensor& b_in, bool ta, bool tb) {
                  " x ", b.str(), (tb ? "^T" : ""));
   TUTTI_CHECK_AS(InvalidArgument, a.ndim() != 3 || b.ndim() != 3 || sa.batch == sb.batch,
                  "matmul: batch sizes differ: ", a.str(), " and ", b.str());
-  Tensor c = gemm_new(a, ta, b, tb);
+  const bool mixed = checked_copy(b_bf16, b_in, "matmul").defined();
+  const Tensor ac = mixed ? to_bf16(a) : a, bc = mixed ? b_bf16 : b;  // what the products read
+  Tensor c = gemm_new(ac, ta, bc, tb);
   if (!any_requires_grad({&a_in, &b_in})) return c;
   const bool need_a = a_in.requires_grad(), need_b = b_in.requires_grad();
-  return record_op(c, OpKind::matmul, {a_in, b_in}, [a, b, ta, tb, need_a, need_b](const Tensor& g) {
+  const Shape a_shape = a.shape(), b_shape = b.shape();
+  return record_op(c, OpKind::matmul, {a_in, b_in}, [=](const Tensor& g_in) {
+    const Tensor g = mixed ? to_bf16(g_in) : g_in.contiguous();
     Tensor da, db;
-    if (need_a) da = unbroadcast_batch(ta ? gemm_new(b, tb, g, true) : gemm_new(g, false, b, !tb), a);
-    if (need_b) db = unbroadcast_batch(tb ? gemm_new(g, true, a, ta) : gemm_new(a, !ta, g, false), b);
+    if (need_a) da = unbroadcast_batch(ta ? gemm_new(bc, tb, g, true) : gemm_new(g, false, bc, !tb), a_shape);
+    if (need_b) db = unbroadcast_batch(tb ? gemm_new(g, true, ac, ta) : gemm_new(ac, !ta, g, false), b_shape);
     return std::vector<Tensor>{da, db};
   });
 }
@@ -144,7 +178,7 @@ Tensor matmul(const Tensor& a_in, const Tensor& b_in, bool ta, bool tb) {
 // ------------------------------------------------------------------------------------------
 // linear: y = x W + b
 
-Tensor linear(const Tensor& x_in, const Tensor& w, const Tensor& bias) {
+Tensor linear(const Tensor& x_in, const Tensor& w, const Tensor& bias, const Tensor& w_bf16) {
   check_f32(x_in, "linear", "input");
   check_f32(w, "linear", "weight");
   check_same_device(x_in, w, "linear");
@@ -161,11 +195,13 @@ Tensor linear(const Tensor& x_in, const Tensor& w, const Tensor& bias) {
   }
   int64_t n = 1;  // rows: the leading dimensions (not numel / in, which fails when in == 0)
   for (int i = 0; i + 1 < x_in.ndim(); ++i) n *= x_in.size(i);
+  const bool mixed = checked_copy(w_bf16, w, "linear").defined();
   const Tensor x = x_in.contiguous().view({n, in});  // (N, in)
+  const Tensor xc = mixed ? to_bf16(x) : x, wc = mixed ? w_bf16 : w;  // what the products read
   Shape out_shape = x_in.shape();
   out_shape[-1] = out_features;
   Tensor y = new_like(x, {n, out_features});
-  gemm_into(x, false, w, false, y, 0.0f);
+  gemm_into(xc, false, wc, false, y, 0.0f);
   if (bias.defined() && n > 0) backend_of(y).add(f32(y), f32(bias.contiguous()), f32(y), n, out_features);
   y = y.view(out_shape);
   if (!any_requires_grad({&x_in, &w, &bias})) return y;
@@ -174,12 +210,13 @@ Tensor linear(const Tensor& x_in, const Tensor& w, const Tensor& bias) {
   const Shape x_shape = x_in.shape();
   std::vector<Tensor> inputs{x_in, w};
   if (has_bias) inputs.push_back(bias);
-  return record_op(y, OpKind::linear, inputs, [x, w, need_x, need_w, has_bias, need_b, x_shape](const Tensor& g_in) {
-    const int64_t out_features = w.size(1);
-    const Tensor g = g_in.contiguous().view({x.size(0), out_features});  // (N, out)
+  return record_op(y, OpKind::linear, inputs, [xc, wc, need_x, need_w, has_bias, need_b, x_shape, mixed](const Tensor& g_in) {
+    const int64_t out_features = wc.size(1);
+    const Tensor g = g_in.contiguous().view({xc.size(0), out_features});  // (N, out)
+    const Tensor gc = mixed ? to_bf16(g) : g;
     std::vector<Tensor> grads(has_bias ? 3 : 2);
-    if (need_x) grads[0] = gemm_new(g, false, w, true).view(x_shape);  // (N, in)
-    if (need_w) grads[1] = gemm_new(x, true, g, false);                // (in, out)
+    if (need_x) grads[0] = gemm_new(gc, false, wc, true).view(x_shape);  // (N, in)
+    if (need_w) grads[1] = gemm_new(xc, true, gc, false);                // (in, out)
     if (need_b) {
       grads[2] = new_like(g, {out_features});
       backend_of(g).sum_rows(f32(g), f32(grads[2]), g.size(0), out_features, false);
@@ -290,22 +327,49 @@ Tensor layer_norm(const Tensor& x_in, const Tensor& w_in, const Tensor& b_in, fl
 // ------------------------------------------------------------------------------------------
 // causal_attention on a fused (B, T, 3C) projection
 
-Tensor causal_attention(const Tensor& qkv_in, int n_head) {
+namespace {
+// bf16 flash attention: no (B, H, T, T) probabilities; backward recomputes them from the bf16
+// qkv and each row's log-sum-exp, and reads y (kept detached: the node must not own its output).
+Tensor flash_attention(const Tensor& qkv_in, const Tensor& qkv, int64_t B, int64_t T, int64_t C, int n_head) {
+  Backend& be = backend_of(qkv);
+  Tensor y = new_like(qkv, {B, T, C});
+  Tensor lse = new_like(qkv, {B, n_head, T});  // (B, H, T)
+  be.flash_attention_forward(bf16(qkv), f32(y), f32(lse), B, T, C, n_head);
+  if (!any_requires_grad({&qkv_in})) return y;
+  const Tensor y_kept = y.detach();
+  return record_op(y, OpKind::causal_attention, {qkv_in}, [qkv, y_kept, lse, B, T, C, n_head](const Tensor& g_in) {
+    const Tensor g = g_in.contiguous();
+    Tensor dqkv = new_like(qkv, qkv.shape());
+    backend_of(qkv).flash_attention_backward(bf16(qkv), f32(y_kept), f32(lse), f32(g), f32(dqkv), B, T, C, n_head);
+    return std::vector<Tensor>{dqkv};
+  });
+}
+}  // namespace
+
+Tensor causal_attention(const Tensor& qkv_in, int n_head, DType compute) {
   check_f32(qkv_in, "causal_attention", "qkv");
   TUTTI_CHECK_AS(InvalidArgument, qkv_in.ndim() == 3 && qkv_in.size(2) % 3 == 0,
                  "causal_attention: qkv must be (B, T, 3C), got ", qkv_in.str());
   const int64_t B = qkv_in.size(0), T = qkv_in.size(1), C = qkv_in.size(2) / 3;
   TUTTI_CHECK_AS(InvalidArgument, n_head > 0 && C % n_head == 0, "causal_attention: ", n_head,
                  " heads do not divide ", C, " channels");
-  const Tensor qkv = qkv_in.contiguous();
+  TUTTI_CHECK_AS(InvalidArgument, compute == DType::f32 || compute == DType::bf16,
+                 "causal_attention computes in f32 or bf16, not ", dtype_name(compute));
+  const bool mixed = compute == DType::bf16;
+  const Tensor qkv = mixed ? to_bf16(qkv_in) : qkv_in.contiguous();  // what the products read
+  Backend& be = backend_of(qkv);
+  if (mixed && B * T > 0 && be.flash_attention_supports(B, C, n_head)) return flash_attention(qkv_in, qkv, B, T, C, n_head);
   Tensor y = new_like(qkv, {B, T, C});
-  Tensor probs = new_like(qkv, {B, n_head, T, T});  // (B, H, T, T)
-  backend_of(qkv).attention_forward(f32(qkv), f32(y), f32(probs), B, T, C, n_head);
+  Tensor probs = Tensor::empty({B, n_head, T, T}, compute, qkv.device());  // (B, H, T, T)
+  if (mixed) be.attention_forward_bf16(bf16(qkv), f32(y), bf16(probs), B, T, C, n_head);
+  else be.attention_forward(f32(qkv), f32(y), f32(probs), B, T, C, n_head);
   if (!any_requires_grad({&qkv_in})) return y;
-  return record_op(y, OpKind::causal_attention, {qkv_in}, [qkv, probs, B, T, C, n_head](const Tensor& g_in) {
+  return record_op(y, OpKind::causal_attention, {qkv_in}, [qkv, probs, B, T, C, n_head, mixed](const Tensor& g_in) {
     const Tensor g = g_in.contiguous();
     Tensor dqkv = new_like(qkv, qkv.shape());
-    backend_of(qkv).attention_backward(f32(qkv), f32(probs), f32(g), f32(dqkv), B, T, C, n_head);
+    Backend& be = backend_of(qkv);
+    if (mixed) be.attention_backward_bf16(bf16(qkv), bf16(probs), f32(g), f32(dqkv), B, T, C, n_head);
+    else be.attention_backward(f32(qkv), f32(probs), f32(g), f32(dqkv), B, T, C, n_head);
     return std::vector<Tensor>{dqkv};
   });
 }

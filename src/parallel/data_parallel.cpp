@@ -35,6 +35,7 @@ int64_t shard_begin(int64_t n, int rank, int world) { return n * rank / world; }
 }  // namespace
 
 struct DataParallel::Impl {
+  nn::Module& model;
   comm::Communicator& group;
   DataParallelOptions options;
   optim::AdamWOptions adamw;
@@ -53,11 +54,11 @@ struct DataParallel::Impl {
   CommStats stats;
   Clock::time_point backward_start;
 
-  Impl(nn::Module& model, comm::Communicator& g, const optim::AdamWOptions& a, const DataParallelOptions& o)
-      : group(g), options(o), adamw(a), world(g.size()), rank(g.rank()) {
+  Impl(nn::Module& m, comm::Communicator& g, const optim::AdamWOptions& a, const DataParallelOptions& o)
+      : model(m), group(g), options(o), adamw(a), world(g.size()), rank(g.rank()) {
     TUTTI_CHECK_AS(InvalidArgument, o.zero >= 0 && o.zero <= 2, "zero stage must be 0, 1 or 2, got ", o.zero);
     TUTTI_CHECK_AS(InvalidArgument, o.bucket_bytes > 0, "bucket size must be positive, got ", o.bucket_bytes);
-    auto named = model.named_parameters();
+    auto named = m.named_parameters();
     TUTTI_CHECK_AS(InvalidArgument, !named.empty(), "data parallelism needs a model with parameters");
     device = named.front().second.device();
     // Reverse registration order: backward produces the last layers' gradients first.
@@ -76,6 +77,7 @@ struct DataParallel::Impl {
     if (options.zero < 2) grads = Tensor::zeros({n}, DType::f32, device);
     else grad_shard = Tensor::zeros({hi - lo}, DType::f32, device);
     group.broadcast(std::span<float>(params.data<float>(), size_t(n)), 0)->wait();
+    model.refresh_compute_copies();  // mixed precision: bf16 copies of rank 0's weights
     for (size_t i = 0; i < segments.size(); ++i)
       segments[i].param.impl().on_grad_ready = [this, i](TensorImpl&) { on_grad_ready(i); };
   }
@@ -208,6 +210,7 @@ struct DataParallel::Impl {
                       exp_avg_sq.data<float>() + (b - lo), e - b, s);
     }
     if (options.zero > 0 && world > 1) gather_shards(params);
+    model.refresh_compute_copies();  // once per step, not once per use
   }
 
   // Every rank's shard of `full` (N) to every rank.
@@ -298,6 +301,7 @@ void DataParallel::load_optimizer_state(const std::vector<std::pair<std::string,
                                size_t(e - b) * 4);
   }
   d.t = steps_taken;
+  d.model.refresh_compute_copies();  // the weights were loaded with this state
 }
 
 }  // namespace tutti::parallel

@@ -52,6 +52,9 @@ void TrainConfig::validate() const {
   TUTTI_CHECK_AS(ConfigError, vocab >= 2, "vocab must be at least 2, got ", vocab);
   TUTTI_CHECK_AS(ConfigError, data == "synthetic" || vocab >= 256, "vocab ", vocab,
                  " is smaller than the 256 byte values of a data file (use --data synthetic for other vocabularies)");
+  TUTTI_CHECK_AS(ConfigError, dtype == "fp32" || dtype == "bf16", "dtype must be fp32 or bf16, got '", dtype, "'");
+  TUTTI_CHECK_AS(ConfigError, dtype == "fp32" || compute_device().is_cuda(),
+                 "dtype bf16 needs --device cuda: the CPU backend computes in fp32 only");
   compute_device();
   TUTTI_CHECK_AS(ConfigError, !data.empty(), "data path is empty");
   TUTTI_CHECK_AS(ConfigError, !out.empty(), "output directory is empty");
@@ -64,6 +67,7 @@ nn::GPTConfig TrainConfig::model() const {
   m.n_embd = dim;
   m.block_size = context;
   m.vocab_size = vocab;
+  m.compute = dtype == "bf16" ? DType::bf16 : DType::f32;
   return m;
 }
 
@@ -150,6 +154,8 @@ std::vector<Setting> settings(TrainConfig& c) {
       number("log_interval", "log a line every N steps when not on a terminal", c.log_interval),
       number("sample_tokens", "tokens of the sample printed at the end (0: none)", c.sample_tokens),
       text("device", "where the model trains: cpu, cuda or cuda:N (one GPU per process)", c.device),
+      text("dtype", "fp32, or bf16: mixed precision (bf16 matrix products with fp32 accumulation; fp32 weights, "
+           "gradients and AdamW state; GPU only)", c.dtype),
       number("threads", "compute threads per rank (0: every core)", c.threads),
       number("dp", "data-parallel replicas (0: the world size of the MPI launch / (pp x tp))", c.dp),
       number("pp", "pipeline stages: the blocks cut into pp stages balanced by their cost", c.pp),

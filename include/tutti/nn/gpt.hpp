@@ -20,6 +20,9 @@ struct GPTConfig {
   int block_size = 64;   // n_positions: the longest context
   int vocab_size = 256;
   float layer_norm_epsilon = 1e-5f;
+  // The matrix products' operands: f32, or bf16 (mixed precision: fp32 weights, gradients and
+  // optimizer, bf16 copies of the weights and activations for the products; GPU only).
+  DType compute = DType::f32;
   void validate() const;  // throws ConfigError naming the bad value
   int64_t num_parameters() const;
   // Training FLOPs per token (forward + backward) at context T, as in the PaLM appendix: the

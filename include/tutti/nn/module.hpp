@@ -26,14 +26,27 @@ class Module {
   // Moves every parameter to `device` (parameters keep their names and requires_grad).
   void to(Device device);
 
+  // Mixed precision: under bf16 the matrix products read bf16 copies of the weight matrices
+  // ("compute copies"), while the parameters, their gradients and the optimizer stay fp32. The
+  // copies are made and re-rounded by refresh_compute_copies, which whoever changes the weights
+  // calls afterwards (parallel::DataParallel after each update and each load); until the first
+  // refresh, and under f32 (the default), the products read the fp32 weights. Children included.
+  void set_compute_dtype(DType dtype);  // f32 or bf16
+  DType compute_dtype() const { return compute_dtype_; }
+  void refresh_compute_copies();
+
  protected:
   Tensor& register_parameter(const std::string& name, Tensor value);
   // `child` must live as long as this module (a member, or owned by one).
   void register_module(const std::string& name, Module& child);
+  // Declares `copy` (a member of this module) the compute copy of parameter `weight`.
+  void register_compute_copy(const Tensor& weight, Tensor& copy);
 
  private:
   std::vector<std::pair<std::string, Tensor>> params_;
   std::vector<std::pair<std::string, Module*>> children_;
+  std::vector<std::pair<Tensor, Tensor*>> compute_copies_;  // (fp32 weight, its copy)
+  DType compute_dtype_ = DType::f32;
 };
 
 // Initialisers (in place, on the CPU values; reproducible from the generator).
@@ -46,6 +59,7 @@ class Linear : public Module {
   Linear(int64_t in_features, int64_t out_features, bool bias = true);
   Tensor forward(const Tensor& x) const;
   Tensor weight, bias;
+  Tensor weight_bf16;  // compute copy under mixed precision (see Module), else undefined
 };
 
 class LayerNorm : public Module {
@@ -61,6 +75,7 @@ class Embedding : public Module {
   Embedding(int64_t count, int64_t dim);
   Tensor forward(const Tensor& indices) const;
   Tensor weight;
+  Tensor weight_bf16;  // compute copy under mixed precision, for a tied output layer
 };
 
 }  // namespace tutti::nn

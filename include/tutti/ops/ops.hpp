@@ -6,12 +6,22 @@
 
 namespace tutti::ops {
 
+// Mixed precision. Where an op below takes `b_bf16` / `weight_bf16` (a bf16 copy of that fp32
+// weight, same shape, kept by its module: nn::Module::refresh_compute_copies), its matrix
+// products read the copy and the other operands rounded to bf16 (the forward's input, kept for
+// backward, and the incoming gradient), accumulate in fp32 and return fp32; the gradient goes to
+// the fp32 weight. Undefined: everything in fp32. GPU only (the CPU backend computes fp32 only).
+
 // C = op(A) op(B): (M, K) x (K, N) -> (M, N), or batched (B, M, K) x (B, K, N) -> (B, M, N).
 // trans_a / trans_b read A / B transposed (no copy).
-Tensor matmul(const Tensor& a, const Tensor& b, bool trans_a = false, bool trans_b = false);
+Tensor matmul(const Tensor& a, const Tensor& b, bool trans_a = false, bool trans_b = false,
+              const Tensor& b_bf16 = Tensor());
 
 // y = x W + b with x (..., in), W (in, out) (Hugging Face Conv1D layout), b (out) or undefined.
-Tensor linear(const Tensor& x, const Tensor& weight, const Tensor& bias = Tensor());
+Tensor linear(const Tensor& x, const Tensor& weight, const Tensor& bias = Tensor(), const Tensor& weight_bf16 = Tensor());
+
+// x rounded to bf16 (nearest even), no autograd: what the mixed-precision products read.
+Tensor to_bf16(const Tensor& x);
 
 // a + b, where b's shape equals a's or is a suffix of it (broadcast over a's leading dimensions).
 Tensor add(const Tensor& a, const Tensor& b);
@@ -26,8 +36,10 @@ Tensor relu(const Tensor& x);
 Tensor layer_norm(const Tensor& x, const Tensor& weight, const Tensor& bias, float eps = 1e-5f);
 
 // Causal multi-head self-attention on a fused projection: qkv (B, T, 3C) laid out [q | k | v],
-// each C split into n_head heads. Returns (B, T, C) with the heads side by side.
-Tensor causal_attention(const Tensor& qkv, int n_head);
+// each C split into n_head heads. Returns (B, T, C) with the heads side by side. compute bf16:
+// the four matrix products in bf16 (qkv rounded once and kept, the probabilities kept in bf16),
+// scores, softmax statistics and the result in fp32.
+Tensor causal_attention(const Tensor& qkv, int n_head, DType compute = DType::f32);
 
 // Inference only (no autograd): attention of n new positions past .. past+n-1, q (n, C), over
 // key and value caches k, v (L, C) whose first past+n rows are filled. Returns (n, C).

@@ -57,7 +57,8 @@ class DataParallel {
   // sums it over the whole mesh, counting each replicated parameter once.
   double grad_squares(const std::function<bool(const std::string&)>& counted = {});
   // The optimizer update with learning rate lr and gradient scale (clipping); ZeRO 1/2 update
-  // the local shard and all-gather the parameters.
+  // the local shard and all-gather the parameters. Then the model's compute copies (mixed
+  // precision, nn::Module::set_compute_dtype) are re-rounded from the new weights.
   void step(float lr, float grad_scale);
   void zero_grad();
 
@@ -65,7 +66,8 @@ class DataParallel {
   // Optimizer moments in the single-process layout ("<name>.exp_avg", ...), gathered from the
   // shards: collective over the group.
   std::vector<std::pair<std::string, Tensor>> optimizer_state();
-  // Restores moments (single-process layout, any dp it was written with) and the step count.
+  // Restores moments (single-process layout, any dp it was written with) and the step count, and
+  // re-rounds the model's compute copies: a resume or roll-back loads the weights just before.
   void load_optimizer_state(const std::vector<std::pair<std::string, Tensor>>& state, int64_t steps_taken);
 
   MemoryReport memory() const;

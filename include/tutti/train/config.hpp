@@ -44,6 +44,7 @@ struct TrainConfig {
   int sample_tokens = 300;
   // machine and parallelism
   std::string device = "cpu";  // cpu | cuda | cuda:N
+  std::string dtype = "fp32";  // fp32 | bf16 (mixed precision: bf16 matrix products, fp32 weights and AdamW; GPU)
   int threads = 0;         // 0: every core
   int dp = 0;              // data-parallel replicas; 0: the world size / (pp x tp)
   int pp = 1;              // pipeline stages

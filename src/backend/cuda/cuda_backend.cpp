@@ -13,6 +13,7 @@
 #include <cstring>
 #include <memory>
 #include <mutex>
+#include <type_traits>
 #include <vector>
 
 #include "backend/cuda/cuda_check.hpp"
@@ -75,6 +76,9 @@ class DeviceBuffer {
   size_t bytes_ = 0;
 };
 
+// Scratch carved into 256-byte aligned pieces.
+size_t aligned_bytes(size_t bytes) { return (bytes + 255) / 256 * 256; }
+
 int checked_int(int64_t v, const char* what) {
   TUTTI_CHECK_AS(InvalidArgument, v >= 0 && v <= INT_MAX, "cuda gemm: ", what, " = ", v, " does not fit cuBLAS's int");
   return static_cast<int>(v);
@@ -96,6 +100,10 @@ class CudaBackend final : public Backend {
     const bool use_tf32 = tf32 != nullptr && std::strcmp(tf32, "1") == 0;
     CUBLAS_CHECK(cublasSetMathMode(cublas_->get(), use_tf32 ? CUBLAS_TF32_TENSOR_OP_MATH : CUBLAS_DEFAULT_MATH));
     CUDA_CHECK(cudaDeviceGetAttribute(&limits_.multiprocessors, cudaDevAttrMultiProcessorCount, index_));
+    // TUTTI_CUDA_FLASH=1: bf16 attention with head size 64 runs as flash attention (not yet
+    // verified on a GPU, so off by default); otherwise the probabilities are materialised.
+    const char* flash = std::getenv("TUTTI_CUDA_FLASH");
+    use_flash_ = flash != nullptr && std::strcmp(flash, "1") == 0;
   }
 
   Device device() const override { return Device::cuda(index_); }
@@ -197,28 +205,8 @@ class CudaBackend final : public Backend {
   }
 
   // -- GEMM ----------------------------------------------------------------------------------------
-  // tutti's Gemm is row-major. A row-major matrix read as column-major is its transpose, so
-  // row-major C = op(A) op(B) is column-major C^T = op(B)^T op(A)^T: the same call with the
-  // operands swapped and m, n exchanged; the trans flags and leading dimensions carry over.
-  void gemm(const Gemm& g) override {
-    if (g.m == 0 || g.n == 0 || g.batch == 0) return;
-    activate();
-    if (g.k == 0) {  // C = beta C; cuBLAS would reject the zero leading dimensions
-      CUDA_CHECK(kernels::scale_matrices(g.c, g.m, g.n, g.ldc, g.stride_c, g.batch, g.beta, limits_, stream()));
-      return;
-    }
-    const int m = checked_int(g.m, "m"), n = checked_int(g.n, "n"), k = checked_int(g.k, "k");
-    const int lda = checked_int(g.lda, "lda"), ldb = checked_int(g.ldb, "ldb"), ldc = checked_int(g.ldc, "ldc");
-    const cublasOperation_t op_a = g.trans_a ? CUBLAS_OP_T : CUBLAS_OP_N;
-    const cublasOperation_t op_b = g.trans_b ? CUBLAS_OP_T : CUBLAS_OP_N;
-    if (g.batch == 1) {
-      CUBLAS_CHECK(cublasSgemm(cublas_->get(), op_b, op_a, n, m, k, &g.alpha, g.b, ldb, g.a, lda, &g.beta, g.c, ldc));
-    } else {
-      CUBLAS_CHECK(cublasSgemmStridedBatched(cublas_->get(), op_b, op_a, n, m, k, &g.alpha, g.b, ldb, g.stride_b, g.a,
-                                             lda, g.stride_a, &g.beta, g.c, ldc, g.stride_c,
-                                             checked_int(g.batch, "batch")));
-    }
-  }
+  void gemm(const Gemm& g) override { run_gemm(g); }
+  void gemm_bf16(const GemmBf16& g) override { run_gemm(g); }
 
   // -- fused ops -----------------------------------------------------------------------------------
   void layer_norm_forward(const float* x, const float* w, const float* b, float* y, float* mean, float* rstd,
@@ -285,7 +273,72 @@ class CudaBackend final : public Backend {
     CUDA_CHECK(kernels::adamw(param, grad, m, v, n, folded, limits_, stream()));
   }
 
+  // -- mixed precision -----------------------------------------------------------------------------
+  void to_bf16(const float* x, BFloat16* y, int64_t n) override {
+    activate();
+    CUDA_CHECK(kernels::to_bf16(x, reinterpret_cast<uint16_t*>(y), n, limits_, stream()));
+  }
+  void attention_forward_bf16(const BFloat16* qkv, float* y, BFloat16* probs, int64_t B, int64_t T, int64_t C,
+                              int64_t H) override;
+  void attention_backward_bf16(const BFloat16* qkv, const BFloat16* probs, const float* dy, float* dqkv, int64_t B,
+                               int64_t T, int64_t C, int64_t H) override;
+  bool flash_attention_supports(int64_t B, int64_t C, int64_t H) const override {
+    return use_flash_ && kernels::flash_attention_fits(B, C, H);
+  }
+  void flash_attention_forward(const BFloat16* qkv, float* y, float* lse, int64_t B, int64_t T, int64_t C,
+                               int64_t H) override {
+    activate();
+    CUDA_CHECK(kernels::flash_attention_forward(reinterpret_cast<const uint16_t*>(qkv), y, lse, B, T, C, H, stream()));
+  }
+  void flash_attention_backward(const BFloat16* qkv, const float* y, const float* lse, const float* dy, float* dqkv,
+                                int64_t B, int64_t T, int64_t C, int64_t H) override {
+    activate();
+    const size_t dq_bytes = aligned_bytes(static_cast<size_t>(B * H * T * kernels::kFlashHeadDim) * sizeof(float));
+    std::lock_guard lock(scratch_mutex_);
+    auto* base = static_cast<char*>(scratch_.reserve(dq_bytes + static_cast<size_t>(B * H * T) * sizeof(float)));
+    CUDA_CHECK(kernels::flash_attention_backward(reinterpret_cast<const uint16_t*>(qkv), y, lse, dy, dqkv,
+                                                 reinterpret_cast<float*>(base), reinterpret_cast<float*>(base + dq_bytes),
+                                                 B, T, C, H, limits_, stream()));
+  }
+
  private:
+  // tutti's Gemm is row-major. A row-major matrix read as column-major is its transpose, so
+  // row-major C = op(A) op(B) is column-major C^T = op(B)^T op(A)^T: the same call with the
+  // operands swapped and m, n exchanged; the trans flags and leading dimensions carry over.
+  // fp32 operands go through cublasSgemm (TF32 tensor cores only under TUTTI_CUDA_TF32=1); bf16
+  // operands through cublasGemmEx on the tensor cores, accumulating and writing fp32.
+  template <class T>
+  void run_gemm(const GemmOf<T>& g) {
+    if (g.m == 0 || g.n == 0 || g.batch == 0) return;
+    activate();
+    if (g.k == 0) {  // C = beta C; cuBLAS would reject the zero leading dimensions
+      CUDA_CHECK(kernels::scale_matrices(g.c, g.m, g.n, g.ldc, g.stride_c, g.batch, g.beta, limits_, stream()));
+      return;
+    }
+    const int m = checked_int(g.m, "m"), n = checked_int(g.n, "n"), k = checked_int(g.k, "k");
+    const int lda = checked_int(g.lda, "lda"), ldb = checked_int(g.ldb, "ldb"), ldc = checked_int(g.ldc, "ldc");
+    const int batch = checked_int(g.batch, "batch");
+    const cublasOperation_t op_a = g.trans_a ? CUBLAS_OP_T : CUBLAS_OP_N;
+    const cublasOperation_t op_b = g.trans_b ? CUBLAS_OP_T : CUBLAS_OP_N;
+    cublasHandle_t h = cublas_->get();
+    if constexpr (std::is_same_v<T, float>) {
+      if (batch == 1)
+        CUBLAS_CHECK(cublasSgemm(h, op_b, op_a, n, m, k, &g.alpha, g.b, ldb, g.a, lda, &g.beta, g.c, ldc));
+      else
+        CUBLAS_CHECK(cublasSgemmStridedBatched(h, op_b, op_a, n, m, k, &g.alpha, g.b, ldb, g.stride_b, g.a, lda,
+                                               g.stride_a, &g.beta, g.c, ldc, g.stride_c, batch));
+    } else {
+      static_assert(std::is_same_v<T, BFloat16> && sizeof(BFloat16) == 2, "fp32 or bf16 operands");
+      if (batch == 1)
+        CUBLAS_CHECK(cublasGemmEx(h, op_b, op_a, n, m, k, &g.alpha, g.b, CUDA_R_16BF, ldb, g.a, CUDA_R_16BF, lda,
+                                  &g.beta, g.c, CUDA_R_32F, ldc, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+      else
+        CUBLAS_CHECK(cublasGemmStridedBatchedEx(h, op_b, op_a, n, m, k, &g.alpha, g.b, CUDA_R_16BF, ldb, g.stride_b,
+                                                g.a, CUDA_R_16BF, lda, g.stride_a, &g.beta, g.c, CUDA_R_32F, ldc,
+                                                g.stride_c, batch, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+    }
+  }
+
   // Work of this backend runs on its GPU whichever GPU the calling thread last used.
   void activate() const { CUDA_CHECK(cudaSetDevice(index_)); }
 
@@ -304,6 +357,7 @@ class CudaBackend final : public Backend {
   }
 
   int index_;
+  bool use_flash_ = false;
   std::unique_ptr<Stream> stream_;
   std::unique_ptr<CublasHandle> cublas_;
   kernels::LaunchLimits limits_{};
@@ -315,10 +369,11 @@ class CudaBackend final : public Backend {
 // Causal attention: probs (B, H, T, T) are materialised, as on the CPU. Per batch element, each
 // product is one strided-batched GEMM over the heads (head h of q, k, v starts h D columns in).
 
-Gemm head_gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
-               int64_t stride_a, const float* b, int64_t ldb, int64_t stride_b, float* c, int64_t ldc,
-               int64_t stride_c, int64_t H) {
-  Gemm g;
+template <class T>
+GemmOf<T> head_gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const T* a, int64_t lda,
+                    int64_t stride_a, const T* b, int64_t ldb, int64_t stride_b, float* c, int64_t ldc,
+                    int64_t stride_c, int64_t H) {
+  GemmOf<T> g;
   g.trans_a = ta;
   g.trans_b = tb;
   g.m = m;
@@ -391,6 +446,53 @@ void CudaBackend::attention_decode(const float* q, const float* k, const float* 
   gemm(head_gemm(false, true, n, L, D, scale, q, C, D, k, C, D, s, L, n * L, H));  // S = scale Q K^T
   CUDA_CHECK(kernels::causal_softmax(s, H * n, n, L, past, stream()));
   gemm(head_gemm(false, false, n, D, L, 1.0f, s, L, n * L, v, C, D, y, C, D, H));  // Y = P V
+}
+
+// ------------------------------------------------------------------------------------------------
+// Causal attention with bf16 matrix products. One batch element at a time: its fp32 scores
+// (H, T, T) live in scratch, only the bf16 probabilities (B, H, T, T) are kept for backward.
+
+void CudaBackend::attention_forward_bf16(const BFloat16* qkv, float* y, BFloat16* probs, int64_t B, int64_t T,
+                                         int64_t C, int64_t H) {
+  activate();
+  const int64_t D = C / H, ld = 3 * C, TT = T * T;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(D));
+  std::lock_guard lock(scratch_mutex_);
+  auto* s = static_cast<float*>(scratch_.reserve(static_cast<size_t>(H * TT) * sizeof(float)));  // (H, T, T)
+  for (int64_t b = 0; b < B; ++b) {
+    const BFloat16* q = qkv + b * T * ld;
+    BFloat16* p = probs + b * H * TT;
+    run_gemm(head_gemm(false, true, T, T, D, scale, q, ld, D, q + C, ld, D, s, T, TT, H));  // S = scale Q K^T
+    CUDA_CHECK(kernels::causal_softmax_bf16(s, reinterpret_cast<uint16_t*>(p), H * T, T, stream()));
+    run_gemm(head_gemm(false, false, T, D, T, 1.0f, static_cast<const BFloat16*>(p), T, TT, q + 2 * C, ld, D,
+                       y + b * T * C, C, D, H));  // Y = P V
+  }
+}
+
+void CudaBackend::attention_backward_bf16(const BFloat16* qkv, const BFloat16* probs, const float* dy, float* dqkv,
+                                          int64_t B, int64_t T, int64_t C, int64_t H) {
+  activate();
+  const int64_t D = C / H, ld = 3 * C, TT = T * T;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(D));
+  const size_t dy_bytes = aligned_bytes(static_cast<size_t>(B * T * C) * 2);
+  const size_t dp_bytes = aligned_bytes(static_cast<size_t>(H * TT) * sizeof(float));
+  std::lock_guard lock(scratch_mutex_);
+  auto* base = static_cast<char*>(scratch_.reserve(dy_bytes + dp_bytes + static_cast<size_t>(H * TT) * 2));
+  auto* dyh = reinterpret_cast<BFloat16*>(base);              // (B, T, C)
+  auto* dp = reinterpret_cast<float*>(base + dy_bytes);         // (H, T, T) of one batch element
+  auto* ds = reinterpret_cast<BFloat16*>(base + dy_bytes + dp_bytes);  // (H, T, T)
+  CUDA_CHECK(kernels::to_bf16(dy, reinterpret_cast<uint16_t*>(dyh), B * T * C, limits_, stream()));
+  for (int64_t b = 0; b < B; ++b) {
+    const BFloat16 *q = qkv + b * T * ld, *p = probs + b * H * TT, *dyb = dyh + b * T * C;
+    float* dq = dqkv + b * T * ld;
+    run_gemm(head_gemm(true, false, T, D, T, 1.0f, p, T, TT, dyb, C, D, dq + 2 * C, ld, D, H));      // dV = P^T dY
+    run_gemm(head_gemm(false, true, T, T, D, 1.0f, dyb, C, D, q + 2 * C, ld, D, dp, T, TT, H));      // dP = dY V^T
+    CUDA_CHECK(kernels::causal_softmax_backward_bf16(reinterpret_cast<const uint16_t*>(p), dp,
+                                                     reinterpret_cast<uint16_t*>(ds), H * T, T, scale, stream()));
+    const BFloat16* dsc = ds;
+    run_gemm(head_gemm(false, false, T, D, T, 1.0f, dsc, T, TT, q + C, ld, D, dq, ld, D, H));        // dQ = dS K
+    run_gemm(head_gemm(true, false, T, D, T, 1.0f, dsc, T, TT, q, ld, D, dq + C, ld, D, H));         // dK = dS^T Q
+  }
 }
 
 // ------------------------------------------------------------------------------------------------

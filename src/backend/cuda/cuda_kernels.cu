@@ -10,72 +10,12 @@
 #include <cstdint>
 
 #include "backend/cuda/cuda_kernels.cuh"
+#include "backend/cuda/cuda_device_util.cuh"
 
 namespace tutti::cuda::kernels {
 namespace {
 
-constexpr int kThreads = 256;
-// Grid-stride loops get this many blocks per multiprocessor at most: several waves of 256-thread
-// blocks keep enough loads in flight, and a fixed cap keeps the reductions' partials bounded.
-constexpr int kBlocksPerSm = 8;
-
-unsigned grid_for(int64_t n, const LaunchLimits& lim) {
-  const int64_t blocks = (n + kThreads - 1) / kThreads;
-  const int64_t cap = static_cast<int64_t>(std::max(lim.multiprocessors, 1)) * kBlocksPerSm * 4;
-  return static_cast<unsigned>(std::max<int64_t>(1, std::min(blocks, cap)));
-}
-
-__device__ __forceinline__ int64_t global_thread() {
-  return static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-}
-__device__ __forceinline__ int64_t grid_threads() { return static_cast<int64_t>(blockDim.x) * gridDim.x; }
-
-// ------------------------------------------------------------------------------------------------
-// Block-wide reductions (blockDim.x a multiple of 32, at most 1024); every thread gets the result.
-
-struct SumOp {
-  template <class T>
-  __device__ T operator()(T a, T b) const { return a + b; }
-};
-struct MaxOp {
-  __device__ float operator()(float a, float b) const { return fmaxf(a, b); }
-};
-
-template <class T, class Op>
-__device__ T warp_reduce(T v, Op op) {
-#pragma unroll
-  for (int offset = 16; offset > 0; offset >>= 1) v = op(v, __shfl_xor_sync(0xffffffffu, v, offset));
-  return v;
-}
-
-template <class T, class Op>
-__device__ T block_reduce(T v, Op op, T identity) {
-  __shared__ T shared[32];
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = (blockDim.x + 31) >> 5;
-  v = warp_reduce(v, op);
-  if (lane == 0) shared[warp] = v;
-  __syncthreads();
-  if (warp == 0) {
-    v = lane < warps ? shared[lane] : identity;
-    v = warp_reduce(v, op);
-    if (lane == 0) shared[0] = v;
-  }
-  __syncthreads();
-  const T result = shared[0];
-  __syncthreads();  // the next call may overwrite shared[]
-  return result;
-}
-
-__device__ __forceinline__ float block_sum(float v) { return block_reduce(v, SumOp{}, 0.0f); }
-__device__ __forceinline__ float block_max(float v) { return block_reduce(v, MaxOp{}, -INFINITY); }
-
-// Threads per block for kernels that give one block to each row of `cols` elements.
-int row_threads(int64_t cols) {
-  if (cols >= 4096) return 512;
-  if (cols >= 1024) return 256;
-  if (cols >= 256) return 128;
-  return 32;
-}
+using namespace device;
 
 // ------------------------------------------------------------------------------------------------
 // Element-wise: a grid-stride kernel over an index functor (ops that index other than i).
@@ -447,16 +387,6 @@ cudaError_t launch_column_sum(Load load, int64_t rows, int64_t cols, ColumnOutpu
 // ------------------------------------------------------------------------------------------------
 // One block per row.
 
-// A row's max and sum of exp(x - max), on every thread of the block (one block per row).
-__device__ __forceinline__ void row_max_and_exp_sum(const float* xr, int64_t V, float& mx, float& total) {
-  mx = -INFINITY;
-  for (int64_t j = threadIdx.x; j < V; j += blockDim.x) mx = fmaxf(mx, xr[j]);
-  mx = block_max(mx);
-  total = 0.0f;
-  for (int64_t j = threadIdx.x; j < V; j += blockDim.x) total += expf(xr[j] - mx);
-  total = block_sum(total);
-}
-
 __global__ void softmax_kernel(const float* x, float* y, int64_t cols) {
   const float* xr = x + static_cast<int64_t>(blockIdx.x) * cols;
   float* yr = y + static_cast<int64_t>(blockIdx.x) * cols;
@@ -556,9 +486,6 @@ __global__ void causal_softmax_backward_kernel(const float* probs, float* dprobs
   dot = block_sum(dot);
   for (int64_t j = threadIdx.x; j < T; j += blockDim.x) d[j] = j < n ? scale * p[j] * (d[j] - dot) : 0.0f;
 }
-
-// A grid of one block per row needs rows < 2^31.
-bool rows_fit(int64_t rows) { return rows <= 0x7fffffff; }
 
 }  // namespace
 

@@ -1,7 +1,8 @@
 // Launchers of tutti's own CUDA kernels, callable from host C++ (cuda_backend.cpp). Each enqueues
 // its kernel(s) on `stream` and returns the launch status (cudaGetLastError), which the caller
 // checks with CUDA_CHECK. Pointers are device pointers; sizes are element counts. Kernel bodies
-// are in cuda_kernels.cu, which includes no tutti header, so it builds as C++17 under any nvcc.
+// are in cuda_kernels.cu, cuda_bf16_kernels.cu and cuda_flash_attention.cu, which include no
+// tutti header, so they build as C++17 under any nvcc.
 // Letters: N rows, V vocabulary, B batch, H heads, T time.
 #pragma once
 #include <cuda_runtime_api.h>
@@ -99,5 +100,30 @@ cudaError_t causal_softmax(float* scores, int64_t rows, int64_t rows_per_matrix,
 // dprobs (in) -> dscores (out, in place): scale * P * (dP - sum_j P dP), zero above the diagonal.
 cudaError_t causal_softmax_backward(const float* probs, float* dprobs, int64_t rows, int64_t T, float scale,
                                     cudaStream_t stream);
+
+// -- mixed precision (cuda_bf16_kernels.cu); bf16 values travel as their 16 bits -----------------
+// y = bf16(x), rounded to nearest even.
+cudaError_t to_bf16(const float* x, uint16_t* y, int64_t n, const LaunchLimits& lim, cudaStream_t stream);
+// causal_softmax of training (T, T) score rows, past = 0: fp32 scores in, bf16 probabilities out.
+cudaError_t causal_softmax_bf16(const float* scores, uint16_t* probs, int64_t rows, int64_t T, cudaStream_t stream);
+// causal_softmax_backward with bf16 probabilities and a bf16 result dscores (not in place).
+cudaError_t causal_softmax_backward_bf16(const uint16_t* probs, const float* dprobs, uint16_t* dscores, int64_t rows,
+                                         int64_t T, float scale, cudaStream_t stream);
+
+// -- causal flash attention in bf16 (cuda_flash_attention.cu) -------------------------------------
+// qkv (B, T, 3C) bf16 with heads of kFlashHeadDim (C = H * 64), 16-byte aligned; B * H <= 65535.
+// Other shapes return cudaErrorInvalidValue (callers check flash_attention_fits first).
+constexpr int kFlashHeadDim = 64;
+inline bool flash_attention_fits(int64_t B, int64_t C, int64_t H) {
+  return H > 0 && C == H * kFlashHeadDim && B * H <= 65535;
+}
+// y (B, T, C) fp32; lse (B, H, T) fp32: each row's log2-sum-exp2 of the scores times log2(e).
+cudaError_t flash_attention_forward(const uint16_t* qkv, float* y, float* lse, int64_t B, int64_t T, int64_t C,
+                                    int64_t H, cudaStream_t stream);
+// dqkv (B, T, 3C) fp32, every element written. Scratch: dq_acc (B, H, T, 64) and dvec (B, H, T)
+// fp32; the launcher zeroes dq_acc.
+cudaError_t flash_attention_backward(const uint16_t* qkv, const float* y, const float* lse, const float* dy,
+                                     float* dqkv, float* dq_acc, float* dvec, int64_t B, int64_t T, int64_t C,
+                                     int64_t H, const LaunchLimits& lim, cudaStream_t stream);
 
 }  // namespace tutti::cuda::kernels

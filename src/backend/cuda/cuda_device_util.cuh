@@ -1,0 +1,91 @@
+// Device-side helpers shared by tutti's kernel files (cuda_kernels.cu, cuda_bf16_kernels.cu):
+// grid sizing, grid-stride indices, block-wide reductions, a row's softmax statistics. CUDA
+// sources only (it needs nvcc); includes no tutti header.
+#pragma once
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+
+#include "backend/cuda/cuda_kernels.cuh"
+
+namespace tutti::cuda::kernels::device {
+
+constexpr int kThreads = 256;
+// Grid-stride loops get this many blocks per multiprocessor at most: several waves of 256-thread
+// blocks keep enough loads in flight, and a fixed cap keeps the reductions' partials bounded.
+constexpr int kBlocksPerSm = 8;
+
+inline unsigned grid_for(int64_t n, const LaunchLimits& lim) {
+  const int64_t blocks = (n + kThreads - 1) / kThreads;
+  const int64_t cap = static_cast<int64_t>(std::max(lim.multiprocessors, 1)) * kBlocksPerSm * 4;
+  return static_cast<unsigned>(std::max<int64_t>(1, std::min(blocks, cap)));
+}
+
+__device__ __forceinline__ int64_t global_thread() {
+  return static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+}
+__device__ __forceinline__ int64_t grid_threads() { return static_cast<int64_t>(blockDim.x) * gridDim.x; }
+
+// Threads per block for kernels that give one block to each row of `cols` elements.
+inline int row_threads(int64_t cols) {
+  if (cols >= 4096) return 512;
+  if (cols >= 1024) return 256;
+  if (cols >= 256) return 128;
+  return 32;
+}
+
+// A grid of one block per row needs rows < 2^31.
+inline bool rows_fit(int64_t rows) { return rows <= 0x7fffffff; }
+
+// ------------------------------------------------------------------------------------------------
+// Block-wide reductions (blockDim.x a multiple of 32, at most 1024); every thread gets the result.
+
+struct SumOp {
+  template <class T>
+  __device__ T operator()(T a, T b) const { return a + b; }
+};
+struct MaxOp {
+  __device__ float operator()(float a, float b) const { return fmaxf(a, b); }
+};
+
+template <class T, class Op>
+__device__ T warp_reduce(T v, Op op) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) v = op(v, __shfl_xor_sync(0xffffffffu, v, offset));
+  return v;
+}
+
+template <class T, class Op>
+__device__ T block_reduce(T v, Op op, T identity) {
+  __shared__ T shared[32];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = (blockDim.x + 31) >> 5;
+  v = warp_reduce(v, op);
+  if (lane == 0) shared[warp] = v;
+  __syncthreads();
+  if (warp == 0) {
+    v = lane < warps ? shared[lane] : identity;
+    v = warp_reduce(v, op);
+    if (lane == 0) shared[0] = v;
+  }
+  __syncthreads();
+  const T result = shared[0];
+  __syncthreads();  // the next call may overwrite shared[]
+  return result;
+}
+
+__device__ __forceinline__ float block_sum(float v) { return block_reduce(v, SumOp{}, 0.0f); }
+__device__ __forceinline__ float block_max(float v) { return block_reduce(v, MaxOp{}, -INFINITY); }
+
+// A row's max and sum of exp(x - max), on every thread of the block (one block per row).
+__device__ __forceinline__ void row_max_and_exp_sum(const float* xr, int64_t V, float& mx, float& total) {
+  mx = -INFINITY;
+  for (int64_t j = threadIdx.x; j < V; j += blockDim.x) mx = fmaxf(mx, xr[j]);
+  mx = block_max(mx);
+  total = 0.0f;
+  for (int64_t j = threadIdx.x; j < V; j += blockDim.x) total += expf(xr[j] - mx);
+  total = block_sum(total);
+}
+
+}  // namespace tutti::cuda::kernels::device

@@ -1,0 +1,371 @@
+// Causal flash attention in bf16 for head size 64: the scores and probabilities of a 64 x 64
+// tile live in registers and never reach memory; the softmax is computed online (running row max
+// and sum, the output rescaled as they grow), and backward recomputes the probabilities from q, k
+// and each row's log-sum-exp. Products on the tensor cores with mma.sync m16n8k16 (bf16 operands,
+// fp32 accumulators), softmax and statistics in fp32. The scheme is FlashAttention-2's (Dao, 2023):
+// forward parallel over query tiles, backward over key tiles with dQ accumulated atomically.
+// Letters: B batch, T time, C channels, H heads, D head size (64), g = lane / 4, t = lane % 4.
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "backend/cuda/cuda_device_util.cuh"
+#include "backend/cuda/cuda_kernels.cuh"
+
+namespace tutti::cuda::kernels {
+namespace {
+
+using namespace device;
+
+constexpr int D = kFlashHeadDim;  // 64
+constexpr int kTile = 64;         // query rows and key rows per tile: 4 warps of 16
+constexpr int kWarps = 4;
+constexpr int kPad = D + 8;       // shared-memory row of a tile, in bf16 (16 bytes of padding: no bank conflicts)
+constexpr float kLog2e = 1.4426950408889634f;
+
+// ------------------------------------------------------------------------------------------------
+// Fragments of mma.m16n8k16 (PTX ISA, "Matrix Fragments for mma.m16n8k16"): A (16 x 16, row) in
+// 4 registers of two bf16: {row g, cols 2t..2t+1}, {row g+8, same}, {row g, cols 2t+8..}, {row g+8,
+// cols 2t+8..}; B (16 x 8, col) in 2: {rows 2t..2t+1, col g}, {rows 2t+8..2t+9, col g}; C (16 x 8
+// fp32) in 4: {row g, cols 2t, 2t+1}, {row g+8, cols 2t, 2t+1}. The lower index is the low half.
+
+struct Acc {  // a 16 x 8 fp32 tile
+  float v[4];
+};
+
+__device__ __forceinline__ void mma(Acc& c, const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(c.v[0]), "+f"(c.v[1]), "+f"(c.v[2]), "+f"(c.v[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ uint32_t pack(float lo, float hi) {
+  const uint32_t l = __bfloat16_as_ushort(__float2bfloat16_rn(lo));
+  const uint32_t h = __bfloat16_as_ushort(__float2bfloat16_rn(hi));
+  return l | (h << 16);
+}
+__device__ __forceinline__ uint32_t pair(const uint16_t* p) { return *reinterpret_cast<const uint32_t*>(p); }
+__device__ __forceinline__ uint32_t two(uint16_t lo, uint16_t hi) { return uint32_t(lo) | (uint32_t(hi) << 16); }
+
+// A fragments of 16 rows x D of a row-major bf16 matrix (row stride `ld`), row0 its first row;
+// rows at or past `rows` read as zeros. Four 16-column slices.
+__device__ __forceinline__ void load_a_rows(const uint16_t* m, int64_t ld, int64_t row0, int64_t rows,
+                                            uint32_t (&a)[4][4]) {
+  const int g = (threadIdx.x & 31) >> 2, t = threadIdx.x & 3;
+  const int64_t r0 = row0 + g, r1 = row0 + g + 8;
+#pragma unroll
+  for (int kk = 0; kk < 4; ++kk) {
+    const int c = 16 * kk + 2 * t;
+    a[kk][0] = r0 < rows ? pair(m + r0 * ld + c) : 0u;
+    a[kk][1] = r1 < rows ? pair(m + r1 * ld + c) : 0u;
+    a[kk][2] = r0 < rows ? pair(m + r0 * ld + c + 8) : 0u;
+    a[kk][3] = r1 < rows ? pair(m + r1 * ld + c + 8) : 0u;
+  }
+}
+
+// A fragments (16 x 16 slice kk) from 8 fp32 accumulator tiles of the same 16 rows: tiles 2kk and
+// 2kk+1 hold columns 16kk..16kk+15 in exactly the A layout.
+__device__ __forceinline__ void acc_to_a(const Acc (&s)[8], int kk, uint32_t (&a)[4]) {
+  a[0] = pack(s[2 * kk].v[0], s[2 * kk].v[1]);
+  a[1] = pack(s[2 * kk].v[2], s[2 * kk].v[3]);
+  a[2] = pack(s[2 * kk + 1].v[0], s[2 * kk + 1].v[1]);
+  a[3] = pack(s[2 * kk + 1].v[2], s[2 * kk + 1].v[3]);
+}
+
+// acc (16 x 64) += A (16 x 64, fragments a) . M^T, M a shared (64 x D) tile: out[r][j] = sum_d A[r][d] M[j][d].
+__device__ __forceinline__ void mul_transposed(Acc (&acc)[8], const uint32_t (&a)[4][4], const uint16_t* m) {
+  const int g = (threadIdx.x & 31) >> 2, t = threadIdx.x & 3;
+#pragma unroll
+  for (int j = 0; j < 8; ++j)
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) {
+      const uint16_t* row = m + (8 * j + g) * kPad + 16 * kk + 2 * t;
+      mma(acc[j], a[kk], pair(row), pair(row + 8));
+    }
+}
+
+// acc (16 x D) += P (16 x 64, as accumulator tiles p) . M, M a shared (64 x D) tile.
+__device__ __forceinline__ void mul_plain(Acc (&acc)[8], const Acc (&p)[8], const uint16_t* m) {
+  const int g = (threadIdx.x & 31) >> 2, t = threadIdx.x & 3;
+#pragma unroll
+  for (int kk = 0; kk < 4; ++kk) {
+    uint32_t a[4];
+    acc_to_a(p, kk, a);
+#pragma unroll
+    for (int n = 0; n < 8; ++n) {
+      const uint16_t* col = m + (16 * kk + 2 * t) * kPad + 8 * n + g;
+      mma(acc[n], a, two(col[0], col[kPad]), two(col[8 * kPad], col[9 * kPad]));
+    }
+  }
+}
+
+__device__ __forceinline__ void zero(Acc (&acc)[8]) {
+#pragma unroll
+  for (int j = 0; j < 8; ++j) acc[j] = Acc{{0.0f, 0.0f, 0.0f, 0.0f}};
+}
+
+// Copies rows [row0, row0 + 64) x D of a bf16 matrix (row stride ld) into a shared tile, 16 bytes
+// per access; rows at or past `rows` become zeros.
+__device__ __forceinline__ void load_tile(uint16_t* tile, const uint16_t* m, int64_t ld, int64_t row0, int64_t rows) {
+  for (int i = threadIdx.x; i < kTile * D / 8; i += blockDim.x) {
+    const int r = i / (D / 8), c = (i % (D / 8)) * 8;
+    uint4 v = make_uint4(0, 0, 0, 0);
+    if (row0 + r < rows) v = *reinterpret_cast<const uint4*>(m + (row0 + r) * ld + c);
+    *reinterpret_cast<uint4*>(tile + r * kPad + c) = v;
+  }
+}
+
+// The same from an fp32 matrix, rounded to bf16.
+__device__ __forceinline__ void load_tile_f32(uint16_t* tile, const float* m, int64_t ld, int64_t row0, int64_t rows) {
+  for (int i = threadIdx.x; i < kTile * D / 4; i += blockDim.x) {
+    const int r = i / (D / 4), c = (i % (D / 4)) * 4;
+    float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    if (row0 + r < rows) v = *reinterpret_cast<const float4*>(m + (row0 + r) * ld + c);
+    *reinterpret_cast<uint2*>(tile + r * kPad + c) = make_uint2(pack(v.x, v.y), pack(v.z, v.w));
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Forward: block (query tile, b * H + h), warp w owns queries q0 = 64 tile + 16 w .. + 15.
+
+__global__ void __launch_bounds__(kWarps * 32) flash_forward_kernel(const uint16_t* qkv, float* y, float* lse,
+                                                                     int64_t T, int64_t C, int64_t H, float scale2) {
+  __shared__ __align__(16) uint16_t ks[kTile * kPad];
+  __shared__ __align__(16) uint16_t vs[kTile * kPad];
+  const int64_t b = blockIdx.y / H, h = blockIdx.y % H, ld = 3 * C;
+  const uint16_t* q = qkv + b * T * ld + h * D;
+  const int warp = threadIdx.x >> 5, g = (threadIdx.x & 31) >> 2, t = threadIdx.x & 3;
+  const int64_t q0 = int64_t{blockIdx.x} * kTile + 16 * warp;
+  uint32_t qa[4][4];
+  load_a_rows(q, ld, q0, T, qa);
+  Acc o[8];
+  zero(o);
+  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};  // rows g and g + 8, log2 units
+  for (int64_t kt = 0; kt <= blockIdx.x; ++kt) {
+    __syncthreads();  // the previous tiles are consumed
+    load_tile(ks, q + C, ld, kt * kTile, T);
+    load_tile(vs, q + 2 * C, ld, kt * kTile, T);
+    __syncthreads();
+    Acc s[8];
+    zero(s);
+    mul_transposed(s, qa, ks);
+    float tile_max[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+    for (int j = 0; j < 8; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int64_t key = kt * kTile + 8 * j + 2 * t + (e & 1), query = q0 + g + 8 * (e >> 1);
+        s[j].v[e] = key <= query && key < T ? s[j].v[e] * scale2 : -INFINITY;
+        tile_max[e >> 1] = fmaxf(tile_max[e >> 1], s[j].v[e]);
+      }
+    float alpha[2], ref[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 1));
+      tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 2));
+      const float m_new = fmaxf(m[r], tile_max[r]);
+      ref[r] = m_new == -INFINITY ? 0.0f : m_new;  // a row with nothing visible yet stays zero
+      alpha[r] = exp2f(m[r] - ref[r]);
+      m[r] = m_new;
+      l[r] *= alpha[r];
+    }
+#pragma unroll
+    for (int j = 0; j < 8; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        s[j].v[e] = exp2f(s[j].v[e] - ref[e >> 1]);
+        l[e >> 1] += s[j].v[e];
+        o[j].v[e] *= alpha[e >> 1];
+      }
+    mul_plain(o, s, vs);
+  }
+  // Finish: the row sums over the quad, y = O / l, lse = m + log2 l.
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
+    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
+  }
+  const int64_t rows[2] = {q0 + g, q0 + g + 8};
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    if (rows[r] >= T) continue;
+    float* yr = y + (b * T + rows[r]) * C + h * D;
+#pragma unroll
+    for (int n = 0; n < 8; ++n)
+      *reinterpret_cast<float2*>(yr + 8 * n + 2 * t) = make_float2(o[n].v[2 * r] / l[r], o[n].v[2 * r + 1] / l[r]);
+    if (t == 0) lse[blockIdx.y * T + rows[r]] = m[r] + log2f(l[r]);
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Backward
+
+// dvec[(b H + h) T + i] = sum_d dy[b, i, h D + d] y[b, i, h D + d]: one warp per (row, head).
+__global__ void flash_dvec_kernel(const float* y, const float* dy, float* dvec, int64_t rows, int64_t T, int64_t C,
+                                  int64_t H) {
+  const int64_t item = (int64_t{blockIdx.x} * blockDim.x + threadIdx.x) / 32;  // (b, i, h)
+  if (item >= rows * H) return;
+  const int64_t row = item / H, h = item % H, b = row / T, i = row % T;
+  const int lane = threadIdx.x & 31;
+  const float2 a = *reinterpret_cast<const float2*>(y + row * C + h * D + 2 * lane);
+  const float2 d = *reinterpret_cast<const float2*>(dy + row * C + h * D + 2 * lane);
+  const float sum = warp_reduce(a.x * d.x + a.y * d.y, SumOp{});
+  if (lane == 0) dvec[(b * H + h) * T + i] = sum;
+}
+
+// Block (key tile, b * H + h), warp w owns keys k0 = 64 tile + 16 w .. + 15 and walks the query
+// tiles from the diagonal on: P^T = exp2(scale2 K Q^T - lse), dV += P^T dO, dP^T = V dO^T,
+// dS^T = P^T (dP^T - dvec), dK += dS^T Q, and dQ += dS K through shared memory and atomics.
+__global__ void __launch_bounds__(kWarps * 32) flash_backward_kernel(const uint16_t* qkv, const float* lse,
+                                                                      const float* dvec, const float* dy, float* dqkv,
+                                                                      float* dq_acc, int64_t T, int64_t C, int64_t H,
+                                                                      float scale2, float scale) {
+  __shared__ __align__(16) uint16_t qs[kTile * kPad];
+  __shared__ __align__(16) uint16_t dos[kTile * kPad];
+  __shared__ __align__(16) uint16_t ks[kTile * kPad];
+  __shared__ __align__(16) uint16_t dss[kTile * kPad];  // dS^T: keys x queries
+  __shared__ float lse_s[kTile], dvec_s[kTile];
+  const int64_t bh = blockIdx.y, b = bh / H, h = bh % H, ld = 3 * C, tiles = (T + kTile - 1) / kTile;
+  const uint16_t* q = qkv + b * T * ld + h * D;
+  const float* dyb = dy + b * T * C + h * D;
+  const int warp = threadIdx.x >> 5, g = (threadIdx.x & 31) >> 2, t = threadIdx.x & 3;
+  const int64_t key0 = int64_t{blockIdx.x} * kTile, k0 = key0 + 16 * warp;
+  uint32_t ka[4][4], va[4][4];
+  load_a_rows(q + C, ld, k0, T, ka);
+  load_a_rows(q + 2 * C, ld, k0, T, va);
+  load_tile(ks, q + C, ld, key0, T);
+  Acc dk[8], dv[8];
+  zero(dk);
+  zero(dv);
+  for (int64_t qt = blockIdx.x; qt < tiles; ++qt) {
+    __syncthreads();  // the previous tiles are consumed
+    load_tile(qs, q, ld, qt * kTile, T);
+    load_tile_f32(dos, dyb, C, qt * kTile, T);
+    for (int i = threadIdx.x; i < kTile; i += blockDim.x) {
+      const int64_t row = qt * kTile + i;
+      lse_s[i] = row < T ? lse[bh * T + row] : 0.0f;
+      dvec_s[i] = row < T ? dvec[bh * T + row] : 0.0f;
+    }
+    __syncthreads();
+    Acc p[8], dp[8];
+    zero(p);
+    mul_transposed(p, ka, qs);  // S^T (16 keys x 64 queries)
+#pragma unroll
+    for (int j = 0; j < 8; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int col = 8 * j + 2 * t + (e & 1);
+        const int64_t key = k0 + g + 8 * (e >> 1), query = qt * kTile + col;
+        p[j].v[e] = key <= query && query < T && key < T ? exp2f(p[j].v[e] * scale2 - lse_s[col]) : 0.0f;
+      }
+    mul_plain(dv, p, dos);  // dV += P^T dO
+    zero(dp);
+    mul_transposed(dp, va, dos);  // dP^T = V dO^T
+#pragma unroll
+    for (int j = 0; j < 8; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) dp[j].v[e] = p[j].v[e] * (dp[j].v[e] - dvec_s[8 * j + 2 * t + (e & 1)]);  // dS^T
+    mul_plain(dk, dp, qs);  // dK += dS^T Q
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {  // dS^T to shared memory, rows = this warp's keys
+      uint16_t* r0 = dss + (16 * warp + g) * kPad + 8 * j + 2 * t;
+      *reinterpret_cast<uint32_t*>(r0) = pack(dp[j].v[0], dp[j].v[1]);
+      *reinterpret_cast<uint32_t*>(r0 + 8 * kPad) = pack(dp[j].v[2], dp[j].v[3]);
+    }
+    __syncthreads();
+    // dQ rows 16 warp .. + 15 of this query tile: dS (queries x 64 keys) . K (64 keys x D).
+    Acc dq[8];
+    zero(dq);
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) {
+      const uint16_t* c = dss + (16 * kk + 2 * t) * kPad + 16 * warp + g;  // dS[query][key] = dss[key][query]
+      const uint32_t a[4] = {two(c[0], c[kPad]), two(c[8], c[kPad + 8]), two(c[8 * kPad], c[9 * kPad]),
+                             two(c[8 * kPad + 8], c[9 * kPad + 8])};
+#pragma unroll
+      for (int n = 0; n < 8; ++n) {
+        const uint16_t* col = ks + (16 * kk + 2 * t) * kPad + 8 * n + g;
+        mma(dq[n], a, two(col[0], col[kPad]), two(col[8 * kPad], col[9 * kPad]));
+      }
+    }
+    const int64_t rows[2] = {qt * kTile + 16 * warp + g, qt * kTile + 16 * warp + g + 8};
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      if (rows[r] >= T) continue;
+      float* out = dq_acc + (bh * T + rows[r]) * D;
+#pragma unroll
+      for (int n = 0; n < 8; ++n) {
+        atomicAdd(out + 8 * n + 2 * t, dq[n].v[2 * r]);
+        atomicAdd(out + 8 * n + 2 * t + 1, dq[n].v[2 * r + 1]);
+      }
+    }
+  }
+  const int64_t rows[2] = {k0 + g, k0 + g + 8};
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    if (rows[r] >= T) continue;
+    float* out = dqkv + (b * T + rows[r]) * ld + h * D;
+#pragma unroll
+    for (int n = 0; n < 8; ++n) {
+      *reinterpret_cast<float2*>(out + C + 8 * n + 2 * t) = make_float2(scale * dk[n].v[2 * r], scale * dk[n].v[2 * r + 1]);
+      *reinterpret_cast<float2*>(out + 2 * C + 8 * n + 2 * t) = make_float2(dv[n].v[2 * r], dv[n].v[2 * r + 1]);
+    }
+  }
+}
+
+// dqkv[b, i, h D + d] = scale dq_acc[(b H + h) T + i, d]
+struct ScatterDq {
+  const float* dq_acc;
+  float* dqkv;
+  int64_t T, C, H;
+  float scale;
+  __device__ void operator()(int64_t i) const {
+    const int64_t d = i % D, row = i / D, bh = row / T, q = row % T, b = bh / H, h = bh % H;
+    dqkv[(b * T + q) * 3 * C + h * D + d] = scale * dq_acc[i];
+  }
+};
+
+template <class F>
+__global__ void scatter_kernel(int64_t n, F f) {
+  for (int64_t i = global_thread(); i < n; i += grid_threads()) f(i);
+}
+
+bool flash_shapes_ok(const void* qkv, int64_t B, int64_t T, int64_t C, int64_t H) {
+  return B > 0 && T > 0 && H > 0 && C == H * D && B * H <= 65535 && (T + kTile - 1) / kTile <= 0x7fffffff &&
+         reinterpret_cast<uintptr_t>(qkv) % 16 == 0;
+}
+
+}  // namespace
+
+// ================================================================================================
+// Launchers
+
+cudaError_t flash_attention_forward(const uint16_t* qkv, float* y, float* lse, int64_t B, int64_t T, int64_t C,
+                                    int64_t H, cudaStream_t stream) {
+  if (!flash_shapes_ok(qkv, B, T, C, H)) return cudaErrorInvalidValue;
+  const float scale2 = kLog2e / sqrtf(static_cast<float>(D));
+  const dim3 grid(static_cast<unsigned>((T + kTile - 1) / kTile), static_cast<unsigned>(B * H));
+  flash_forward_kernel<<<grid, kWarps * 32, 0, stream>>>(qkv, y, lse, T, C, H, scale2);
+  return cudaGetLastError();
+}
+
+cudaError_t flash_attention_backward(const uint16_t* qkv, const float* y, const float* lse, const float* dy,
+                                     float* dqkv, float* dq_acc, float* dvec, int64_t B, int64_t T, int64_t C,
+                                     int64_t H, const LaunchLimits& lim, cudaStream_t stream) {
+  if (!flash_shapes_ok(qkv, B, T, C, H)) return cudaErrorInvalidValue;
+  const float scale = 1.0f / sqrtf(static_cast<float>(D)), scale2 = kLog2e * scale;
+  const int64_t items = B * T * H;  // one warp each
+  flash_dvec_kernel<<<static_cast<unsigned>((items * 32 + kThreads - 1) / kThreads), kThreads, 0, stream>>>(
+      y, dy, dvec, B * T, T, C, H);
+  cudaError_t err = cudaMemsetAsync(dq_acc, 0, static_cast<size_t>(B * H * T * D) * sizeof(float), stream);
+  if (err != cudaSuccess) return err;
+  const dim3 grid(static_cast<unsigned>((T + kTile - 1) / kTile), static_cast<unsigned>(B * H));
+  flash_backward_kernel<<<grid, kWarps * 32, 0, stream>>>(qkv, lse, dvec, dy, dqkv, dq_acc, T, C, H, scale2, scale);
+  const int64_t n = B * H * T * D;
+  scatter_kernel<<<grid_for(n, lim), kThreads, 0, stream>>>(n, ScatterDq{dq_acc, dqkv, T, C, H, scale});
+  return cudaGetLastError();
+}
+
+}  // namespace tutti::cuda::kernels
