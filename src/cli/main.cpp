@@ -18,6 +18,7 @@
 #include "tutti/launch/supervisor.hpp"
 #include "tutti/train/run_dir.hpp"
 #include "tutti/train/sweep.hpp"
+#include "tutti/train/trace_report.hpp"
 #include "tutti/train/trainer.hpp"
 
 namespace fs = std::filesystem;
@@ -56,7 +57,7 @@ void apply_threads(int threads) { set_num_threads(threads > 0 ? threads : hardwa
 // tutti train
 
 struct TrainArgs {
-  std::string config_file, resume, preset;
+  std::string config_file, resume, preset, trace;
   std::map<std::string, std::string> values;  // settings given as flags
 };
 
@@ -65,6 +66,9 @@ void add_train(CLI::App& app, TrainArgs& args) {
   cmd->add_option("--config", args.config_file, "TOML file of settings (keys as the flags below, '_' for '-')")
       ->check(CLI::ExistingFile);
   cmd->add_option("--resume", args.resume, "continue the run in this output directory from its latest checkpoint");
+  cmd->add_option("--trace", args.trace,
+                  "write every rank's timeline to this new file (Chrome trace / Perfetto JSON; summary: tutti inspect "
+                  "trace FILE)");
   cmd->add_option("--preset", args.preset,
                   "start from a named setup, before --config and flags: gpt2 (GPT-2 124M on synthetic tokens, "
                   "vocabulary 50304, context 1024, batch 16: a speed run) or shakespeare (the default)");
@@ -106,8 +110,9 @@ int run_train(const TrainArgs& args, comm::Communicator& world) {
   options.resume = resume;
   options.live_progress = ::isatty(STDOUT_FILENO) != 0 && world.size() == 1;  // mpirun hands ranks a pty
   options.world = &world;
+  options.trace = args.trace;
   train::TrainResult r = train::run_training(config, options);
-  if (world.rank() != 0) return 0;
+  if (!r.lead) return 0;
   std::cout << "done: " << r.steps << " steps, train loss " << r.train_loss << ", val loss " << r.val_loss << ", "
             << static_cast<int64_t>(r.tokens_per_second) << " tok/s over the run";
   if (r.step_tokens_per_second > 0) std::cout << " (" << static_cast<int64_t>(r.step_tokens_per_second) << " at the median step)";
@@ -286,6 +291,8 @@ int run_launch(LaunchArgs& args) {
 
 struct InspectArgs {
   std::string path;
+  std::string trace_file;
+  CLI::App* trace = nullptr;
 };
 
 void add_inspect(CLI::App& app, InspectArgs& args) {
@@ -294,7 +301,11 @@ void add_inspect(CLI::App& app, InspectArgs& args) {
                  "and verify it against its manifest. Given a run directory: every checkpoint's status, which one a "
                  "resume would use, and the details of the one 'latest' names. Exit 0 when everything is good, 1 "
                  "with one error line per problem otherwise");
-  cmd->add_option("path", args.path, "checkpoint directory, or a run directory")->required();
+  cmd->add_option("path", args.path, "checkpoint directory, or a run directory");
+  args.trace = cmd->add_subcommand("trace", "Summarise a trace written by train --trace: each rank's share of step "
+                                            "time in compute, exposed communication, pipeline bubble, data wait, "
+                                            "checkpoint and evaluation, and the slowest rank");
+  args.trace->add_option("file", args.trace_file, "the trace file")->required();
 }
 
 // One checkpoint's details on stdout; its problems, prefixed with `label`, appended to `problems`.
@@ -342,6 +353,12 @@ void print_checkpoint(const std::string& dir, const std::string& label, std::vec
 }
 
 int run_inspect(const InspectArgs& args) {
+  if (args.trace->parsed()) {
+    const train::TraceReport report = train::read_trace_report(args.trace_file);
+    std::cout << "trace " << args.trace_file << "\n" << train::format_trace_report(report);
+    return report.problems.empty() ? 0 : 1;
+  }
+  TUTTI_CHECK_AS(InvalidArgument, !args.path.empty(), "inspect needs a checkpoint or run directory, or: trace FILE");
   fs::path p = fs::path(args.path).lexically_normal();
   if (p.filename().empty()) p = p.parent_path();  // "run/" -> "run"
   TUTTI_CHECK_AS(CheckpointError, fs::is_directory(p), "'", args.path, "' is not a directory");

@@ -240,7 +240,8 @@ class MpiCommunicator final : public Communicator {
           }
           state->poison(message);
           return message;
-        });
+        },
+        detail::concat(what, suffix));
     WorkHandle work = op->work;
     runtime_->submit(std::move(op));
     return work;

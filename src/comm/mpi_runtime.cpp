@@ -1,5 +1,7 @@
 #include "comm/mpi_runtime.hpp"
 
+#include "tutti/core/trace.hpp"
+
 #include <algorithm>
 #include <cstdio>
 #include <cstdlib>
@@ -161,6 +163,7 @@ void Runtime::shutdown_mpi() {
 }
 
 void Runtime::loop(std::promise<void>* started) {
+  trace::name_thread("mpi progress");
 #if defined(__linux__)
   prctl(PR_SET_TIMERSLACK, 1000UL);  // 1 us: the shortest poll sleeps are 5 us, the default slack 50
 #endif

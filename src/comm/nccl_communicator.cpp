@@ -43,6 +43,7 @@
 #include "backend/cuda/cuda_backend.hpp"
 #include "backend/cuda/cuda_check.hpp"
 #include "comm/collective_args.hpp"
+#include "tutti/core/trace.hpp"
 
 namespace tutti::comm {
 namespace nccl {
@@ -346,6 +347,8 @@ class NcclWork final : public Work {
   void wait(Millis timeout) override {
     const Clock::time_point deadline = deadline_after(timeout);
     Backoff backoff;
+    // The host blocked until the GPU finished the transfer: exposed communication in a trace.
+    const trace::Scope blocked("wait " + description_, trace::cat::comm, trace::enabled() && !poll());
     while (!poll()) {
       if (Clock::now() >= deadline) {
         const std::string message = timeout_message(timeout);

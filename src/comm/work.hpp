@@ -16,7 +16,8 @@ class CompletionWork : public Work {
   // Called when a wait() expires: returns the Timeout message (and may poison the communicator).
   using OnTimeout = std::function<std::string(Millis waited)>;
 
-  CompletionWork(Millis default_timeout, OnTimeout on_timeout);
+  // `trace_name` ("all_reduce #12"): the operation's name in a trace (--trace), empty: untraced.
+  CompletionWork(Millis default_timeout, OnTimeout on_timeout, std::string trace_name = {});
   // An operation that finished when it was issued (the local backend, empty transfers).
   static std::shared_ptr<CompletionWork> done();
 
@@ -34,6 +35,8 @@ class CompletionWork : public Work {
   std::exception_ptr error_;
   Millis default_timeout_;
   OnTimeout on_timeout_;
+  std::string trace_name_;
+  double issued_us_ = 0.0;  // when traced
 };
 
 }  // namespace tutti::comm

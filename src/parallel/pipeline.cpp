@@ -14,6 +14,7 @@
 #include "backend/backend.hpp"
 #include "tutti/autograd/node.hpp"
 #include "tutti/core/error.hpp"
+#include "tutti/core/trace.hpp"
 #include "tutti/ops/ops.hpp"
 
 namespace tutti::parallel {
@@ -124,18 +125,19 @@ class Pipeline::Step {
   explicit Step(Pipeline& pipeline) : p_(pipeline) {
     wait_sends(false);  // left by a step that threw
     start_ = Clock::now();
+    traced_until_ = trace::enabled() ? trace::now_us() : 0.0;
   }
 
   // Runs f() as a span of `kind` and returns what it returns.
   template <class F>
   auto timed(Span::Kind kind, int micro, F&& f) {
-    const double begin = now();
+    const double begin = now(), trace_begin = trace_gap();
     if constexpr (std::is_void_v<decltype(f())>) {
       f();
-      timeline_.spans.push_back({kind, micro, begin, now()});
+      record(kind, micro, begin, trace_begin);
     } else {
       auto result = f();
-      timeline_.spans.push_back({kind, micro, begin, now()});
+      record(kind, micro, begin, trace_begin);
       return result;
     }
   }
@@ -173,6 +175,7 @@ class Pipeline::Step {
 
   // The spans in time order with the gaps between them as idle spans.
   Timeline finish() {
+    trace_gap();
     timeline_.step_seconds = now();
     std::vector<Span> spans;
     spans.reserve(2 * timeline_.spans.size() + 1);
@@ -191,6 +194,24 @@ class Pipeline::Step {
  private:
   double now() const { return std::chrono::duration<double>(Clock::now() - start_).count(); }
 
+  void record(Span::Kind kind, int micro, double begin, double trace_begin) {
+    timeline_.spans.push_back({kind, micro, begin, now()});
+    if (!trace::enabled()) return;
+    traced_until_ = trace::now_us();
+    const bool compute = kind == Span::Kind::forward || kind == Span::Kind::backward;
+    trace::complete(std::string(span_name(kind)) + " " + std::to_string(micro),
+                    compute ? trace::cat::compute : trace::cat::comm, trace_begin, traced_until_,
+                    "{\"micro_batch\":" + std::to_string(micro) + "}");
+  }
+
+  // In a trace, the time since the last span as an idle span (the bubble); returns now.
+  double trace_gap() {
+    if (!trace::enabled()) return 0.0;
+    const double now_us = trace::now_us();
+    if (now_us - traced_until_ >= kMinIdleSeconds * 1e6) trace::complete("idle", trace::cat::bubble, traced_until_, now_us);
+    return traced_until_ = now_us;
+  }
+
   // Drops the sends that have completed, so their buffers go before the end of the step.
   void reap() {
     std::erase_if(p_.in_flight_, [](InFlight& s) {
@@ -203,6 +224,7 @@ class Pipeline::Step {
   Pipeline& p_;
   Clock::time_point start_;
   Timeline timeline_;
+  double traced_until_;  // the end of the last span in the trace (--trace)
 };
 
 // ---- the pipeline ------------------------------------------------------------------------------

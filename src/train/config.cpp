@@ -41,6 +41,9 @@ void TrainConfig::validate() const {
   positive("max_bad_steps", max_bad_steps);
   non_negative("straggler_interval", straggler_interval);
   TUTTI_CHECK_AS(ConfigError, straggler_threshold > 0, "straggler_threshold must be positive, got ", straggler_threshold);
+  TUTTI_CHECK_AS(ConfigError, workflow == "concurrent" || workflow == "serial",
+                 "workflow must be concurrent or serial, got '", workflow, "'");
+  TUTTI_CHECK_AS(ConfigError, eval_rank >= -1, "eval_rank must be a rank (0, 1, ...) or -1 for none, got ", eval_rank);
   non_negative("lr", lr);
   non_negative("min_lr", min_lr);
   non_negative("weight_decay", weight_decay);
@@ -174,6 +177,9 @@ std::vector<Setting> settings(TrainConfig& c) {
              c.straggler_interval),
       number("straggler_threshold", "a rank whose compute time exceeds the median by more than this fraction is "
              "named a straggler", c.straggler_threshold),
+      text("workflow", "concurrent: batches prepared ahead, evaluations and checkpoints in the background; serial: "
+           "each in turn on the training thread", c.workflow),
+      number("eval_rank", "a rank of the launch that only evaluates snapshots of the weights (-1: none)", c.eval_rank),
   };
 }
 

@@ -5,12 +5,12 @@
 
 #include <algorithm>
 #include <chrono>
+#include <thread>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
 #include <iostream>
 #include <map>
-#include <thread>
 #include <nlohmann/json.hpp>
 #include <sstream>
 #include <utility>
@@ -185,35 +185,6 @@ std::string config_hash(const nn::GPTConfig& c) {
   std::snprintf(text, sizeof text, "gpt2 n_layer=%d n_head=%d n_embd=%d n_positions=%d vocab_size=%d eps=%.9g",
                 c.n_layer, c.n_head, c.n_embd, c.block_size, c.vocab_size, double(c.layer_norm_epsilon));
   return "xxh3_64:" + ckpt::hex64(ckpt::xxh3_64(text));
-}
-
-CheckpointWriter::CheckpointWriter(std::string run_dir, int keep) : run_dir_(std::move(run_dir)), keep_(keep) {}
-
-CheckpointWriter::~CheckpointWriter() {
-  if (thread_.joinable()) thread_.join();
-}
-
-void CheckpointWriter::submit(CheckpointSnapshot snap) {
-  wait();
-  thread_ = std::thread([this, snap = std::move(snap)] {
-    try {
-      const auto t0 = std::chrono::steady_clock::now();
-      last_ = save_checkpoint(run_dir_, snap, keep_);
-      if (snap.shard > 0) return;  // shard 0 commits, renaming the directory: it times the whole save
-      Timing t{snap.state.step, 0, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count()};
-      for (const auto& e : fs::directory_iterator(last_))
-        if (e.is_regular_file()) t.bytes += static_cast<int64_t>(e.file_size());
-      timing_ = t;
-    } catch (...) {
-      error_ = std::current_exception();
-    }
-  });
-}
-
-std::string CheckpointWriter::wait() {
-  if (thread_.joinable()) thread_.join();
-  if (error_) std::rethrow_exception(std::exchange(error_, nullptr));
-  return last_;
 }
 
 void prepare_sharded_save(const std::string& run_dir, int64_t step) {

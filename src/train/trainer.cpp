@@ -27,10 +27,14 @@
 #include "tutti/comm/nccl.hpp"
 #include "tutti/core/allocator.hpp"
 #include "tutti/core/energy.hpp"
+#include "tutti/core/trace.hpp"
 #include "tutti/parallel/data_parallel.hpp"
 #include "tutti/parallel/mesh.hpp"
 #include "tutti/parallel/pipeline.hpp"
+#include "train/eval_rank.hpp"
 #include "train/layout.hpp"
+#include "train/workflow.hpp"
+#include "tutti/train/plot.hpp"
 #include "tutti/train/run_dir.hpp"
 
 namespace fs = std::filesystem;
@@ -39,7 +43,8 @@ namespace tutti::train {
 namespace {
 
 using Clock = std::chrono::steady_clock;
-constexpr uint64_t kEvalStream = 0x5EEDE7A1ull;  // evaluation batches come from their own stream
+// The arena's workers: the loader, an evaluation and a checkpoint write can run at once.
+constexpr int kBackgroundWorkers = 3;
 const std::vector<std::string> kMoments = {".exp_avg", ".exp_avg_sq"};  // AdamW state per parameter
 
 std::string format_duration(double seconds) {
@@ -143,6 +148,12 @@ class Heartbeat {
   std::thread thread_;
 };
 
+// The cores of this host divided among its ranks (Open MPI says how many share it).
+int cores_per_rank() {
+  const char* local = std::getenv("OMPI_COMM_WORLD_LOCAL_SIZE");
+  return std::max(1, hardware_threads() / std::max(1, local ? std::atoi(local) : 1));
+}
+
 // "3,7,8" -> {3, 7, 8}
 std::set<int64_t> steps_from_env(const char* name) {
   std::set<int64_t> out;
@@ -199,6 +210,17 @@ uint64_t fnv1a(const std::string& text) {
   return h;
 }
 
+// --trace FILE: a file that can be created, and none that exists (it would be overwritten).
+void check_trace_path(const std::string& path) {
+  const fs::path p(path);
+  TUTTI_CHECK_AS(ConfigError, !fs::exists(p), "--trace '", path, "' already exists; remove it or choose another file");
+  const fs::path dir = p.parent_path().empty() ? fs::path(".") : p.parent_path();
+  TUTTI_CHECK_AS(ConfigError, fs::is_directory(dir), "--trace '", path, "': directory '", dir.string(),
+                 "' does not exist");
+  TUTTI_CHECK_AS(ConfigError, ::access(dir.c_str(), W_OK) == 0, "--trace '", path, "': directory '", dir.string(),
+                 "' is not writable");
+}
+
 // Every rank must run the same binary with the same settings.
 void check_same_config(comm::Communicator& world, const TrainConfig& config) {
   if (world.size() == 1) return;
@@ -234,12 +256,15 @@ Device run_device(const TrainConfig& config, const comm::Communicator& world) {
 
 class Run {
  public:
-  Run(const TrainConfig& config, const TrainOptions& options, comm::Communicator& world)
+  // `world`: the training ranks; `launch`: every rank (the evaluating rank too, if any).
+  Run(const TrainConfig& config, const TrainOptions& options, comm::Communicator& world, comm::Communicator& launch)
       : config_(config), options_(options), world_(world), layout_(plan_layout(config, world.size())),
         mesh_(world, layout_.mesh), coord_{mesh_.dp_rank(), mesh_.pp_rank(), mesh_.tp_rank()},
         lead_(world.rank() == 0), log_(!lead_ ? null_stream_ : options.log ? *options.log : std::cout),
         dataset_((set_num_threads(config.threads > 0 ? config.threads : hardware_threads()),
                   data::TokenDataset(config.data, config.context, 0.1, config.vocab))),  // before the output directory
+        tasks_(config.workflow == "concurrent" ? kBackgroundWorkers : 0),
+        loader_(tasks_, [this](int64_t step) { return step_batches(step); }),
         device_(run_device(config, world)),
         // GPUs of several ranks: device tensors travel over NCCL, host values over the launcher's world.
         nccl_(device_.is_cuda() && world.size() > 1 ? comm::make_nccl_from(world, device_.index) : nullptr),
@@ -287,8 +312,9 @@ class Run {
       log_ << "resumed from " << result_.checkpoint << " at step " << state_.step << "\n";
     }
     if (lead_) metrics_.open(fs::path(config.out) / "metrics.jsonl", std::ios::app);
+    if (lead_ && config.eval_rank >= 0) eval_client_ = std::make_unique<EvalRankClient>(launch, config.eval_rank);
     if (coord_.dp == 0 && coord_.tp == 0)  // each pipeline stage writes its shard
-      writer_ = std::make_unique<CheckpointWriter>(config.out, config.keep_checkpoints);
+      writer_ = std::make_unique<CheckpointWriter>(tasks_, config.out, config.keep_checkpoints);
     print_header();
   }
 
@@ -296,13 +322,20 @@ class Run {
   TrainResult train() {
     Progress progress(log_, options_.live_progress && lead_, state_.step, config_.steps, config_.log_interval);
     progress_ = &progress;
+    if (!options_.trace.empty()) {
+      trace::start();
+      trace::name_thread("train");
+    }
     if (state_.step == 0) evaluate_and_log();
     const auto run_start = Clock::now();
     const double run_joules_start = energy_.joules();
     last_checkpoint_ = run_start;
     const int64_t first_step = state_.step;
     while (state_.step < config_.steps) {
+      const trace::Scope step_span("step " + std::to_string(state_.step + 1), trace::cat::step);
       const Outcome out = train_step();
+      if (eval_client_)
+        if (std::optional<EvalReport> r = eval_client_->poll()) report_eval(*r);
       if (out.bad && bad_in_row_ >= config_.max_bad_steps) {
         roll_back();
         continue;
@@ -312,10 +345,14 @@ class Run {
       if (state_.step % config_.checkpoint_interval == 0 || state_.step == config_.steps || out.time_for_checkpoint)
         checkpoint();
     }
+    finish_eval();
+    eval_client_.reset();  // the evaluating rank stops
+    set_num_threads(train_threads_);
     if (writer_) result_.checkpoint = writer_->wait();
     if (lead_) log_checkpoint_timing();
     const double total = std::chrono::duration<double>(Clock::now() - run_start).count();
     result_.steps = state_.step;
+    result_.lead = lead_;
     result_.tokens_per_second = total > 0 ? double(tokens_per_step_ * (result_.steps - first_step)) / total : 0.0;
     if (step_seconds_.size() > 1) {  // the median step, the first (warm-up) left out
       std::vector<double> t(step_seconds_.begin() + 1, step_seconds_.end());
@@ -324,6 +361,8 @@ class Run {
     }
     print_energy(energy_.joules() - run_joules_start, total);
     print_parallel_summary();
+    if (!options_.trace.empty()) write_trace();
+    plot();
     if (config_.sample_tokens > 0 && !dataset_.synthetic()) print_sample();  // no text to continue
     progress_ = nullptr;
     return result_;
@@ -352,12 +391,13 @@ class Run {
     mesh_.set_step(step + 1);
     if (device_mesh_) device_mesh_->set_step(step + 1);
     heartbeat_.set_step(step);
+    // While an evaluation computes beside it, the kernels' team leaves it its cores.
+    set_num_threads(eval_task_ && !eval_task_->done() ? threads_beside_eval_ : train_threads_);
     replica_->zero_grad();
+    const std::vector<data::Batch> batches = loader_.take(step);
     auto forward = [&](int m, const Tensor& input) {
       if (inject_slow_ms_ > 0) std::this_thread::sleep_for(std::chrono::milliseconds(inject_slow_ms_));
-      const int64_t first = int64_t{coord_.dp} * layout_.per_rank + int64_t{m} * layout_.micro;
-      data::Batch batch = dataset_.batch(data::Split::train, static_cast<uint64_t>(config_.seed),
-                                         static_cast<uint64_t>(step), first, layout_.micro);
+      const data::Batch& batch = batches[size_t(m)];
       return model_.forward_part(pipeline_.first() ? batch.inputs.to(device_) : input, batch.targets.to(device_));
     };
     double loss_sum = pipeline_.train_step(forward, [&] { replica_->begin_sync(); });
@@ -371,15 +411,20 @@ class Run {
     // rank 0's clock asks for a checkpoint, agreed by every rank in one all-reduce.
     const bool time_due = lead_ && config_.checkpoint_minutes > 0 &&
                           Clock::now() - last_checkpoint_ >= std::chrono::minutes(config_.checkpoint_minutes);
-    std::array<double, 5> agreed{reports_loss_ ? loss_sum / layout_.micro_batches : 0.0, time_due ? 1.0 : 0.0,
+    // A background evaluation's sums travel here too; they count once every rank has its own.
+    const bool eval_ready = eval_task_ && eval_task_->done();
+    std::array<double, 8> agreed{reports_loss_ ? loss_sum / layout_.micro_batches : 0.0, time_due ? 1.0 : 0.0,
                                  replica_->grad_squares([&](const std::string& name) { return counted(name); }),
-                                 energy_.joules() - joules_before, energy_.available() ? 1.0 : 0.0};
+                                 energy_.joules() - joules_before, energy_.available() ? 1.0 : 0.0,
+                                 eval_ready ? 1.0 : 0.0, eval_ready ? eval_.sums[0] : 0.0, eval_ready ? eval_.sums[1] : 0.0};
     if (world_.size() > 1) world_.all_reduce(std::span<double>(agreed))->wait();
+    if (eval_task_ && agreed[5] == world_.size()) report_eval(std::array<double, 2>{agreed[6], agreed[7]});
     const double loss = agreed[0] / layout_.mesh.dp, norm = std::sqrt(agreed[2]);
     step_joules_ = agreed[4] == world_.size() ? agreed[3] : -1.0;  // every rank's counter, or none
     const float lr = schedule_.at(step);
     Outcome out{!std::isfinite(loss) || !std::isfinite(norm), agreed[1] > 0};
     if (!out.bad) {
+      const trace::Scope span("optimizer", trace::cat::compute);
       replica_->step(lr, optim::clip_scale(norm, config_.grad_clip));
       bad_in_row_ = 0;
       state_.last_loss = loss;
@@ -433,6 +478,35 @@ class Run {
     }
   }
 
+  // Every rank's events, gathered to rank 0, which writes the file (--trace).
+  void write_trace() {
+    trace::stop();
+    char name[96];
+    std::snprintf(name, sizeof name, "rank %d (dp %d, pp %d, tp %d)", world_.rank(), coord_.dp, coord_.pp, coord_.tp);
+    const std::string mine = trace::take_events(world_.rank(), name);
+    const int64_t size = int64_t(mine.size());
+    std::vector<int64_t> sizes(size_t(world_.size()));
+    world_.all_gather(std::span<const int64_t>(&size, 1), std::span<int64_t>(sizes), std::vector<int64_t>(sizes.size(), 1))
+        ->wait();
+    int64_t total = 0;
+    for (int64_t n : sizes) total += n;
+    std::vector<uint8_t> all(static_cast<size_t>(total));
+    world_.all_gather(std::span<const uint8_t>(reinterpret_cast<const uint8_t*>(mine.data()), mine.size()),
+                      std::span<uint8_t>(all), sizes)->wait();
+    if (!lead_) return;
+    std::string doc = "{\"displayTimeUnit\":\"ms\",\"traceEvents\":[\n";
+    int64_t offset = 0;
+    for (size_t r = 0; r < sizes.size(); ++r) {
+      if (r > 0) doc += ",\n";
+      doc.append(reinterpret_cast<const char*>(all.data()) + offset, size_t(sizes[r]));
+      offset += sizes[r];
+    }
+    doc += "\n]}\n";
+    ckpt::write_file_atomic(options_.trace, doc);
+    progress_->line() << "trace of " << world_.size() << " rank(s) written to " << options_.trace
+                      << " (summary: tutti inspect trace " << options_.trace << ")\n" << std::flush;
+  }
+
   // The groups that carry device tensors: NCCL's for GPUs of several ranks, else the world's.
   parallel::Mesh& dmesh() { return device_mesh_ ? *device_mesh_ : mesh_; }
 
@@ -470,25 +544,103 @@ class Run {
       std::snprintf(loss_text, sizeof loss_text, "%.9g", loss);
       metrics_ << "{\"step\":" << state_.step << ",\"loss\":" << (bad ? "null" : loss_text) << ",\"lr\":" << lr
                << ",\"grad_norm\":" << (std::isfinite(norm) ? norm : -1.0) << ",\"ms\":" << secs * 1e3;
+      metrics_ << ",\"data_wait_ms\":" << loader_.last_wait_seconds() * 1e3;
       if (step_joules_ >= 0) metrics_ << ",\"joules\":" << step_joules_;
       metrics_ << (bad ? ",\"skipped\":true" : "") << "}\n" << std::flush;  // a killed run keeps every line
     }
     progress_->step(state_.step, loss, lr, tokens_per_second_);
   }
 
+  // ---- evaluation ---------------------------------------------------------------------------
+  // A model whole on every rank (pp = tp = 1, on the CPU) is evaluated on a snapshot of its
+  // weights as a task: in the background under the concurrent workflow, while training goes on.
+  // Each replica evaluates its share of the batches; the sums meet in a later step's all-reduce,
+  // and the result is reported against the step whose weights it used. Other layouts evaluate
+  // through the pipeline, in turn.
+  bool eval_on_snapshot() const { return layout_.mesh.pp == 1 && layout_.mesh.tp == 1 && device_.is_cpu(); }
+
   void evaluate_and_log() {
-    const auto t0 = Clock::now();
-    result_.train_loss = evaluate_split(data::Split::train);
-    result_.val_loss = evaluate_split(data::Split::val);
-    char line[128];
-    std::snprintf(line, sizeof line, "step %lld: train loss %.4f, val loss %.4f (eval %.1fs)",
-                  static_cast<long long>(state_.step), result_.train_loss, result_.val_loss,
-                  std::chrono::duration<double>(Clock::now() - t0).count());
+    if (!eval_on_snapshot()) {
+      const auto t0 = Clock::now();
+      const trace::Scope span("eval step " + std::to_string(state_.step), trace::cat::eval);
+      const double train = evaluate_split(data::Split::train), val = evaluate_split(data::Split::val);
+      log_eval(state_.step, train, val, std::chrono::duration<double>(Clock::now() - t0).count(), "");
+      return;
+    }
+    if (config_.eval_rank >= 0) {  // the evaluating rank's: every rank gathers, the lead sends
+      NamedTensors weights = !model_.whole() ? gather_whole(mesh_, local_weights(), config_.model(), {""})
+                                             : lead_ ? local_weights() : NamedTensors{};
+      if (!lead_) return;
+      if (eval_client_->pending()) report_eval(eval_client_->wait());
+      eval_client_->send(state_.step, std::move(weights));
+      return;
+    }
+    finish_eval();  // one evaluation at a time
+    if (!snapshot_) snapshot_ = std::make_unique<nn::GPT>(config_.model());
+    auto mine = model_.named_parameters(), copy = snapshot_->named_parameters();
+    for (size_t i = 0; i < mine.size(); ++i) copy[i].second.copy_(mine[i].second);
+    eval_step_ = state_.step;
+    const int threads = tasks_.background() ? std::max(1, cores_per_rank() - train_threads_) : train_threads_;
+    threads_beside_eval_ = std::clamp(cores_per_rank() - threads, 1, train_threads_);
+    eval_task_ = tasks_.run("eval step " + std::to_string(state_.step), trace::cat::eval, threads, [this] {
+      eval_ = evaluate_share(*snapshot_, dataset_, config_, eval_step_, coord_.dp, layout_.mesh.dp, lead_);
+    });
+  }
+
+  // Waits for the evaluation in flight and reports it (a collective: every rank has one pending).
+  void finish_eval() {
+    if (eval_client_ && eval_client_->pending()) report_eval(eval_client_->wait());
+    if (!eval_task_) return;
+    const trace::Scope span("eval wait", trace::cat::eval, !eval_task_->done());
+    eval_task_->wait();
+    std::array<double, 2> sums = eval_.sums;
+    if (world_.size() > 1) world_.all_reduce(std::span<double>(sums))->wait();
+    report_eval(sums);
+  }
+
+  void report_eval(const EvalReport& r) { log_eval(r.step, r.train_loss, r.val_loss, r.seconds, r.sample); }
+
+  void report_eval(const std::array<double, 2>& sums) {
+    eval_task_->wait();  // rethrows what the evaluation threw
+    eval_task_ = nullptr;
+    log_eval(eval_step_, sums[0] / config_.eval_batches, sums[1] / config_.eval_batches, eval_.seconds, eval_.sample);
+  }
+
+  void log_eval(int64_t step, double train, double val, double seconds, const std::string& sample) {
+    result_.train_loss = train;
+    result_.val_loss = val;
+    char line[160];
+    std::snprintf(line, sizeof line, "step %lld: train loss %.4f, val loss %.4f (eval %.1fs%s)",
+                  static_cast<long long>(step), train, val, seconds,
+                  step != state_.step ? (", reported at step " + std::to_string(state_.step)).c_str() : "");
     progress_->line() << line << "\n" << std::flush;
-    if (lead_)
-      metrics_ << nlohmann::json{{"step", state_.step}, {"train_loss", result_.train_loss},
-                                 {"val_loss", result_.val_loss}}.dump()
-               << "\n" << std::flush;
+    if (!lead_) return;
+    nlohmann::json j{{"step", step}, {"train_loss", train}, {"val_loss", val}, {"eval_seconds", seconds}};
+    if (step != state_.step) j["reported_at_step"] = state_.step;
+    if (!sample.empty()) j["sample"] = sample;
+    metrics_ << j.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace) << "\n" << std::flush;  // bytes
+    plot();
+  }
+
+  // The run's curves so far, <out>/plot.svg (rank 0); a plot that fails does not stop training.
+  void plot() {
+    if (!lead_) return;
+    try {
+      plot_run(config_.out);
+    } catch (const std::exception& e) {
+      progress_->line() << "tutti: warning: no plot: " << e.what() << "\n" << std::flush;
+    }
+  }
+
+  // This rank's micro-batches of `step` (each rank loads its own slice: no broadcast).
+  std::vector<data::Batch> step_batches(int64_t step) const {
+    std::vector<data::Batch> out;
+    for (int m = 0; m < layout_.micro_batches; ++m) {
+      const int64_t first = int64_t{coord_.dp} * layout_.per_rank + int64_t{m} * layout_.micro;
+      out.push_back(dataset_.batch(data::Split::train, static_cast<uint64_t>(config_.seed), static_cast<uint64_t>(step),
+                                   first, layout_.micro));
+    }
+    return out;
   }
 
   // This rank's weights, CPU copies under single-process names.
@@ -501,6 +653,7 @@ class Run {
   // Every stage's writer (dp 0, tp 0) gathers its stage's whole tensors and writes them in the
   // background, all stages at once into one directory; rank 0 commits it when every shard is in.
   void checkpoint() {
+    const trace::Scope span("checkpoint " + std::to_string(state_.step), trace::cat::checkpoint);
     NamedTensors moments = replica_->optimizer_state();  // gathered from the ZeRO shards: collective
     for (auto& [name, t] : moments) t = t.to(Device::cpu());
     NamedTensors weights = gather_stage(mesh_, local_weights(), {""});
@@ -521,7 +674,7 @@ class Run {
       writer_->submit(std::move(snap));
     }
     if (lead_) {
-      progress_->line() << "checkpoint of step " << state_.step << " (written in the background)\n" << std::flush;
+      progress_->line() << "checkpoint of step " << state_.step << (tasks_.background() ? " (written in the background)\n" : "\n") << std::flush;
       log_checkpoint_timing();
     }
     last_checkpoint_ = Clock::now();
@@ -697,6 +850,8 @@ class Run {
   std::ostream null_stream_{nullptr};
   std::ostream& log_;
   data::TokenDataset dataset_;
+  Tasks tasks_;  // before everything that runs on it, so it is destroyed after them
+  BatchLoader loader_;
   const Device device_;
   std::unique_ptr<comm::Communicator> nccl_;     // GPUs of several ranks: the world over NCCL
   std::unique_ptr<parallel::Mesh> device_mesh_;  // its groups, for device tensors
@@ -719,6 +874,13 @@ class Run {
   std::ofstream metrics_;
   std::unique_ptr<CheckpointWriter> writer_;  // a stage's dp 0, tp 0 rank writes its shard in the background
   Progress* progress_ = nullptr;
+  std::unique_ptr<EvalRankClient> eval_client_;  // --eval-rank, on the lead
+  int64_t eval_step_ = 0;             // whose weights the evaluation in flight has
+  EvalShare eval_;                    // its result: this replica's share
+  std::shared_ptr<Task> eval_task_;   // the evaluation not yet reported
+  const int train_threads_ = num_threads();  // the kernels' team (--threads), set before the members
+  int threads_beside_eval_ = 1;              // the team while an evaluation computes beside it
+  std::unique_ptr<nn::GPT> snapshot_;  // the weights it evaluates
   Clock::time_point last_checkpoint_;
   int bad_in_row_ = 0;
   int64_t logged_checkpoint_ = -1;
@@ -735,25 +897,38 @@ TrainResult run_training(const TrainConfig& config, const TrainOptions& options)
   if (!options.world) own_world = comm::make_local();
   comm::Communicator& world = options.world ? *options.world : *own_world;
   world.set_timeout(std::chrono::seconds(config.comm_timeout));
-  plan_layout(config, world.size());  // settings errors before any collective or allocation
+  TUTTI_CHECK_AS(ConfigError, config.eval_rank < world.size(), "eval rank ", config.eval_rank,
+                 " is outside the launch of ", world.size(), " rank(s): launch one rank more than training needs "
+                 "and name one of them (mpirun -np N+1 ... --eval-rank N)");
+  TUTTI_CHECK_AS(ConfigError, config.eval_rank < 0 || world.size() >= 2, "--eval-rank needs a training rank besides it");
+  const bool evaluates = config.eval_rank == world.rank();
+  const int trainers = world.size() - (config.eval_rank >= 0 ? 1 : 0);
+  plan_layout(config, trainers);  // settings errors before any collective or allocation
   const Device device = config.compute_device();
-  if (device.is_cuda()) {
+  if (device.is_cuda() && !evaluates) {
     TUTTI_CHECK_AS(ConfigError, device_available(device), "--device ", config.device, ": ",
                    device_available(Device::cuda(0)) ? "no such GPU on this machine"
                                                      : "no CUDA GPU here, or tutti was built without CUDA (cmake -DTUTTI_CUDA=ON)",
                    "; use --device cpu");
-    if (world.size() > 1) {
+    if (trainers > 1) {
       TUTTI_CHECK_AS(ConfigError, config.device == "cuda", "--device ", config.device, " names one GPU for ",
-                     world.size(), " ranks; use --device cuda (one GPU per rank, by its local rank)");
-      TUTTI_CHECK_AS(ConfigError, comm::nccl_available(), "--device cuda with ", world.size(),
+                     trainers, " ranks; use --device cuda (one GPU per rank, by its local rank)");
+      TUTTI_CHECK_AS(ConfigError, comm::nccl_available(), "--device cuda with ", trainers,
                      " ranks needs NCCL, and this build has none (cmake -DTUTTI_NCCL_ROOT=...)");
       const Device mine = run_device(config, world);
       TUTTI_CHECK_AS(ConfigError, device_available(mine), "rank ", world.rank(), " would train on ", mine.str(),
                      ", which this machine does not have: launch at most one rank per GPU");
     }
   }
+  if (!options.trace.empty()) check_trace_path(options.trace);
   check_same_config(world, config);
-  return Run(config, options, world).train();
+  if (config.eval_rank < 0) return Run(config, options, world, world).train();
+  const std::unique_ptr<comm::Communicator> training = world.split(evaluates ? 1 : 0, world.rank());
+  if (evaluates) {
+    serve_evaluations(config, world, config.eval_rank == 0 ? 1 : 0);  // the lead: training rank 0
+    return TrainResult{};
+  }
+  return Run(config, options, *training, world).train();
 }
 
 }  // namespace tutti::train

@@ -58,6 +58,9 @@ struct TrainConfig {
   int max_bad_steps = 3;   // non-finite steps in a row before rolling back to the last checkpoint
   int straggler_interval = 50;        // compare the ranks' compute time every N steps (0: never)
   float straggler_threshold = 0.2f;   // name a rank slower than the median by more than this fraction
+  // task parallelism
+  std::string workflow = "concurrent";  // concurrent: loading, evaluation, checkpoints in the background; serial
+  int eval_rank = -1;                   // a rank that only evaluates snapshots of the weights; -1: none
 
   // Throws ConfigError naming the first bad value.
   void validate() const;

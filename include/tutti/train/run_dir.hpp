@@ -10,10 +10,8 @@
 // load verifies the manifest; a damaged checkpoint of a run is skipped for the newest good one.
 #pragma once
 #include <cstdint>
-#include <exception>
 #include <optional>
 #include <string>
-#include <thread>
 #include <utility>
 #include <vector>
 
@@ -64,35 +62,6 @@ std::string save_checkpoint(const std::string& run_dir, const CheckpointSnapshot
 // Before a sharded save (shards > 1) of checkpoint `step`, on the writer of shard 0 and before any
 // other writer starts: an empty temporary directory for the shards (a leftover is removed).
 void prepare_sharded_save(const std::string& run_dir, int64_t step);
-
-// Writes checkpoints on a background thread, one at a time: submit() waits for the previous
-// write (rethrowing its error) and starts the next. The destructor waits too.
-class CheckpointWriter {
- public:
-  CheckpointWriter(std::string run_dir, int keep);
-  ~CheckpointWriter();
-  CheckpointWriter(const CheckpointWriter&) = delete;
-  CheckpointWriter& operator=(const CheckpointWriter&) = delete;
-  void submit(CheckpointSnapshot snapshot);
-  // Waits for the write in flight; returns the newest checkpoint written ("" when none).
-  std::string wait();
-
-  struct Timing {
-    int64_t step = -1;     // the checkpoint last written (-1: none yet)
-    int64_t bytes = 0;     // its files
-    double seconds = 0.0;  // the background write, from submit to rename and `latest`
-  };
-  // The last completed write (call after wait() or submit(), which wait).
-  Timing last_timing() const { return timing_; }
-
- private:
-  std::string run_dir_;
-  int keep_;
-  std::thread thread_;
-  std::exception_ptr error_;
-  std::string last_;
-  Timing timing_;
-};
 
 // ============================================================================================
 // Verification and choice of a checkpoint

@@ -21,6 +21,7 @@ struct TrainResult {
   std::string sample;       // generated at the end (sample_tokens bytes)
   int64_t skipped_steps = 0;  // updates skipped for a non-finite loss or gradient
   int64_t rollbacks = 0;      // returns to the last checkpoint after max_bad_steps of them in a row
+  bool lead = false;          // this rank reports the run (training rank 0)
 };
 
 struct TrainOptions {
@@ -28,6 +29,7 @@ struct TrainOptions {
   comm::Communicator* world = nullptr;  // the ranks of the run (default: a world of one)
   std::ostream* log = nullptr;  // progress and log lines (default std::cout)
   bool live_progress = false;   // redraw one progress line (a terminal) instead of printing lines
+  std::string trace;            // a Chrome trace / Perfetto JSON file of every rank's timeline ("": none)
 };
 
 TrainResult run_training(const TrainConfig& config, const TrainOptions& options);
