@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # On the GPU machine, in one device call: build tutti with CUDA, run the GPU tests, the HF interop
 # check on a checkpoint sharded by pipeline stage (carried in .gpu-ckpt/), and GPT-2 124M
-# training speed of tutti (fp32, TF32 tensor cores, bf16 mixed precision) next to the PyTorch
-# peers on the same card (compiled bf16; eager bf16 with the math attention, tutti's design).
+# training speed of tutti (fp32, TF32 tensor cores, bf16 mixed precision with flash attention and
+# with the materialised attention) next to the PyTorch peers on the same card (compiled bf16;
+# eager bf16 with the math attention).
 #   bash bench/gpu_run.sh OUT_DIR        (needs .gpu-debs/ carried; see scripts/gpu_build.sh)
 # Every step logs to OUT_DIR/<step>.log; a failing step does not stop the later ones.
 set -uo pipefail
@@ -21,14 +22,13 @@ step build bash scripts/gpu_build.sh -DTUTTI_MPI=OFF -DTUTTI_BUILD_EXAMPLES=OFF
 source scripts/gpu_env.sh
 step cuda_backend_test build-gpu/tests/cuda_backend_test
 step cuda_bf16_test build-gpu/tests/cuda_bf16_test
-step cuda_bf16_flash_test env TUTTI_CUDA_FLASH=1 build-gpu/tests/cuda_bf16_test
-step timing_tf32 env TUTTI_CUDA_TIMING=1 TUTTI_CUDA_TF32=1 TUTTI_CUDA_FLASH=1 build-gpu/tests/cuda_bf16_test \
-  --gtest_filter='*Timing*'
+step cuda_bf16_materialised_test env TUTTI_CUDA_FLASH=0 build-gpu/tests/cuda_bf16_test
+step timing_tf32 env TUTTI_CUDA_TIMING=1 TUTTI_CUDA_TF32=1 build-gpu/tests/cuda_bf16_test --gtest_filter='*Timing*'
 # The flash kernels under compute-sanitizer (out-of-bounds accesses; shared-memory races).
 FLASH_TESTS='CudaBf16.FlashAttention*:CudaBf16Ops.CausalAttention*'
-step memcheck_flash env TUTTI_CUDA_FLASH=1 timeout 300 compute-sanitizer --tool memcheck --error-exitcode 1 \
+step memcheck_flash timeout 150 compute-sanitizer --tool memcheck --error-exitcode 1 \
   build-gpu/tests/cuda_bf16_test --gtest_filter="$FLASH_TESTS"
-step racecheck_flash env TUTTI_CUDA_FLASH=1 timeout 300 compute-sanitizer --tool racecheck --error-exitcode 1 \
+step racecheck_flash timeout 150 compute-sanitizer --tool racecheck --error-exitcode 1 \
   build-gpu/tests/cuda_bf16_test --gtest_filter='CudaBf16Ops.CausalAttention*'
 step ops_test build-gpu/tests/ops_test
 step trainer_cuda build-gpu/tests/trainer_test --gtest_filter='*Cuda*'
@@ -47,7 +47,7 @@ gpt2() {  # gpt2 NAME DTYPE [ENV=...]
 gpt2 tutti_fp32_b16 fp32 TUTTI_CUDA_TF32=0
 gpt2 tutti_tf32_b16 fp32 TUTTI_CUDA_TF32=1
 gpt2 tutti_bf16_b16 bf16 TUTTI_CUDA_TF32=0
-gpt2 tutti_bf16_flash_b16 bf16 TUTTI_CUDA_FLASH=1
+gpt2 tutti_bf16_materialised_b16 bf16 TUTTI_CUDA_FLASH=0
 step torch_bf16_b16 python3 bench/torch_gpt2_peer.py --batch 16 --json "$OUT/torch_bf16_b16.json"
 step torch_eager_bf16_math_b16 python3 bench/torch_gpt2_peer.py --batch 16 --no-compile --attention math --steps 10 \
   --warmup 3 --json "$OUT/torch_eager_bf16_math_b16.json"

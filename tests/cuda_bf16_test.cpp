@@ -272,7 +272,7 @@ TEST(CudaBf16, FlashAttentionAgainstCpu) {
                         Case{2, 1024, 2}}) {
     const int64_t C = 64 * s.H;
     const std::string what = "B=" + std::to_string(s.B) + " T=" + std::to_string(s.T) + " H=" + std::to_string(s.H);
-    if (!gpu().flash_attention_supports(s.B, C, s.H)) GTEST_SKIP() << "flash attention is off (TUTTI_CUDA_FLASH=1)";
+    if (!gpu().flash_attention_supports(s.B, C, s.H)) GTEST_SKIP() << "flash attention is off (TUTTI_CUDA_FLASH=0)";
     const Tensor qkv = random_tensor({s.B, s.T, 3 * C}, rng, -2.0, 2.0), dy = random_tensor({s.B, s.T, C}, rng);
     Tensor y_ref = Tensor::empty({s.B, s.T, C}), p_ref = Tensor::empty({s.B, s.H, s.T, s.T});
     Tensor dqkv_ref = Tensor::empty(qkv.shape());
@@ -350,7 +350,7 @@ TEST(CudaBf16Ops, LinearAndMatmulAgainstCpu) {
 TEST(CudaBf16Ops, CausalAttentionAgainstCpu) {
   if (!have_gpu()) GTEST_SKIP() << "no CUDA device";
   Rng rng(5);
-  // Head size 12 materialises the probabilities; 64 runs as flash attention under TUTTI_CUDA_FLASH=1.
+  // Head size 12 materialises the probabilities; 64 runs as flash attention (unless TUTTI_CUDA_FLASH=0).
   for (int64_t D : {int64_t{12}, int64_t{64}})
     for (int64_t T : {int64_t{1}, int64_t{13}, int64_t{64}, int64_t{130}}) {
       const Tensor qkv = random_tensor({2, T, 3 * 4 * D}, rng, -2.0, 2.0);
@@ -410,10 +410,10 @@ TEST(MixedPrecision, CpuRefusesBf16Clearly) {
 namespace {
 
 // Losses of `steps` steps of a small GPT on Shakespeare through DataParallel (as the trainer).
-std::vector<double> gpt_losses(DType compute, int steps) {
+std::vector<double> gpt_losses(DType compute, int n_head, int steps) {
   nn::GPTConfig cfg;
   cfg.n_layer = 2;
-  cfg.n_head = 2;  // head size 64: flash attention under bf16 with TUTTI_CUDA_FLASH=1
+  cfg.n_head = n_head;
   cfg.n_embd = 128;
   cfg.block_size = 64;
   cfg.vocab_size = 256;
@@ -439,26 +439,41 @@ std::vector<double> gpt_losses(DType compute, int steps) {
   return losses;
 }
 
+// Each step's loss in bf16 within `bound` (relative) of fp32's; returns the worst gap.
+double expect_tracks(const std::vector<double>& bf16, const std::vector<double>& fp32, double bound) {
+  double worst = 0.0;
+  for (size_t i = 0; i < fp32.size(); ++i) {
+    const double gap = std::abs(bf16[i] - fp32[i]) / fp32[i];
+    worst = std::max(worst, gap);
+    EXPECT_LE(gap, bound) << "step " << i + 1 << ": bf16 " << bf16[i] << ", fp32 " << fp32[i];
+  }
+  std::printf("bf16 vs fp32 over %zu steps: first loss %.4f / %.4f, last %.4f / %.4f, worst relative gap %.4f\n",
+              fp32.size(), bf16.front(), fp32.front(), bf16.back(), fp32.back(), worst);
+  return worst;
+}
+
 }  // namespace
 
 // Tolerance: bf16 rounds each product's operands to 8 significant bits (relative 2^-9), which
-// moves the first loss by ~1e-3; the two runs then drift apart as their weights do. Over 40
-// steps of a 2-layer model a drift of 2% of the loss (about 0.05-0.1 nats) is the bar: more
-// means a wrong gradient, not rounding, since the loss itself falls by ~2 nats over the run.
+// moves the first loss by ~1e-4; the two runs then drift apart as their weights do. Over 40
+// steps of a 2-layer model a gap of 2% of the loss is the bar (seen: 0.73% on an H200): more
+// means a wrong gradient, not rounding, since the loss itself falls by ~2.2 nats over the run.
+// Head size 32: the materialised attention.
 TEST(CudaBf16Gpt, TrainingTracksFp32) {
   if (!have_gpu()) GTEST_SKIP() << "no CUDA device";
   constexpr int kSteps = 40;
-  const std::vector<double> fp32 = gpt_losses(DType::f32, kSteps), bf16 = gpt_losses(DType::bf16, kSteps);
-  double worst = 0.0;
-  for (int i = 0; i < kSteps; ++i) {
-    const double diff = std::abs(bf16[size_t(i)] - fp32[size_t(i)]);
-    worst = std::max(worst, diff / fp32[size_t(i)]);
-    EXPECT_LE(diff, 0.02 * fp32[size_t(i)]) << "step " << i + 1 << ": bf16 " << bf16[size_t(i)] << ", fp32 "
-                                            << fp32[size_t(i)];
-  }
-  std::printf("bf16 vs fp32 over %d steps: first loss %.4f / %.4f, last %.4f / %.4f, worst relative gap %.4f\n",
-              kSteps, bf16.front(), fp32.front(), bf16.back(), fp32.back(), worst);
+  const std::vector<double> fp32 = gpt_losses(DType::f32, 4, kSteps), bf16 = gpt_losses(DType::bf16, 4, kSteps);
+  expect_tracks(bf16, fp32, 0.02);
   EXPECT_LT(bf16.back(), fp32.front() - 1.0) << "the bf16 run must learn";
+}
+
+// Head size 64: flash attention (unless TUTTI_CUDA_FLASH=0). Only the first 10 steps: with two
+// heads at this learning rate the fp32 run itself spikes later (step 11: 5.09 after ~3.5), and
+// where two runs spike depends on rounding, so later steps would measure the spikes, not bf16.
+TEST(CudaBf16Gpt, HeadSize64TracksFp32) {
+  if (!have_gpu()) GTEST_SKIP() << "no CUDA device";
+  constexpr int kSteps = 10;
+  expect_tracks(gpt_losses(DType::bf16, 2, kSteps), gpt_losses(DType::f32, 2, kSteps), 0.02);
 }
 
 // ================================================================================================
