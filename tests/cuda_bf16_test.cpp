@@ -339,11 +339,15 @@ TEST(CudaBf16Ops, LinearAndMatmulAgainstCpu) {
       const Tensor a = ta ? random_tensor({43, 37}, rng) : random_tensor({37, 43}, rng);
       const Tensor b = tb ? random_tensor({29, 43}, rng) : random_tensor({43, 29}, rng);
       expect_mixed_matches({a, b}, 1,
-                           [=](const std::vector<Tensor>& t, const Tensor& w) { return ops::matmul(t[0], t[1], ta, tb, w); },
+                           [=](const std::vector<Tensor>& t, const Tensor& w) {
+                             return ops::matmul(t[0], t[1], ta, tb, w);
+                           },
                            "matmul ta=" + std::to_string(ta) + " tb=" + std::to_string(tb));
     }
   expect_mixed_matches({random_tensor({3, 17, 33}, rng), random_tensor({9, 33}, rng)}, 1,
-                       [](const std::vector<Tensor>& t, const Tensor& w) { return ops::matmul(t[0], t[1], false, true, w); },
+                       [](const std::vector<Tensor>& t, const Tensor& w) {
+                         return ops::matmul(t[0], t[1], false, true, w);
+                       },
                        "batched matmul, broadcast b^T (the tied LM head)");
 }
 

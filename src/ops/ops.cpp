@@ -210,7 +210,7 @@ Tensor linear(const Tensor& x_in, const Tensor& w, const Tensor& bias, const Ten
   const Shape x_shape = x_in.shape();
   std::vector<Tensor> inputs{x_in, w};
   if (has_bias) inputs.push_back(bias);
-  return record_op(y, OpKind::linear, inputs, [xc, wc, need_x, need_w, has_bias, need_b, x_shape, mixed](const Tensor& g_in) {
+  auto rule = [xc, wc, need_x, need_w, has_bias, need_b, x_shape, mixed](const Tensor& g_in) {
     const int64_t out_features = wc.size(1);
     const Tensor g = g_in.contiguous().view({xc.size(0), out_features});  // (N, out)
     const Tensor gc = mixed ? to_bf16(g) : g;
@@ -222,7 +222,8 @@ Tensor linear(const Tensor& x_in, const Tensor& w, const Tensor& bias, const Ten
       backend_of(g).sum_rows(f32(g), f32(grads[2]), g.size(0), out_features, false);
     }
     return grads;
-  });
+  };
+  return record_op(y, OpKind::linear, inputs, rule);
 }
 
 // ------------------------------------------------------------------------------------------
@@ -358,7 +359,8 @@ Tensor causal_attention(const Tensor& qkv_in, int n_head, DType compute) {
   const bool mixed = compute == DType::bf16;
   const Tensor qkv = mixed ? to_bf16(qkv_in) : qkv_in.contiguous();  // what the products read
   Backend& be = backend_of(qkv);
-  if (mixed && B * T > 0 && be.flash_attention_supports(B, C, n_head)) return flash_attention(qkv_in, qkv, B, T, C, n_head);
+  if (mixed && B * T > 0 && be.flash_attention_supports(B, C, n_head))
+    return flash_attention(qkv_in, qkv, B, T, C, n_head);
   Tensor y = new_like(qkv, {B, T, C});
   Tensor probs = Tensor::empty({B, n_head, T, T}, compute, qkv.device());  // (B, H, T, T)
   if (mixed) be.attention_forward_bf16(bf16(qkv), f32(y), bf16(probs), B, T, C, n_head);

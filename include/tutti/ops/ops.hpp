@@ -18,7 +18,8 @@ Tensor matmul(const Tensor& a, const Tensor& b, bool trans_a = false, bool trans
               const Tensor& b_bf16 = Tensor());
 
 // y = x W + b with x (..., in), W (in, out) (Hugging Face Conv1D layout), b (out) or undefined.
-Tensor linear(const Tensor& x, const Tensor& weight, const Tensor& bias = Tensor(), const Tensor& weight_bf16 = Tensor());
+Tensor linear(const Tensor& x, const Tensor& weight, const Tensor& bias = Tensor(),
+              const Tensor& weight_bf16 = Tensor());
 
 // x rounded to bf16 (nearest even), no autograd: what the mixed-precision products read.
 Tensor to_bf16(const Tensor& x);

@@ -296,9 +296,10 @@ class CudaBackend final : public Backend {
     const size_t dq_bytes = aligned_bytes(static_cast<size_t>(B * H * T * kernels::kFlashHeadDim) * sizeof(float));
     std::lock_guard lock(scratch_mutex_);
     auto* base = static_cast<char*>(scratch_.reserve(dq_bytes + static_cast<size_t>(B * H * T) * sizeof(float)));
-    CUDA_CHECK(kernels::flash_attention_backward(reinterpret_cast<const uint16_t*>(qkv), y, lse, dy, dqkv,
-                                                 reinterpret_cast<float*>(base), reinterpret_cast<float*>(base + dq_bytes),
-                                                 B, T, C, H, limits_, stream()));
+    auto* dq_acc = reinterpret_cast<float*>(base);
+    auto* dvec = reinterpret_cast<float*>(base + dq_bytes);
+    CUDA_CHECK(kernels::flash_attention_backward(reinterpret_cast<const uint16_t*>(qkv), y, lse, dy, dqkv, dq_acc,
+                                                 dvec, B, T, C, H, limits_, stream()));
   }
 
  private:

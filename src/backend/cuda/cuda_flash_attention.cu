@@ -219,6 +219,8 @@ __global__ void flash_dvec_kernel(const float* y, const float* dy, float* dvec, 
 // Block (key tile, b * H + h), warp w owns keys k0 = 64 tile + 16 w .. + 15 and walks the query
 // tiles from the diagonal on: P^T = exp2(scale2 K Q^T - lse), dV += P^T dO, dP^T = V dO^T,
 // dS^T = P^T (dP^T - dvec), dK += dS^T Q, and dQ += dS K through shared memory and atomics.
+// One function of ~95 lines: the steps of a tile share the warp's registers (K and V fragments,
+// the dK and dV accumulators), and this is the form that was verified on the GPU.
 __global__ void __launch_bounds__(kWarps * 32) flash_backward_kernel(const uint16_t* qkv, const float* lse,
                                                                       const float* dvec, const float* dy, float* dqkv,
                                                                       float* dq_acc, int64_t T, int64_t C, int64_t H,
@@ -309,7 +311,8 @@ __global__ void __launch_bounds__(kWarps * 32) flash_backward_kernel(const uint1
     float* out = dqkv + (b * T + rows[r]) * ld + h * D;
 #pragma unroll
     for (int n = 0; n < 8; ++n) {
-      *reinterpret_cast<float2*>(out + C + 8 * n + 2 * t) = make_float2(scale * dk[n].v[2 * r], scale * dk[n].v[2 * r + 1]);
+      *reinterpret_cast<float2*>(out + C + 8 * n + 2 * t) =
+          make_float2(scale * dk[n].v[2 * r], scale * dk[n].v[2 * r + 1]);
       *reinterpret_cast<float2*>(out + 2 * C + 8 * n + 2 * t) = make_float2(dv[n].v[2 * r], dv[n].v[2 * r + 1]);
     }
   }
