@@ -303,3 +303,25 @@ TEST(Sweep, CrashingTrialIsRecordedAndTheSweepGoesOn) {
   EXPECT_NE(why.find("/nonexistent/corpus.txt"), std::string::npos) << "the trial's own error line: " << why;
   EXPECT_NE(r.out.find("1 completed, 0 stopped early, 1 failed"), std::string::npos) << r.out;
 }
+
+// SIGTERM to the sweep alone (a job scheduler's way) must not leave its trials training.
+TEST(Sweep, SigtermStopsTheRunningTrials) {
+  const fs::path config = write_config(
+      "long", tiny_base(1000000) + "[search]\nlr = [1e-3, 2e-3, 3e-3]\n[sweep]\nworkers = 2\nrungs = []\n");
+  const fs::path out = scratch() / "interrupted_out";
+  const Result r = shell("(" + std::string(TUTTI_CLI) + " sweep " + config.string() + " --out " + out.string() +
+                         " >/dev/null 2>&1 & pid=$!; sleep 1.5; kill -TERM $pid; wait $pid; echo $?)");
+  EXPECT_EQ(r.out, "1\n") << "the sweep's exit status";
+  int left = 0;
+  for (const auto& entry : fs::directory_iterator("/proc")) {
+    const std::string cmdline = slurp(entry.path() / "cmdline");
+    left += cmdline.find(out.string() + "/trial_") != std::string::npos;
+  }
+  EXPECT_EQ(left, 0) << "trials still running after the sweep ended";
+  const auto all = results(out);
+  EXPECT_EQ(all.size(), 2u) << "the two running trials are recorded; the third never started";
+  for (const auto& [name, j] : all) {
+    EXPECT_EQ(j["status"], "failed");
+    EXPECT_NE(j["failure"].get<std::string>().find("interrupted"), std::string::npos) << j.dump();
+  }
+}

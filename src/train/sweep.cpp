@@ -8,6 +8,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cmath>
 #include <cstring>
@@ -39,6 +40,39 @@ constexpr auto kPollInterval = std::chrono::milliseconds(20);
 constexpr double kStopGraceSeconds = 10;  // SIGTERM, then SIGKILL after this long
 
 double seconds_since(Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); }
+
+// ============================================================================================
+// Interruption: SIGINT or SIGTERM to the sweep stops its trials
+// ============================================================================================
+
+// The signal that interrupted the running sweep (0: none). A global because a signal handler
+// can reach nothing else; only StopSignals' handler writes it.
+std::atomic<int> g_stop_signal{0};
+extern "C" void on_stop_signal(int sig) { g_stop_signal.store(sig); }
+
+// While alive, SIGINT and SIGTERM set g_stop_signal instead of ending the sweep at once, so that
+// the trials (which a SIGTERM to the sweep alone would leave running) are stopped and recorded.
+class StopSignals {
+ public:
+  StopSignals() {
+    g_stop_signal.store(0);
+    struct sigaction sa {};
+    sa.sa_handler = on_stop_signal;
+    sigemptyset(&sa.sa_mask);
+    ::sigaction(SIGINT, &sa, &old_int_);
+    ::sigaction(SIGTERM, &sa, &old_term_);
+  }
+  ~StopSignals() {
+    ::sigaction(SIGINT, &old_int_, nullptr);
+    ::sigaction(SIGTERM, &old_term_, nullptr);
+  }
+  StopSignals(const StopSignals&) = delete;
+  StopSignals& operator=(const StopSignals&) = delete;
+  static int received() { return g_stop_signal.load(); }
+
+ private:
+  struct sigaction old_int_ {}, old_term_ {};
+};
 
 // ============================================================================================
 // A trial's process
@@ -256,7 +290,7 @@ TrialResult run_trial(const Trial& trial, SweepState& state) {
   for (;;) {
     const bool ended = process.poll().has_value();
     if (!follow(metrics, r, next_rung, state, true)) stopped = true;  // binding even if it ended meanwhile
-    if (ended || stopped) break;
+    if (ended || stopped || StopSignals::received()) break;
     std::this_thread::sleep_for(kPollInterval);
   }
   const int status = process.stop(kStopGraceSeconds);
@@ -267,6 +301,9 @@ TrialResult run_trial(const Trial& trial, SweepState& state) {
   } else if (WIFEXITED(status) && WEXITSTATUS(status) == 0) {
     r.status = TrialResult::Status::completed;
     r.metric = r.curve.empty() ? NAN : r.curve.back().second;
+  } else if (StopSignals::received()) {  // stopped by the sweep's SIGTERM, or Ctrl-C reached it too
+    r.status = TrialResult::Status::failed;
+    r.failure = "interrupted: the sweep received signal " + std::to_string(StopSignals::received());
   } else {
     r.status = TrialResult::Status::failed;
     r.failure = describe_status(status);
@@ -381,9 +418,11 @@ SweepResult run_sweep(SweepConfig config, const SweepOptions& options) {
   const auto t0 = Clock::now();
   tbb::global_control threads(tbb::global_control::max_allowed_parallelism, size_t(workers) + 1);
   tbb::task_arena arena(workers + 1);
+  const StopSignals signals;
   arena.execute([&] {
     tbb::flow::graph graph;
     tbb::flow::function_node<size_t> run(graph, size_t(workers), [&](size_t i) {
+      if (StopSignals::received()) return tbb::flow::continue_msg();  // interrupted: start no more
       TrialResult r;
       try {
         r = run_trial(trials[i], state);
@@ -398,6 +437,9 @@ SweepResult run_sweep(SweepConfig config, const SweepOptions& options) {
     for (size_t i = 0; i < trials.size(); ++i) run.try_put(i);
     graph.wait_for_all();
   });
+  TUTTI_CHECK(!StopSignals::received(), "interrupted by signal ", StopSignals::received(), " (", ::strsignal(StopSignals::received()),
+              "): its trials were stopped; ", state.finished.size(), " of ", trials.size(), " are recorded in ",
+              (fs::path(config.out) / "sweep.jsonl").string());
 
   SweepResult result;
   result.trials = std::move(state.finished);

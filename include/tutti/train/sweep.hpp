@@ -127,7 +127,9 @@ struct SweepOptions {
 // writes <out>/sweep.toml (the file), commands.sh (every trial's command), runs the trials and
 // writes <out>/sweep.jsonl (a line per trial as it ends), sweep.svg (the metric curves of every
 // trial) and each trial's plot.svg. A failed trial does not stop the sweep. Throws ConfigError
-// before anything is written when the plan or the directory is bad.
+// before anything is written when the plan or the directory is bad. SIGINT or SIGTERM during the
+// sweep stops the running trials (recorded as failed: interrupted), starts no more, and throws
+// Error.
 SweepResult run_sweep(SweepConfig config, const SweepOptions& options);
 
 // The ranked table (rank, trial, searched settings, metric, steps, wall time, status), then a
