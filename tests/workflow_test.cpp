@@ -64,6 +64,10 @@ TEST(Workflow, ConcurrentComputesWhatSerialDoes) {
   EXPECT_EQ(ea, eb) << "the same weights evaluated, reported against their step";
   EXPECT_FALSE(std::get<2>(ea.at(12)).empty()) << "a sample with each evaluation";
   for (int step : {4, 8, 12}) expect_same_weights(a, b, step, -1, 0.0);
+  // ... and what was evaluated is the step's weights: `tutti eval` of its checkpoint agrees.
+  Result e = run_tutti(0, " eval --checkpoint " + checkpoint_of(a, 12).string() + " --batches 2 --batch 4 --seed 1337");
+  ASSERT_EQ(e.code, 0) << e.err;
+  EXPECT_NEAR(std::stod(e.out.substr(e.out.find("val loss ") + 9)), std::get<1>(ea.at(12)), 1e-5) << e.out;
   EXPECT_NE(ra.out.find("(written in the background)"), std::string::npos) << ra.out;
 }
 

@@ -4,6 +4,7 @@
 #include <chrono>
 #include <cstring>
 
+#include "train/run_support.hpp"
 #include "tutti/autograd/node.hpp"
 #include "tutti/core/threads.hpp"
 #include "tutti/core/trace.hpp"
@@ -17,12 +18,6 @@ using Clock = std::chrono::steady_clock;
 enum Tag : int { kHeader = 7101, kWeights = 7102, kReport = 7103, kSample = 7104 };
 constexpr size_t kSampleBytes = 256;  // samples are at most 200 bytes
 constexpr comm::Millis kForever = std::chrono::hours(24 * 365);
-
-std::string bytes_to_text(const std::vector<int32_t>& tokens) {
-  std::string s;
-  for (int32_t t : tokens) s += static_cast<char>(t);
-  return s;
-}
 
 }  // namespace
 

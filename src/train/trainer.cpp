@@ -1,39 +1,33 @@
 #include "tutti/train/trainer.hpp"
 
-#include <unistd.h>
-
 #include <algorithm>
 #include <array>
-#include <atomic>
-#include <condition_variable>
-#include <mutex>
-#include <thread>
 #include <chrono>
-#include <cstdlib>
-#include <cstring>
-#include <set>
-#include <sstream>
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <iostream>
 #include <nlohmann/json.hpp>
+#include <optional>
+#include <set>
 
+#include "train/eval_rank.hpp"
+#include "train/layout.hpp"
+#include "train/run_support.hpp"
+#include "train/workflow.hpp"
 #include "tutti/autograd/node.hpp"
 #include "tutti/ckpt/safetensors.hpp"
-#include "tutti/core/threads.hpp"
-#include "tutti/ops/ops.hpp"
 #include "tutti/comm/nccl.hpp"
 #include "tutti/core/allocator.hpp"
 #include "tutti/core/energy.hpp"
+#include "tutti/core/threads.hpp"
 #include "tutti/core/trace.hpp"
+#include "tutti/ops/ops.hpp"
 #include "tutti/parallel/data_parallel.hpp"
 #include "tutti/parallel/mesh.hpp"
 #include "tutti/parallel/pipeline.hpp"
-#include "train/eval_rank.hpp"
-#include "train/layout.hpp"
-#include "train/workflow.hpp"
 #include "tutti/train/plot.hpp"
 #include "tutti/train/run_dir.hpp"
 
@@ -46,139 +40,6 @@ using Clock = std::chrono::steady_clock;
 // The arena's workers: the loader, an evaluation and a checkpoint write can run at once.
 constexpr int kBackgroundWorkers = 3;
 const std::vector<std::string> kMoments = {".exp_avg", ".exp_avg_sq"};  // AdamW state per parameter
-
-std::string format_duration(double seconds) {
-  const int s = static_cast<int>(std::max(0.0, seconds));
-  char buf[32];
-  if (s >= 3600) std::snprintf(buf, sizeof buf, "%dh%02dm", s / 3600, s / 60 % 60);
-  else std::snprintf(buf, sizeof buf, "%dm%02ds", s / 60, s % 60);
-  return buf;
-}
-
-// Refuses to start a new run in a directory that holds anything; for a resume, needs a run.
-// Every rank checks (so all fail alike); only rank 0 creates.
-void check_run_dir(const TrainConfig& config, bool resume) {
-  const fs::path out(config.out);
-  if (resume) {
-    TUTTI_CHECK_AS(ConfigError, fs::exists(out / "run.toml"), "cannot resume: '", config.out,
-                   "' holds no run (no run.toml)");
-    return;
-  }
-  if (fs::exists(out)) {
-    TUTTI_CHECK_AS(ConfigError, fs::is_directory(out), "output path '", config.out, "' exists and is not a directory");
-    TUTTI_CHECK_AS(ConfigError, fs::is_empty(out), "output directory '", config.out,
-                   "' already holds a run or other files; continue it with --resume ", config.out,
-                   " or choose another --out");
-  }
-}
-
-void create_run_dir(const TrainConfig& config, bool resume) {
-  if (resume) return;
-  fs::create_directories(config.out);
-  ckpt::write_file_atomic((fs::path(config.out) / "run.toml").string(), to_toml(config));
-}
-
-class Progress {
- public:
-  Progress(std::ostream& out, bool live, int64_t first, int64_t last, int log_interval)
-      : out_(out), live_(live), first_(first), last_(last), log_interval_(log_interval), start_(Clock::now()) {}
-
-  void step(int64_t step, double loss, float lr, double tokens_per_second) {
-    const double elapsed = std::chrono::duration<double>(Clock::now() - start_).count();
-    const double eta = step > first_ ? elapsed / double(step - first_) * double(last_ - step) : 0.0;
-    char line[160];
-    std::snprintf(line, sizeof line, "step %6lld/%lld | loss %.4f | lr %.2e | %8.0f tok/s | ETA %s",
-                  static_cast<long long>(step), static_cast<long long>(last_), loss, lr, tokens_per_second,
-                  format_duration(eta).c_str());
-    if (live_) {
-      out_ << "\r" << line << "\033[K" << std::flush;
-      dirty_ = true;
-    } else if (step % log_interval_ == 0 || step == last_) {
-      out_ << line << "\n" << std::flush;
-    }
-  }
-  // A line that stays (evaluation, checkpoint): clears the live line first.
-  std::ostream& line() {
-    if (dirty_) out_ << "\r\033[K";
-    dirty_ = false;
-    return out_;
-  }
-
- private:
-  std::ostream& out_;
-  bool live_;
-  int64_t first_, last_;
-  int log_interval_;
-  Clock::time_point start_;
-  bool dirty_ = false;
-};
-
-// Each rank rewrites <out>/heartbeats/rank_<r> ("<step> <unix time ns>") once a second from its
-// own thread, through evaluation, checkpoints and sampling too, so a supervisor can tell a frozen
-// process (SIGSTOP, a dead host: no beats) from a slow step. Hangs inside a collective are caught
-// by the collective timeout instead.
-class Heartbeat {
- public:
-  Heartbeat(const std::string& out, int rank) : path_(fs::path(out) / "heartbeats" / ("rank_" + std::to_string(rank))) {
-    fs::create_directories(path_.parent_path());
-    thread_ = std::thread([this] {
-      std::unique_lock lock(mutex_);
-      do {
-        std::ofstream(path_, std::ios::trunc)
-            << step_.load() << " " << std::chrono::system_clock::now().time_since_epoch().count() << "\n";
-      } while (!stop_.wait_for(lock, std::chrono::seconds(1), [this] { return stopping_; }));
-    });
-  }
-  ~Heartbeat() {
-    {
-      std::lock_guard lock(mutex_);
-      stopping_ = true;
-    }
-    stop_.notify_one();
-    thread_.join();
-  }
-  void set_step(int64_t step) { step_ = step; }
-
- private:
-  fs::path path_;
-  std::atomic<int64_t> step_{0};
-  std::mutex mutex_;
-  std::condition_variable stop_;
-  bool stopping_ = false;
-  std::thread thread_;
-};
-
-// The cores of this host divided among its ranks (Open MPI says how many share it).
-int cores_per_rank() {
-  const char* local = std::getenv("OMPI_COMM_WORLD_LOCAL_SIZE");
-  return std::max(1, hardware_threads() / std::max(1, local ? std::atoi(local) : 1));
-}
-
-// "3,7,8" -> {3, 7, 8}
-std::set<int64_t> steps_from_env(const char* name) {
-  std::set<int64_t> out;
-  const char* v = std::getenv(name);
-  for (std::stringstream s(v ? v : ""); s.good();) {
-    std::string item;
-    std::getline(s, item, ',');
-    if (!item.empty()) out.insert(std::stoll(item));
-  }
-  return out;
-}
-
-// TUTTI_INJECT_SLOW_RANK="RANK:MS" (tests): that rank sleeps MS milliseconds in each forward.
-int slow_ms_from_env(int rank) {
-  const char* v = std::getenv("TUTTI_INJECT_SLOW_RANK");
-  int r = -1, ms = 0;
-  if (!v || std::sscanf(v, "%d:%d", &r, &ms) != 2 || r != rank) return 0;
-  return ms;
-}
-
-std::string bytes_to_text(const std::vector<int32_t>& tokens) {
-  std::string s;
-  for (int32_t t : tokens) s += static_cast<char>(t);
-  return s;
-}
 
 }  // namespace
 
@@ -203,52 +64,6 @@ TrainConfig load_run_config(const std::string& run_dir) {
 }
 
 namespace {
-
-uint64_t fnv1a(const std::string& text) {
-  uint64_t h = 1469598103934665603ull;
-  for (unsigned char c : text) h = (h ^ c) * 1099511628211ull;
-  return h;
-}
-
-// --trace FILE: a file that can be created, and none that exists (it would be overwritten).
-void check_trace_path(const std::string& path) {
-  const fs::path p(path);
-  TUTTI_CHECK_AS(ConfigError, !fs::exists(p), "--trace '", path, "' already exists; remove it or choose another file");
-  const fs::path dir = p.parent_path().empty() ? fs::path(".") : p.parent_path();
-  TUTTI_CHECK_AS(ConfigError, fs::is_directory(dir), "--trace '", path, "': directory '", dir.string(),
-                 "' does not exist");
-  TUTTI_CHECK_AS(ConfigError, ::access(dir.c_str(), W_OK) == 0, "--trace '", path, "': directory '", dir.string(),
-                 "' is not writable");
-}
-
-// Every rank must run the same binary with the same settings.
-void check_same_config(comm::Communicator& world, const TrainConfig& config) {
-  if (world.size() == 1) return;
-  const int64_t mine = static_cast<int64_t>(fnv1a(to_toml(config) + TUTTI_VERSION));
-  std::vector<int64_t> all(size_t(world.size()));
-  world.all_gather(std::span<const int64_t>(&mine, 1), std::span<int64_t>(all), std::vector<int64_t>(all.size(), 1))
-      ->wait();
-  for (size_t r = 1; r < all.size(); ++r)
-    TUTTI_CHECK_AS(ConfigError, all[r] == all[0], "the configuration or the tutti binary differs between ranks: rank ",
-                   r, " has hash ", std::hex, all[r], ", rank 0 has ", all[0]);
-}
-
-
-std::string mib(int64_t bytes) {
-  char buf[32];
-  std::snprintf(buf, sizeof buf, "%.1f MiB", double(bytes) / (1 << 20));
-  return buf;
-}
-
-// The device this rank trains on: --device cuda under a launcher is one GPU per rank, the rank's
-// index among the ranks of its host (Open MPI's and Slurm's local rank).
-Device run_device(const TrainConfig& config, const comm::Communicator& world) {
-  const Device device = config.compute_device();
-  if (!device.is_cuda() || world.size() == 1) return device;
-  for (const char* name : {"OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "SLURM_LOCALID"})
-    if (const char* v = std::getenv(name)) return Device::cuda(std::atoi(v));
-  return Device::cuda(world.rank());
-}
 
 // ============================================================================================
 // One training run on this rank
@@ -545,7 +360,7 @@ class Run {
       metrics_ << "{\"step\":" << state_.step << ",\"loss\":" << (bad ? "null" : loss_text) << ",\"lr\":" << lr
                << ",\"grad_norm\":" << (std::isfinite(norm) ? norm : -1.0) << ",\"ms\":" << secs * 1e3;
       metrics_ << ",\"data_wait_ms\":" << loader_.last_wait_seconds() * 1e3;
-      if (step_joules_ >= 0) metrics_ << ",\"joules\":" << step_joules_;
+      if (step_joules_ >= 0) metrics_ << ",\"joules\":" << step_joules_ << ",\"watts\":" << step_joules_ / secs;
       metrics_ << (bad ? ",\"skipped\":true" : "") << "}\n" << std::flush;  // a killed run keeps every line
     }
     progress_->step(state_.step, loss, lr, tokens_per_second_);

@@ -45,7 +45,12 @@ Tasks::Tasks(int workers) : workers_(workers) {
 }
 
 Tasks::~Tasks() {
-  if (arena_) arena_->execute([&] { group_.wait(); });
+  for (auto& task : live_) {
+    try {
+      task->wait();
+    } catch (...) {  // its owner has gone, or is unwinding from an error of its own
+    }
+  }
 }
 
 std::shared_ptr<Task> Tasks::run(std::string name, const char* category, int kernel_threads, std::function<void()> fn) {
@@ -65,15 +70,17 @@ std::shared_ptr<Task> Tasks::run(std::string name, const char* category, int ker
   };
   if (!arena_) {
     body();
-  } else {
-    arena_->execute([&] {
-      group_.run([body = std::move(body)] {
-        thread_local const bool named = (trace::name_thread("tbb worker"), true);
-        (void)named;
-        body();
-      });
-    });
+    return task;
   }
+  std::erase_if(live_, [](const std::shared_ptr<Task>& t) { return t->done(); });
+  live_.push_back(task);
+  // enqueue, not execute: the training thread never joins the arena, so it never waits for a
+  // slot while the workers are busy.
+  arena_->enqueue([body = std::move(body)] {
+    thread_local const bool named = (trace::name_thread("tbb worker"), true);
+    (void)named;
+    body();
+  });
   return task;
 }
 
@@ -101,6 +108,7 @@ void BatchLoader::schedule(int64_t first) {
 }
 
 std::vector<data::Batch> BatchLoader::take(int64_t step) {
+  const auto t0 = std::chrono::steady_clock::now();  // serial: the loading itself is the wait
   if (step != next_) {  // a jump (a rollback): what was prepared is for other steps
     for (Chunk& c : queue_) c.task->wait();
     queue_.clear();
@@ -109,7 +117,6 @@ std::vector<data::Batch> BatchLoader::take(int64_t step) {
   if (queue_.empty()) schedule(step);
   Chunk& current = queue_.front();
   if (tasks_.background() && step == current.first && queue_.size() == 1) schedule(current.first + current.count);
-  const auto t0 = std::chrono::steady_clock::now();
   {
     const trace::Scope span("data wait", trace::cat::data, !current.task->done());
     current.task->wait();

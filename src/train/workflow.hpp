@@ -18,7 +18,6 @@
 
 #include <oneapi/tbb/global_control.h>
 #include <oneapi/tbb/task_arena.h>
-#include <oneapi/tbb/task_group.h>
 
 #include "tutti/data/token_dataset.hpp"
 #include "tutti/train/run_dir.hpp"
@@ -57,7 +56,7 @@ class Tasks {
   int workers_;
   std::unique_ptr<tbb::global_control> allow_;  // lets the arena have its workers beside the training thread
   std::unique_ptr<tbb::task_arena> arena_;
-  tbb::task_group group_;
+  std::vector<std::shared_ptr<Task>> live_;  // enqueued and maybe not finished: waited for at the end
 };
 
 // Each step's batches, prepared ahead on the tasks in chunks of `chunk` steps: the next chunk
