@@ -157,11 +157,12 @@ TEST(Workflow, BadInputFailsBeforeTraining) {
 
 TEST_F(MpirunTest, EvalRankEvaluatesWhatTheTrainingRanksWouldHave) {
   const fs::path one = scratch() / "eval_one", ranked = scratch() / "eval_ranked";
-  const std::string common = kTiny + "--steps 9 --eval-interval 3 --threads 1 ";
+  const std::string common = kTiny + "--layers 2 --steps 9 --eval-interval 3 --threads 1 ";
   Result r1 = run_tutti(0, common + "--out " + one.string());
   ASSERT_EQ(r1.code, 0) << r1.err;
-  // Rank 0 evaluates; ranks 1 and 2 train as dp 2, rank 1 leading.
-  Result r3 = run_tutti(3, common + "--eval-rank 0 --out " + ranked.string());
+  // Rank 0 evaluates; ranks 1 and 2 train as two pipeline stages (gathered for each snapshot),
+  // rank 1 leading.
+  Result r3 = run_tutti(3, common + "--eval-rank 0 --pp 2 --out " + ranked.string());
   ASSERT_EQ(r3.code, 0) << r3.err;
   EXPECT_NE(r3.out.find("done: 9 steps"), std::string::npos) << r3.out;
   expect_same_losses(one, ranked, 1, 1e-5);

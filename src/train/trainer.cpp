@@ -371,23 +371,23 @@ class Run {
   // weights as a task: in the background under the concurrent workflow, while training goes on.
   // Each replica evaluates its share of the batches; the sums meet in a later step's all-reduce,
   // and the result is reported against the step whose weights it used. Other layouts evaluate
-  // through the pipeline, in turn.
+  // through the pipeline, in turn. With --eval-rank, that rank evaluates every layout's snapshots.
   bool eval_on_snapshot() const { return layout_.mesh.pp == 1 && layout_.mesh.tp == 1 && device_.is_cpu(); }
 
   void evaluate_and_log() {
-    if (!eval_on_snapshot()) {
-      const auto t0 = Clock::now();
-      const trace::Scope span("eval step " + std::to_string(state_.step), trace::cat::eval);
-      const double train = evaluate_split(data::Split::train), val = evaluate_split(data::Split::val);
-      log_eval(state_.step, train, val, std::chrono::duration<double>(Clock::now() - t0).count(), "");
-      return;
-    }
     if (config_.eval_rank >= 0) {  // the evaluating rank's: every rank gathers, the lead sends
       NamedTensors weights = !model_.whole() ? gather_whole(mesh_, local_weights(), config_.model(), {""})
                                              : lead_ ? local_weights() : NamedTensors{};
       if (!lead_) return;
       if (eval_client_->pending()) report_eval(eval_client_->wait());
       eval_client_->send(state_.step, std::move(weights));
+      return;
+    }
+    if (!eval_on_snapshot()) {
+      const auto t0 = Clock::now();
+      const trace::Scope span("eval step " + std::to_string(state_.step), trace::cat::eval);
+      const double train = evaluate_split(data::Split::train), val = evaluate_split(data::Split::val);
+      log_eval(state_.step, train, val, std::chrono::duration<double>(Clock::now() - t0).count(), "");
       return;
     }
     finish_eval();  // one evaluation at a time
