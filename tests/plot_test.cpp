@@ -7,6 +7,7 @@
 #include <cmath>
 #include <fstream>
 #include <regex>
+#include <sstream>
 
 #include "process_util.hpp"
 #include "test_util.hpp"
@@ -107,7 +108,7 @@ TEST(Plot, RunDirectoryWithOtherLineKinds) {
         "{\"checkpoint_step\":2,\"bytes\":100,\"seconds\":0.1}\n"
         "not json at all\n"
         "{\"step\":3,\"loss\":5.2,\"lr\":0.001,\"grad_norm\":1.1,\"ms\":1.0,\"new_field\":[1,2]}\n"
-        "{\"step\":3,\"train_loss\":5.1,\"val_loss\":5.3,\"eval_ms\":12}\n"
+        "{\"step\":3,\"train_loss\":5.1,\"val_loss\":5.3,\"eval_ms\":12,\"reported_at_step\":3}\n"
         "{\"energy_joules\":3.5,\"joules_per_token\":0.01}\n"
         "{\"step\":4,\"loss\":5.1,\"lr\"");  // torn: the run was killed mid-line
   const std::string out = plot_run(run.string() + "/");
@@ -130,4 +131,25 @@ TEST(Plot, MissingMetricsIsAnError) {
   const std::string what = test::message_of([&] { plot_run(run.string()); });
   EXPECT_NE(what.find("metrics.jsonl"), std::string::npos) << what;
   EXPECT_FALSE(fs::exists(run / "plot.svg"));
+}
+
+TEST(Plot, EvaluationsLoggedOutOfOrderAreDrawnInStepOrder) {
+  const fs::path run = scratch() / "late_evals";
+  fs::create_directories(run);
+  write(run / "metrics.jsonl",
+        "{\"step\":20,\"train_loss\":4.0,\"val_loss\":4.1}\n"
+        "{\"step\":10,\"train_loss\":5.0,\"val_loss\":5.1,\"reported_at_step\":20}\n"
+        "{\"step\":30,\"train_loss\":3.0,\"val_loss\":3.1}\n");
+  const std::string svg = slurp(plot_run(run.string()));
+  const size_t at = svg.find("data-name=\"val loss (eval)\"");
+  ASSERT_NE(at, std::string::npos);
+  static const std::regex points(R"re(points="([^"]*)")re");
+  std::smatch m;
+  const std::string group = svg.substr(at);
+  ASSERT_TRUE(std::regex_search(group, m, points));
+  std::vector<double> xs;
+  std::istringstream in(m[1].str());
+  for (std::string xy; in >> xy;) xs.push_back(std::stod(xy.substr(0, xy.find(','))));
+  ASSERT_EQ(xs.size(), 3u);
+  EXPECT_TRUE(std::is_sorted(xs.begin(), xs.end())) << m[1];
 }

@@ -204,6 +204,14 @@ double number_or_nan(const nlohmann::json& j, const char* key) {
   return it != j.end() && it->is_number() ? it->get<double>() : NAN;
 }
 
+// Points in step order: an evaluation run in the background may be logged after later steps.
+void sort_by_x(Series& s) {
+  std::vector<std::pair<double, double>> points;
+  for (size_t i = 0; i < s.x.size() && i < s.y.size(); ++i) points.emplace_back(s.x[i], s.y[i]);
+  std::stable_sort(points.begin(), points.end(), [](const auto& a, const auto& b) { return a.first < b.first; });
+  for (size_t i = 0; i < points.size(); ++i) s.x[i] = points[i].first, s.y[i] = points[i].second;
+}
+
 // batch x context of the run (0 when run.toml cannot be read).
 double tokens_per_step(const fs::path& run_dir) {
   try {
@@ -284,6 +292,7 @@ std::string plot_run(const std::string& run_dir) {
       speed.x.push_back(step), speed.y.push_back(ms > 0 && tokens > 0 ? tokens / (ms / 1e3) : ms);
     }
   }
+  for (Series* s : {&step_loss, &eval_train, &eval_val, &speed}) sort_by_x(*s);
   std::vector<Chart> charts = {
       {"loss: " + dir.filename().string(), "step", "loss", {step_loss, eval_train, eval_val}},
       {"throughput", "step", tokens > 0 ? "tokens/s" : "ms per step", {speed}},

@@ -296,6 +296,7 @@ TrialResult run_trial(const Trial& trial, SweepState& state) {
   const int status = process.stop(kStopGraceSeconds);
   if (!follow(metrics, r, next_rung, state, /*report=*/!stopped)) stopped = true;  // lines written before it ended
   r.wall_seconds = seconds_since(t0);
+  std::stable_sort(r.curve.begin(), r.curve.end(), [](const auto& a, const auto& b) { return a.first < b.first; });
   if (stopped) {
     r.status = TrialResult::Status::stopped;
   } else if (WIFEXITED(status) && WEXITSTATUS(status) == 0) {
