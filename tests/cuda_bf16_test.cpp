@@ -408,6 +408,27 @@ TEST(MixedPrecision, CpuRefusesBf16Clearly) {
   EXPECT_THROW(ops::to_bf16(x), InvalidArgument);
 }
 
+// Runs everywhere: a bf16 model whose copies were never made (an evaluating rank's, a sample's
+// gathered model on the CPU) computes in fp32, attention included, and gives fp32's loss.
+TEST(MixedPrecision, UnrefreshedModelComputesFp32) {
+  nn::GPTConfig cfg;
+  cfg.n_layer = 1;
+  cfg.n_head = 2;
+  cfg.n_embd = 16;
+  cfg.block_size = 8;
+  cfg.vocab_size = 32;
+  nn::GPT fp32(cfg);
+  cfg.compute = DType::bf16;
+  nn::GPT bf16(cfg);
+  Rng a(3), b(3);
+  fp32.init_weights(a);
+  bf16.init_weights(b);
+  std::vector<int32_t> tokens(2 * 8);
+  for (size_t i = 0; i < tokens.size(); ++i) tokens[i] = static_cast<int32_t>((7 * i + 3) % 32);
+  const Tensor idx = Tensor::from_vector({2, 8}, tokens);
+  EXPECT_EQ(bf16.loss(idx, idx).item(), fp32.loss(idx, idx).item());
+}
+
 // ================================================================================================
 // A GPT trained in bf16 tracks the same run in fp32
 

@@ -84,8 +84,11 @@ struct GPT::Block : Module {
     register_module("mlp", mlp);
   }
   Tensor forward(const Tensor& x) const {  // (B, T, C)
+    // Attention in bf16 once the compute copies exist, as the linear layers (see Module): a model
+    // never refreshed (an evaluating rank's, a sample's on the CPU) computes in fp32.
+    const DType attention = attn.c_attn.weight_bf16.defined() ? DType::bf16 : DType::f32;
     Tensor qkv = attn.c_attn.forward(parallel::copy_to_group(ln_1.forward(x), tp));  // (B, T, 3C / P)
-    Tensor h = ops::add(x, row_parallel(attn.c_proj, ops::causal_attention(qkv, n_head, compute_dtype()), tp));
+    Tensor h = ops::add(x, row_parallel(attn.c_proj, ops::causal_attention(qkv, n_head, attention), tp));
     Tensor hidden = ops::gelu(mlp.c_fc.forward(parallel::copy_to_group(ln_2.forward(h), tp)));  // (B, T, 4C / P)
     return ops::add(h, row_parallel(mlp.c_proj, hidden, tp));
   }

@@ -30,7 +30,8 @@ class Module {
   // ("compute copies"), while the parameters, their gradients and the optimizer stay fp32. The
   // copies are made and re-rounded by refresh_compute_copies, which whoever changes the weights
   // calls afterwards (parallel::DataParallel after each update and each load); until the first
-  // refresh, and under f32 (the default), the products read the fp32 weights. Children included.
+  // refresh, and under f32 (the default), the products read the fp32 weights (so a model that is
+  // never refreshed, on the CPU say, computes in fp32). Children included.
   void set_compute_dtype(DType dtype);  // f32 or bf16
   DType compute_dtype() const { return compute_dtype_; }
   void refresh_compute_copies();
