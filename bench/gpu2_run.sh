@@ -6,30 +6,10 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:?usage: bench/gpu2_run.sh OUT_DIR}
-mkdir -p "$OUT"
-export NCCL_NVLS_ENABLE=0 OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$OUT/gpu.txt" 2>&1
-step() {
-  local name=$1; shift
-  local t0=$SECONDS
-  "$@" > "$OUT/$name.log" 2>&1
-  echo "$name rc=$? $((SECONDS - t0))s" | tee -a "$OUT/steps.txt"
-}
-step build bash scripts/gpu_build.sh -DTUTTI_BUILD_EXAMPLES=OFF
-source scripts/gpu_env.sh
+source bench/gpu_lib.sh
 step nccl_test build-gpu/tests/nccl_test
 step cuda_backend_test build-gpu/tests/cuda_backend_test
 step two_gpu_test build-gpu/tests/model_parallel_test --gtest_filter='*Gpu*'
-gpt2() {  # gpt2 NAME NP BATCH [train flags...]
-  local name=$1 np=$2 batch=$3; shift 3
-  rm -rf "/tmp/$name"
-  local launch=(env TUTTI_CUDA_TF32=1)
-  [ "$np" -gt 1 ] && launch=(mpirun -np "$np" --bind-to none -x TUTTI_CUDA_TF32=1 -x NCCL_NVLS_ENABLE -x LD_LIBRARY_PATH)
-  step "$name" "${launch[@]}" build-gpu/tutti train --device cuda --data synthetic --vocab 50304 --layers 12 \
-    --heads 12 --dim 768 --context 1024 --batch "$batch" --steps 10 --warmup 0 --eval-interval 100000 \
-    --eval-batches 1 --checkpoint-interval 100000 --log-interval 1 --out "/tmp/$name" "$@"
-  cp "/tmp/$name/metrics.jsonl" "$OUT/$name.metrics.jsonl" 2>/dev/null
-}
 gpt2 gpt2_1gpu_b16 1 16
 gpt2 gpt2_dp2_b32 2 32 --dp 2
 gpt2 gpt2_pp2_b16 2 16 --pp 2 --micro-batches 8
