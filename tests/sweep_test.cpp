@@ -141,6 +141,7 @@ TEST(SweepConfig, BadFilesFailBeforeAnythingRuns) {
       {"bad_metric", base + "[search]\nlr = [1e-3]\n[sweep]\nmetric = \"accuracy\"\n", "accuracy"},
       {"out_in_base", base + "out = \"x\"\n[search]\nlr = [1e-3]\n", "out"},
       {"threads_searched", base + "[search]\nthreads = [1, 2]\n", "threads_per_trial"},
+      {"several_ranks", base + "eval_rank = 1\n[search]\nlr = [1e-3]\n", "eval_rank"},
       {"both_tables", base + "[search]\nsteps = [10, 20]\n", "steps"},
       {"not_toml", "[base\n", "sweep file"},
   };

@@ -225,7 +225,8 @@ void add_sweep(CLI::App& app, SweepArgs& args) {
       "            rungs = [steps...] (evaluation steps where trials are compared; [] turns halving off;\n"
       "            default eval_interval x eta^k)\n"
       "At a rung, a trial continues when it is within the top max(1, ceil(n / eta)) of the n trials that reached\n"
-      "it so far; the others are stopped. out, threads, dp, pp and tp are set by the sweep, not the file.");
+      "it so far; the others are stopped. out and threads are set by the sweep; dp, pp, tp and eval_rank cannot be\n"
+      "set (a trial is one process).");
 }
 
 int run_sweep(const SweepArgs& args) {

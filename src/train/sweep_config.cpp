@@ -24,7 +24,8 @@ constexpr size_t kMaxTrials = 10000;
 std::string forbidden_reason(const std::string& key) {
   if (key == "out") return "the sweep gives every trial its own directory under [sweep] out";
   if (key == "threads") return "set [sweep] threads_per_trial instead";
-  if (key == "dp" || key == "pp" || key == "tp") return "a trial is one process (no data, pipeline or tensor parallelism)";
+  if (key == "dp" || key == "pp" || key == "tp" || key == "eval_rank")
+    return "a trial is one process (no data, pipeline or tensor parallelism, no evaluation rank)";
   return "";
 }
 

@@ -48,8 +48,8 @@ struct SweepConfig {
 
 // Reads and checks a sweep file: unknown tables or keys, values a setting's parser refuses, empty
 // lists, repeated values, ranges with min > max (or min <= 0 with log), keys the sweep sets itself
-// (out, threads) or that need several processes (dp, pp, tp). Throws ConfigError naming the file,
-// key and value.
+// (out, threads) or that need several processes (dp, pp, tp, eval_rank). Throws ConfigError naming
+// the file, key and value.
 SweepConfig load_sweep_config(const std::string& path);
 
 // ============================================================================================
