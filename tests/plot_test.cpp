@@ -30,7 +30,8 @@ namespace {
     const std::string name = (*it)[2];
     if ((*it)[3] == "/") continue;  // <x ... />
     if ((*it)[1] == "/") {
-      if (open.empty() || open.back() != name) return ::testing::AssertionFailure() << "</" << name << "> closes nothing";
+      if (open.empty() || open.back() != name)
+        return ::testing::AssertionFailure() << "</" << name << "> closes nothing";
       open.pop_back();
     } else {
       open.push_back(name);

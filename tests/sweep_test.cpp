@@ -26,11 +26,18 @@ const std::string kData = std::string(TUTTI_SOURCE_DIR) + "/data/tinyshakespeare
 // A tiny model that trains in well under a second; the large learning rate wins clearly. `searched`:
 // keys left out (the [search] table sets them).
 std::string tiny_base(int steps = 40, const std::set<std::string>& searched = {}) {
-  const std::pair<std::string, std::string> settings[] = {
-      {"layers", "1"},         {"heads", "2"},         {"dim", "16"},           {"context", "16"},
-      {"batch", "2"},          {"steps", std::to_string(steps)},                {"eval_interval", "10"},
-      {"eval_batches", "1"},   {"sample_tokens", "0"}, {"warmup", "0"},         {"decay", "\"constant\""},
-      {"data", "\"" + kData + "\""}};
+  const std::pair<std::string, std::string> settings[] = {{"layers", "1"},
+                                                          {"heads", "2"},
+                                                          {"dim", "16"},
+                                                          {"context", "16"},
+                                                          {"batch", "2"},
+                                                          {"steps", std::to_string(steps)},
+                                                          {"eval_interval", "10"},
+                                                          {"eval_batches", "1"},
+                                                          {"sample_tokens", "0"},
+                                                          {"warmup", "0"},
+                                                          {"decay", "\"constant\""},
+                                                          {"data", "\"" + kData + "\""}};
   std::string text = "[base]\n";
   for (const auto& [key, value] : settings)
     if (!searched.count(key)) text += key + " = " + value + "\n";
@@ -105,7 +112,8 @@ TEST(SuccessiveHalving, NeverStopsTheBestAtARung) {
       const bool keep = h.report(0, i, values[i]);
       if (values[i] == best) EXPECT_TRUE(keep) << "round " << round << ": the best was stopped";
       // The rule, counted directly: its place among the i + 1 reported so far.
-      const int place = 1 + int(std::count_if(values.begin(), values.begin() + i, [&](double v) { return v < values[i]; }));
+      const int place =
+          1 + int(std::count_if(values.begin(), values.begin() + i, [&](double v) { return v < values[i]; }));
       EXPECT_EQ(keep, place <= std::max(1, int(std::ceil((i + 1) / eta)))) << "round " << round << ", trial " << i;
     }
   }
@@ -131,8 +139,10 @@ TEST(SweepConfig, BadFilesFailBeforeAnythingRuns) {
       {"bad_value", base + "[search]\ndim = [\"wide\"]\n", "dim"},
       {"bad_combination", base + "[search]\nheads = [2, 3]\n", "heads"},
       {"repeated_value", base + "[search]\nlr = [1e-3, 0.001]\n", "0.001 is listed twice"},
-      {"min_above_max", base + "[search]\nlr = {min = 0.1, max = 0.01}\n[sweep]\ntrials = 2\n", "min 0.1 is greater than max 0.01"},
-      {"log_range_at_zero", base + "[search]\nlr = {min = 0, max = 0.01, log = true}\n[sweep]\ntrials = 2\n", "min > 0"},
+      {"min_above_max", base + "[search]\nlr = {min = 0.1, max = 0.01}\n[sweep]\ntrials = 2\n",
+       "min 0.1 is greater than max 0.01"},
+      {"log_range_at_zero", base + "[search]\nlr = {min = 0, max = 0.01, log = true}\n[sweep]\ntrials = 2\n",
+       "min > 0"},
       {"range_without_trials", base + "[search]\nlr = {min = 1e-4, max = 1e-2}\n", "trials"},
       {"rung_off_the_grid", base + "[search]\nlr = [1e-3]\n[sweep]\nrungs = [15]\n", "15 is not an evaluation step"},
       {"rung_at_the_end", base + "[search]\nlr = [1e-3]\n[sweep]\nrungs = [10, 40]\n", "40 is not before the end"},
@@ -151,17 +161,20 @@ TEST(SweepConfig, BadFilesFailBeforeAnythingRuns) {
     EXPECT_NE(r.code, 0) << c.name;
     EXPECT_EQ(lines(r.err), 1) << c.name << ": " << r.err;
     EXPECT_NE(r.err.find("tutti: error: "), std::string::npos) << c.name << ": " << r.err;
-    EXPECT_NE(r.err.find(c.must_mention), std::string::npos) << c.name << ": '" << c.must_mention << "' not in " << r.err;
+    EXPECT_NE(r.err.find(c.must_mention), std::string::npos)
+        << c.name << ": '" << c.must_mention << "' not in " << r.err;
     EXPECT_FALSE(fs::exists(out)) << c.name << ": a refused sweep wrote its directory";
   }
 }
 
 TEST(SweepConfig, DryRunListsTrialsAndWritesNothing) {
   const fs::path config =
-      write_config("dry", tiny_base(40, {"dim"}) + "[search]\nlr = {min = 1e-4, max = 1e-2, log = true}\ndim = [16, 32]\n"
-                                        "[sweep]\ntrials = 5\nseed = 3\n");
+      write_config("dry", tiny_base(40, {"dim"}) +
+                              "[search]\nlr = {min = 1e-4, max = 1e-2, log = true}\ndim = [16, 32]\n"
+                              "[sweep]\ntrials = 5\nseed = 3\n");
   const fs::path out = scratch() / "dry_out";
-  const Result a = sweep(config, "--dry-run --out " + out.string()), b = sweep(config, "--dry-run --out " + out.string());
+  const Result a = sweep(config, "--dry-run --out " + out.string()),
+               b = sweep(config, "--dry-run --out " + out.string());
   ASSERT_EQ(a.code, 0) << a.err;
   EXPECT_EQ(a.out, b.out) << "a random search is drawn from its seed";
   for (const char* name : {"trial_000", "trial_004", "--lr ", "--dim ", "--seed ", "--threads 1", "random search"})
@@ -193,8 +206,9 @@ TEST(SweepConfig, ShippedExampleIsValid) {
 // Trials are independent: a trial run beside others in the sweep and the same trial re-run alone
 // from its printed command give bit-identical losses; and each trial has its own seed.
 TEST(Sweep, TrialReproducesAloneFromItsCommand) {
-  const fs::path config = write_config("repro", tiny_base(30, {"dim"}) + "[search]\nlr = [3e-3, 1e-3]\ndim = [16, 32]\n"
-                                                                "[sweep]\nworkers = 2\nrungs = []\n");
+  const fs::path config = write_config("repro", tiny_base(30, {"dim"}) +
+                                                    "[search]\nlr = [3e-3, 1e-3]\ndim = [16, 32]\n"
+                                                    "[sweep]\nworkers = 2\nrungs = []\n");
   const fs::path out = scratch() / "repro_out";
   const Result r = sweep(config, "--out " + out.string());
   ASSERT_EQ(r.code, 0) << r.err;
@@ -244,8 +258,9 @@ TEST(Sweep, TrialReproducesAloneFromItsCommand) {
 // the rungs the trial order: the best reports first, so each later trial is the second or third
 // at rung 1 and is stopped there (keep ceil(2/3) = ceil(3/3) = 1).
 TEST(Sweep, HalvingStopsTheLosersNeverTheBest) {
-  const fs::path config = write_config("halving", tiny_base(60) + "[search]\nlr = [3e-3, 1e-4, 1e-5]\n"
-                                                                  "[sweep]\nworkers = 1\neta = 3\nrungs = [10, 30]\n");
+  const fs::path config = write_config("halving", tiny_base(60) +
+                                                      "[search]\nlr = [3e-3, 1e-4, 1e-5]\n"
+                                                      "[sweep]\nworkers = 1\neta = 3\nrungs = [10, 30]\n");
   const fs::path out = scratch() / "halving_out";
   const Result r = sweep(config, "--out " + out.string());
   ASSERT_EQ(r.code, 0) << r.err;
@@ -271,8 +286,9 @@ TEST(Sweep, HalvingStopsTheLosersNeverTheBest) {
 // Two workers: the order the trials reach a rung depends on timing, but the best trial ranks
 // first at every rung, so it always finishes, and it is ranked first.
 TEST(Sweep, BestTrialFinishesWithTwoWorkers) {
-  const fs::path config = write_config("halving2", tiny_base(60) + "[search]\nlr = [1e-5, 3e-5, 3e-3, 1e-4]\n"
-                                                                   "[sweep]\nworkers = 2\neta = 2\nrungs = [10, 30]\n");
+  const fs::path config = write_config("halving2", tiny_base(60) +
+                                                       "[search]\nlr = [1e-5, 3e-5, 3e-3, 1e-4]\n"
+                                                       "[sweep]\nworkers = 2\neta = 2\nrungs = [10, 30]\n");
   const fs::path out = scratch() / "halving2_out";
   const Result r = sweep(config, "--out " + out.string());
   ASSERT_EQ(r.code, 0) << r.err;
@@ -289,8 +305,8 @@ TEST(Sweep, BestTrialFinishesWithTwoWorkers) {
 }
 
 TEST(Sweep, CrashingTrialIsRecordedAndTheSweepGoesOn) {
-  const fs::path config = write_config(
-      "crash", tiny_base(20, {"data"}) + "[search]\ndata = [\"" + kData + "\", \"/nonexistent/corpus.txt\"]\n[sweep]\nworkers = 2\n");
+  const fs::path config = write_config("crash", tiny_base(20, {"data"}) + "[search]\ndata = [\"" + kData +
+                                                    "\", \"/nonexistent/corpus.txt\"]\n[sweep]\nworkers = 2\n");
   const fs::path out = scratch() / "crash_out";
   const Result r = sweep(config, "--out " + out.string());
   ASSERT_EQ(r.code, 0) << r.err;

@@ -58,11 +58,14 @@ Axis make_axis(double lo, double hi, int target = 5) {
 std::string tick_label(double v, const Axis& axis) {
   char buf[32];
   const double top = std::max(std::abs(axis.lo), std::abs(axis.hi));
-  if (top >= 1e6) std::snprintf(buf, sizeof buf, "%gM", v / 1e6);
-  else if (top >= 1e4) std::snprintf(buf, sizeof buf, "%gk", v / 1e3);
+  if (top >= 1e6)
+    std::snprintf(buf, sizeof buf, "%gM", v / 1e6);
+  else if (top >= 1e4)
+    std::snprintf(buf, sizeof buf, "%gk", v / 1e3);
   else if (axis.step >= 1e-4)
     std::snprintf(buf, sizeof buf, "%.*f", std::max(0, int(-std::floor(std::log10(axis.step) + 1e-9))), v);
-  else std::snprintf(buf, sizeof buf, "%.3g", v);
+  else
+    std::snprintf(buf, sizeof buf, "%.3g", v);
   return buf;
 }
 
@@ -70,11 +73,20 @@ std::string escape(const std::string& text) {
   std::string out;
   for (char c : text) {
     switch (c) {
-      case '&': out += "&amp;"; break;
-      case '<': out += "&lt;"; break;
-      case '>': out += "&gt;"; break;
-      case '"': out += "&quot;"; break;
-      default: out += c;
+      case '&':
+        out += "&amp;";
+        break;
+      case '<':
+        out += "&lt;";
+        break;
+      case '>':
+        out += "&gt;";
+        break;
+      case '"':
+        out += "&quot;";
+        break;
+      default:
+        out += c;
     }
   }
   return out;
@@ -114,14 +126,18 @@ Frame frame_of(const Chart& chart, int plot_right, int height, double top) {
       ylo = std::min(ylo, s.y[i]), yhi = std::max(yhi, s.y[i]);
     }
   if (!std::isfinite(xlo)) xlo = xhi = ylo = yhi = 0;  // no points: an empty frame
-  return {double(kLeft), double(plot_right), top + kTop, top + height - kBottom, make_axis(xlo, xhi, 8),
-          make_axis(ylo, yhi, 5)};
+  return {double(kLeft),          double(plot_right),     top + kTop,
+          top + height - kBottom, make_axis(xlo, xhi, 8), make_axis(ylo, yhi, 5)};
 }
 
 void draw_axes(std::ostream& o, const Chart& chart, const Frame& f) {
   o << "<g class=\"axes\" stroke=\"#ccc\" stroke-width=\"1\">\n";
-  for (double t : f.ay.ticks) o << "<line x1=\"" << num(f.x0) << "\" x2=\"" << num(f.x1) << "\" y1=\"" << num(f.py(t)) << "\" y2=\"" << num(f.py(t)) << "\"/>\n";
-  for (double t : f.ax.ticks) o << "<line x1=\"" << num(f.px(t)) << "\" x2=\"" << num(f.px(t)) << "\" y1=\"" << num(f.y0) << "\" y2=\"" << num(f.y1) << "\"/>\n";
+  for (double t : f.ay.ticks)
+    o << "<line x1=\"" << num(f.x0) << "\" x2=\"" << num(f.x1) << "\" y1=\"" << num(f.py(t)) << "\" y2=\""
+      << num(f.py(t)) << "\"/>\n";
+  for (double t : f.ax.ticks)
+    o << "<line x1=\"" << num(f.px(t)) << "\" x2=\"" << num(f.px(t)) << "\" y1=\"" << num(f.y0) << "\" y2=\""
+      << num(f.y1) << "\"/>\n";
   o << "<rect x=\"" << num(f.x0) << "\" y=\"" << num(f.y0) << "\" width=\"" << num(f.x1 - f.x0) << "\" height=\""
     << num(f.y1 - f.y0) << "\" fill=\"none\" stroke=\"#333\"/>\n</g>\n";
   o << "<g class=\"ticks\" fill=\"#333\">\n";
@@ -166,12 +182,15 @@ void draw_series(std::ostream& o, const Series& s, const Frame& f, size_t index)
     }
     last_x = f.px(s.x[i]), last_y = f.py(s.y[i]);
     points += (points.empty() ? "" : " ") + num(last_x) + "," + num(last_y);
-    if (s.markers) dots << "<circle cx=\"" << num(last_x) << "\" cy=\"" << num(last_y) << "\" r=\"2.5\" fill=\"" << color << "\"/>\n";
+    if (s.markers)
+      dots << "<circle cx=\"" << num(last_x) << "\" cy=\"" << num(last_y) << "\" r=\"2.5\" fill=\"" << color
+           << "\"/>\n";
   }
   flush();
   o << dots.str();
   if (s.end_marker && std::isfinite(last_x))
-    o << "<path class=\"end\" stroke-width=\"2\" d=\"M" << num(last_x - 4) << "," << num(last_y - 4) << " l8,8 m0,-8 l-8,8\"/>\n";
+    o << "<path class=\"end\" stroke-width=\"2\" d=\"M" << num(last_x - 4) << "," << num(last_y - 4)
+      << " l8,8 m0,-8 l-8,8\"/>\n";
   o << "</g>\n";
 }
 

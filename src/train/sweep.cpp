@@ -71,7 +71,8 @@ class StopSignals {
   static int received() { return g_stop_signal.load(); }
 
  private:
-  struct sigaction old_int_ {}, old_term_ {};
+  struct sigaction old_int_ {};
+  struct sigaction old_term_ {};
 };
 
 // ============================================================================================
@@ -135,7 +136,8 @@ class TrialProcess {
 
 std::string describe_status(int status) {
   if (WIFEXITED(status)) return "exit status " + std::to_string(WEXITSTATUS(status));
-  if (WIFSIGNALED(status)) return "signal " + std::to_string(WTERMSIG(status)) + " (" + ::strsignal(WTERMSIG(status)) + ")";
+  if (WIFSIGNALED(status))
+    return "signal " + std::to_string(WTERMSIG(status)) + " (" + ::strsignal(WTERMSIG(status)) + ")";
   return "wait status " + std::to_string(status);
 }
 
@@ -215,9 +217,10 @@ nlohmann::json result_json(const TrialResult& r) {
   nlohmann::json settings = nlohmann::json::object();
   for (const auto& [key, value] : r.trial.searched) settings[key] = value;
   const char* status = r.status == TrialResult::Status::completed ? "completed"
-                       : r.status == TrialResult::Status::stopped ? "stopped" : "failed";
-  nlohmann::json j = {{"trial", r.trial.name}, {"index", r.trial.index}, {"settings", settings},
-                      {"seed", r.trial.seed}, {"status", status}, {"steps", r.steps},
+                       : r.status == TrialResult::Status::stopped ? "stopped"
+                                                                  : "failed";
+  nlohmann::json j = {{"trial", r.trial.name},   {"index", r.trial.index},     {"settings", settings},
+                      {"seed", r.trial.seed},   {"status", status},           {"steps", r.steps},
                       {"wall_s", r.wall_seconds}, {"command", r.trial.command()}};
   j["metric"] = std::isfinite(r.metric) ? nlohmann::json(r.metric) : nlohmann::json(nullptr);
   if (r.status == TrialResult::Status::stopped) j["stopped_rung"] = r.stopped_rung, j["stopped_step"] = r.stopped_step;
@@ -235,7 +238,8 @@ void write_sweep_plot(const std::string& path, const std::vector<TrialResult>& r
     Series s;
     s.name = r->trial.name;
     for (const auto& [key, value] : r->trial.searched) s.name += " " + key + "=" + value;
-    if (r->status != TrialResult::Status::completed) s.name += r->status == TrialResult::Status::stopped ? " (stopped)" : " (failed)";
+    if (r->status != TrialResult::Status::completed)
+      s.name += r->status == TrialResult::Status::stopped ? " (stopped)" : " (failed)";
     for (const auto& [step, v] : r->curve) s.x.push_back(double(step)), s.y.push_back(v);
     s.markers = s.x.size() <= 40;
     s.end_marker = r->status == TrialResult::Status::stopped;
@@ -334,7 +338,8 @@ void record(TrialResult r, SweepState& state) {
   }
   state.log << "[" << state.finished.size() << "/" << state.total << "] " << last.trial.name << " "
             << last.status_text() << ": " << state.config.metric << " " << format_metric(last.metric) << ", "
-            << last.steps << " steps, " << format_seconds(last.wall_seconds) << "\n" << std::flush;
+            << last.steps << " steps, " << format_seconds(last.wall_seconds) << "\n"
+            << std::flush;
 }
 
 // ============================================================================================
@@ -342,7 +347,9 @@ void record(TrialResult r, SweepState& state) {
 // ============================================================================================
 
 void rank(std::vector<TrialResult>& results) {
-  auto group = [](const TrialResult& r) { return r.status == TrialResult::Status::completed ? 0 : r.status == TrialResult::Status::stopped ? 1 : 2; };
+  auto group = [](const TrialResult& r) {
+    return r.status == TrialResult::Status::completed ? 0 : r.status == TrialResult::Status::stopped ? 1 : 2;
+  };
   auto key = [](double v) { return std::isfinite(v) ? v : INFINITY; };
   std::stable_sort(results.begin(), results.end(), [&](const TrialResult& a, const TrialResult& b) {
     if (group(a) != group(b)) return group(a) < group(b);
@@ -409,9 +416,10 @@ SweepResult run_sweep(SweepConfig config, const SweepOptions& options) {
   std::ostringstream halving;
   halving << "halving eta " << config.eta << " on " << config.metric << " at steps";
   for (int64_t r : config.rungs) halving << " " << r;
-  log << "sweep: " << trials.size() << " trials, " << workers << " at once (" << config.threads_per_trial
-      << " thread" << (config.threads_per_trial > 1 ? "s" : "") << " each), "
-      << (config.rungs.empty() ? "no early stopping" : halving.str()) << ", into " << config.out << "\n" << std::flush;
+  log << "sweep: " << trials.size() << " trials, " << workers << " at once (" << config.threads_per_trial << " thread"
+      << (config.threads_per_trial > 1 ? "s" : "") << " each), "
+      << (config.rungs.empty() ? "no early stopping" : halving.str()) << ", into " << config.out << "\n"
+      << std::flush;
 
   // At most `workers` trials at once; the node's queue is FIFO, so trials start in index order,
   // each as soon as a running one ends. A trial's task blocks on its process, so the arena has a
@@ -438,9 +446,9 @@ SweepResult run_sweep(SweepConfig config, const SweepOptions& options) {
     for (size_t i = 0; i < trials.size(); ++i) run.try_put(i);
     graph.wait_for_all();
   });
-  TUTTI_CHECK(!StopSignals::received(), "interrupted by signal ", StopSignals::received(), " (", ::strsignal(StopSignals::received()),
-              "): its trials were stopped; ", state.finished.size(), " of ", trials.size(), " are recorded in ",
-              (fs::path(config.out) / "sweep.jsonl").string());
+  TUTTI_CHECK(!StopSignals::received(), "interrupted by signal ", StopSignals::received(), " (",
+              ::strsignal(StopSignals::received()), "): its trials were stopped; ", state.finished.size(), " of ",
+              trials.size(), " are recorded in ", (fs::path(config.out) / "sweep.jsonl").string());
 
   SweepResult result;
   result.trials = std::move(state.finished);
@@ -462,10 +470,11 @@ std::string format_table(const SweepResult& result, const std::string& metric) {
   std::vector<std::vector<std::string>> rows = {header};
   for (size_t i = 0; i < rs.size(); ++i) {
     const TrialResult& r = rs[i];
-    std::vector<std::string> row = {r.status == TrialResult::Status::failed ? "-" : std::to_string(i + 1), r.trial.name};
+    std::vector<std::string> row = {r.status == TrialResult::Status::failed ? "-" : std::to_string(i + 1),
+                                    r.trial.name};
     for (const auto& [key, value] : r.trial.searched) row.push_back(value);
-    for (const std::string& cell : {format_metric(r.metric), std::to_string(r.steps), format_seconds(r.wall_seconds),
-                                    r.status_text()})
+    for (const std::string& cell :
+         {format_metric(r.metric), std::to_string(r.steps), format_seconds(r.wall_seconds), r.status_text()})
       row.push_back(cell);
     rows.push_back(std::move(row));
   }
@@ -483,8 +492,9 @@ std::string format_table(const SweepResult& result, const std::string& metric) {
   std::snprintf(summary, sizeof summary,
                 "%zu trials: %zu completed, %zu stopped early, %zu failed; %s with %d worker%s (busy %.0f%%): %.0f "
                 "trials/hour\n",
-                rs.size(), count[0], count[1], count[2], format_seconds(result.wall_seconds).c_str(), result.workers, result.workers == 1 ? "" : "s",
-                100 * result.busy_fraction, result.wall_seconds > 0 ? double(rs.size()) * 3600 / result.wall_seconds : 0.0);
+                rs.size(), count[0], count[1], count[2], format_seconds(result.wall_seconds).c_str(), result.workers,
+                result.workers == 1 ? "" : "s", 100 * result.busy_fraction,
+                result.wall_seconds > 0 ? double(rs.size()) * 3600 / result.wall_seconds : 0.0);
   out << "\n" << summary;
   if (!rs.empty() && rs.front().status != TrialResult::Status::failed)
     out << "best: " << rs.front().trial.name << " (" << metric << " " << format_metric(rs.front().metric)

@@ -1,12 +1,12 @@
 // The sweep file ([base], [search], [sweep]) and the trials planned from it. Every key of [base]
 // and [search] is a setting of settings() in config.hpp, checked by that setting's own parser.
+#include <toml++/toml.h>
 #include <algorithm>
 #include <charconv>
 #include <cmath>
 #include <filesystem>
 #include <set>
 #include <sstream>
-#include <toml++/toml.h>
 
 #include "tutti/core/error.hpp"
 #include "tutti/core/random.hpp"
@@ -85,14 +85,17 @@ SearchSpace parse_range(const Setting& s, const toml::table& range, const Where&
   for (auto&& [k, v] : range)
     TUTTI_CHECK_AS(ConfigError, k.str() == "min" || k.str() == "max" || k.str() == "log", w.str(),
                    ": unknown range key '", k.str(), "' (a range is {min = ..., max = ..., log = true|false})");
-  TUTTI_CHECK_AS(ConfigError, s.kind != Setting::Kind::text, w.str(), ": a text setting takes a list of values, not a range");
+  TUTTI_CHECK_AS(ConfigError, s.kind != Setting::Kind::text, w.str(),
+                 ": a text setting takes a list of values, not a range");
   SearchSpace space{w.key, {}, true, range_bound(range, "min", w), range_bound(range, "max", w), false};
   if (const toml::node* log = range.get("log")) {
     TUTTI_CHECK_AS(ConfigError, log->is_boolean(), w.str(), ": 'log' must be true or false");
     space.log = *log->value<bool>();
   }
-  TUTTI_CHECK_AS(ConfigError, std::isfinite(space.min) && std::isfinite(space.max), w.str(), ": range bounds must be finite");
-  TUTTI_CHECK_AS(ConfigError, space.min <= space.max, w.str(), ": range min ", space.min, " is greater than max ", space.max);
+  TUTTI_CHECK_AS(ConfigError, std::isfinite(space.min) && std::isfinite(space.max), w.str(),
+                 ": range bounds must be finite");
+  TUTTI_CHECK_AS(ConfigError, space.min <= space.max, w.str(), ": range min ", space.min, " is greater than max ",
+                 space.max);
   TUTTI_CHECK_AS(ConfigError, !space.log || space.min > 0, w.str(), ": a log range needs min > 0, got ", space.min);
   if (s.kind == Setting::Kind::integer)
     TUTTI_CHECK_AS(ConfigError, space.min == std::floor(space.min) && space.max == std::floor(space.max), w.str(),
@@ -103,7 +106,8 @@ SearchSpace parse_range(const Setting& s, const toml::table& range, const Where&
 SearchSpace parse_search(const Setting& s, const toml::node& node, const Where& w) {
   if (const toml::table* range = node.as_table()) return parse_range(s, *range, w);
   const toml::array* list = node.as_array();
-  TUTTI_CHECK_AS(ConfigError, list, w.str(), ": must be a list of values [a, b, ...] or a range {min = ..., max = ...}");
+  TUTTI_CHECK_AS(ConfigError, list, w.str(),
+                 ": must be a list of values [a, b, ...] or a range {min = ..., max = ...}");
   TUTTI_CHECK_AS(ConfigError, !list->empty(), w.str(), ": the list of values is empty");
   SearchSpace space{w.key, {}, false, 0, 0, false};
   for (const toml::node& v : *list) {
@@ -125,12 +129,17 @@ int64_t integer(const toml::node& node, const Where& w, int64_t min) {
 void parse_sweep_table(const toml::table& table, SweepConfig& c) {
   for (auto&& [key, node] : table) {
     const Where w{c.path, "sweep", std::string(key.str())};
-    if (w.key == "trials") c.trials = int(integer(node, w, 1));
-    else if (w.key == "seed") c.seed = integer(node, w, 0);
-    else if (w.key == "workers") c.workers = int(integer(node, w, 1));
-    else if (w.key == "threads_per_trial") c.threads_per_trial = int(integer(node, w, 1));
+    if (w.key == "trials")
+      c.trials = int(integer(node, w, 1));
+    else if (w.key == "seed")
+      c.seed = integer(node, w, 0);
+    else if (w.key == "workers")
+      c.workers = int(integer(node, w, 1));
+    else if (w.key == "threads_per_trial")
+      c.threads_per_trial = int(integer(node, w, 1));
     else if (w.key == "out" || w.key == "metric") {
-      TUTTI_CHECK_AS(ConfigError, node.is_string() && !node.value<std::string>()->empty(), w.str(), ": must be a non-empty string");
+      TUTTI_CHECK_AS(ConfigError, node.is_string() && !node.value<std::string>()->empty(), w.str(),
+                     ": must be a non-empty string");
       (w.key == "out" ? c.out : c.metric) = *node.value<std::string>();
       TUTTI_CHECK_AS(ConfigError, w.key == "out" || c.metric == "val_loss" || c.metric == "train_loss", w.str(),
                      ": must be val_loss or train_loss, got '", c.metric, "'");
@@ -227,7 +236,8 @@ Setting::Kind kind_of(const std::string& key) {
 std::string sample(const SearchSpace& s, Rng& rng) {
   if (!s.is_range) return s.values[rng.below(s.values.size())];
   const double u = rng.uniform();
-  const double v = s.log ? std::exp(std::log(s.min) + u * (std::log(s.max) - std::log(s.min))) : s.min + u * (s.max - s.min);
+  const double v =
+      s.log ? std::exp(std::log(s.min) + u * (std::log(s.max) - std::log(s.min))) : s.min + u * (s.max - s.min);
   if (kind_of(s.key) == Setting::Kind::integer)
     return std::to_string(std::clamp<int64_t>(std::llround(v), int64_t(s.min), int64_t(s.max)));
   char buf[32];
@@ -352,7 +362,8 @@ std::string format_plan(const SweepConfig& c, const std::vector<Trial>& trials) 
       << " on " << c.metric << " at steps [";
   for (size_t i = 0; i < c.rungs.size(); ++i) out << (i ? ", " : "") << c.rungs[i];
   out << "]" << (c.rungs.empty() ? " (no early stopping)" : "") << ", into " << c.out << "\n";
-  for (const Trial& t : trials) out << t.name << ": " << describe(t.searched) << ", seed " << t.seed << "\n  " << t.command() << "\n";
+  for (const Trial& t : trials)
+    out << t.name << ": " << describe(t.searched) << ", seed " << t.seed << "\n  " << t.command() << "\n";
   return out.str();
 }
 

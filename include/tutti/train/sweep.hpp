@@ -31,19 +31,19 @@ struct SearchSpace {
 };
 
 struct SweepConfig {
-  std::string path;                // the file it came from
-  SettingValues base;              // [base]: settings every trial shares
-  std::vector<SearchSpace> search; // [search], by key (TOML tables are unordered)
+  std::string path;                 // the file it came from
+  SettingValues base;               // [base]: settings every trial shares
+  std::vector<SearchSpace> search;  // [search], by key (TOML tables are unordered)
   // [sweep]
-  int trials = 0;                  // random search: how many trials (0: a grid, every combination)
-  int64_t seed = 0;                // of the random search and of the trials' seeds
-  int workers = 0;                 // trials at once (0: the cores / threads_per_trial, at least 1)
-  int threads_per_trial = 1;       // compute threads of each trial (`train --threads`)
-  std::string out = "runs/sweep";  // the sweep's directory: trial_NNN/, sweep.jsonl, sweep.svg
-  std::string metric = "val_loss"; // val_loss or train_loss of the evaluations; lower is better
-  double eta = 3;                  // halving factor: the top 1/eta at a rung continue
-  std::vector<int64_t> rungs;      // steps at which trials are compared (evaluation steps)
-  bool rungs_given = false;        // false: eval_interval x eta^k below the trials' steps
+  int trials = 0;                   // random search: how many trials (0: a grid, every combination)
+  int64_t seed = 0;                 // of the random search and of the trials' seeds
+  int workers = 0;                  // trials at once (0: the cores / threads_per_trial, at least 1)
+  int threads_per_trial = 1;        // compute threads of each trial (`train --threads`)
+  std::string out = "runs/sweep";   // the sweep's directory: trial_NNN/, sweep.jsonl, sweep.svg
+  std::string metric = "val_loss";  // val_loss or train_loss of the evaluations; lower is better
+  double eta = 3;                   // halving factor: the top 1/eta at a rung continue
+  std::vector<int64_t> rungs;       // steps at which trials are compared (evaluation steps)
+  bool rungs_given = false;         // false: eval_interval x eta^k below the trials' steps
 };
 
 // Reads and checks a sweep file: unknown tables or keys, values a setting's parser refuses, empty
@@ -58,10 +58,10 @@ SweepConfig load_sweep_config(const std::string& path);
 
 struct Trial {
   int index = 0;
-  std::string name;           // "trial_007"
-  SettingValues searched;     // this trial's values of the searched settings
-  int64_t seed = 0;           // `train --seed` (the base's seed when it sets one, else derived)
-  std::string out;            // <sweep out>/trial_NNN
+  std::string name;        // "trial_007"
+  SettingValues searched;  // this trial's values of the searched settings
+  int64_t seed = 0;        // `train --seed` (the base's seed when it sets one, else derived)
+  std::string out;         // <sweep out>/trial_NNN
   int64_t steps = 0, eval_interval = 0;
   std::vector<std::string> argv;  // the exact command: binary train --KEY VALUE ... --out DIR
   std::string command() const;    // argv as one shell-quoted line
@@ -100,14 +100,14 @@ class SuccessiveHalving {
 struct TrialResult {
   Trial trial;
   enum class Status { completed, stopped, failed } status = Status::failed;
-  double metric = 0;           // the last evaluation's (completed), the stopping rung's (stopped); NaN: none
-  int64_t steps = 0;           // the last step in its metrics.jsonl
-  int stopped_rung = 0;        // stopped: the rung it lost at, counted from 1 (0: none)
-  int64_t stopped_step = -1;   // stopped: that rung's step
-  std::string failure;         // failed: its exit status and last line of output
+  double metric = 0;          // the last evaluation's (completed), the stopping rung's (stopped); NaN: none
+  int64_t steps = 0;          // the last step in its metrics.jsonl
+  int stopped_rung = 0;       // stopped: the rung it lost at, counted from 1 (0: none)
+  int64_t stopped_step = -1;  // stopped: that rung's step
+  std::string failure;        // failed: its exit status and last line of output
   double wall_seconds = 0;
   std::vector<std::pair<int64_t, double>> curve;  // (step, metric) of every evaluation
-  std::string status_text() const;  // "completed", "stopped at rung 1 (step 20)", "failed: ..."
+  std::string status_text() const;                // "completed", "stopped at rung 1 (step 20)", "failed: ..."
 };
 
 struct SweepResult {
@@ -115,11 +115,11 @@ struct SweepResult {
                                     // first) and metric, then failed
   double wall_seconds = 0;
   int workers = 0;
-  double busy_fraction = 0;         // trial seconds / (workers x wall seconds)
+  double busy_fraction = 0;  // trial seconds / (workers x wall seconds)
 };
 
 struct SweepOptions {
-  std::string binary;      // the tutti program the trials run (usually /proc/self/exe)
+  std::string binary;           // the tutti program the trials run (usually /proc/self/exe)
   std::ostream* log = nullptr;  // progress lines (default std::cout)
 };
 
