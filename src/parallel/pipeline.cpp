@@ -198,9 +198,11 @@ class Pipeline::Step {
     timeline_.spans.push_back({kind, micro, begin, now()});
     if (!trace::enabled()) return;
     traced_until_ = trace::now_us();
-    const bool compute = kind == Span::Kind::forward || kind == Span::Kind::backward;
-    trace::complete(std::string(span_name(kind)) + " " + std::to_string(micro),
-                    compute ? trace::cat::compute : trace::cat::comm, trace_begin, traced_until_,
+    // A stage waiting to receive waits for its neighbour's compute: bubble, not communication.
+    const char* category = kind == Span::Kind::send   ? trace::cat::comm
+                           : kind == Span::Kind::recv ? trace::cat::bubble
+                                                      : trace::cat::compute;
+    trace::complete(std::string(span_name(kind)) + " " + std::to_string(micro), category, trace_begin, traced_until_,
                     "{\"micro_batch\":" + std::to_string(micro) + "}");
   }
 

@@ -29,38 +29,48 @@ StepPart part_of(const std::string& category) {
 }
 
 // One thread's spans: exclusive time per part inside step spans (added to `rank`), and the busy
-// time of outermost spans outside any step (background threads; before and after the loop). Spans that overlap without
-// nesting are reported as problems.
+// time of outermost spans outside any step (background threads; before and after the loop). The
+// thread's first step (warm-up: connections, allocations) is left out and timed apart. A wait
+// inside a pipeline receive is bubble: the stage waits for the stage before it. Spans that
+// overlap without nesting are reported as problems.
 void account_thread(std::vector<SpanEvent> spans, RankTime& rank, std::vector<std::string>& problems,
                     const std::string& where) {
   std::sort(spans.begin(), spans.end(), [](const SpanEvent& a, const SpanEvent& b) {
     return a.ts != b.ts ? a.ts < b.ts : a.dur > b.dur;  // a parent before the child that starts with it
   });
   constexpr double kSlackUs = 1.0;  // timestamps are rounded to the microsecond by some writers
+  enum class Where { outside, counted, warm_up };
   struct Open {
     const SpanEvent* span;
+    StepPart part;
+    Where where;
     double children = 0.0;
-    bool in_step;
   };
   std::vector<Open> stack;
+  bool first_step = true;
   auto close = [&] {
     const Open o = stack.back();
     stack.pop_back();
     const double exclusive = std::max(0.0, o.span->dur - o.children) * 1e-6;
-    if (o.in_step) rank.seconds[size_t(part_of(o.span->category))] += exclusive;
+    if (o.where == Where::counted) rank.seconds[size_t(o.part)] += exclusive;
     if (!stack.empty()) stack.back().children += o.span->dur;
-    else if (!o.in_step) rank.outside_seconds += o.span->dur * 1e-6;
+    else if (o.where == Where::outside) rank.outside_seconds += o.span->dur * 1e-6;
   };
   for (const SpanEvent& s : spans) {
     while (!stack.empty() && s.ts >= stack.back().span->ts + stack.back().span->dur - kSlackUs) close();
     if (!stack.empty() && s.ts + s.dur > stack.back().span->ts + stack.back().span->dur + kSlackUs)
       problems.push_back(where + ": span '" + s.name + "' overlaps '" + stack.back().span->name + "' without nesting");
-    const bool is_step = s.category == trace::cat::step;
-    if (is_step) {
-      ++rank.steps;
-      rank.step_seconds += s.dur * 1e-6;
+    Where w = stack.empty() ? Where::outside : stack.back().where;
+    StepPart part = part_of(s.category);
+    if (s.category == trace::cat::step) {
+      w = first_step ? Where::warm_up : Where::counted;
+      if (first_step) rank.first_step_seconds = s.dur * 1e-6;
+      else ++rank.steps, rank.step_seconds += s.dur * 1e-6;
+      first_step = false;
+    } else if (part == StepPart::comm && !stack.empty() && stack.back().part == StepPart::bubble) {
+      part = StepPart::bubble;
     }
-    stack.push_back({&s, 0.0, is_step || (!stack.empty() && stack.back().in_step)});
+    stack.push_back({&s, part, w});
   }
   while (!stack.empty()) close();
 }
@@ -118,7 +128,7 @@ TraceReport read_trace_report(const std::string& path) {
     report.ranks.push_back(rank);
   }
   TUTTI_CHECK_AS(ConfigError, !report.ranks.empty() && report.ranks[0].steps > 0, "trace '", path,
-                 "' holds no training steps");
+                 "' holds fewer than two training steps (the first, warm-up, is left out)");
   if (report.ranks.size() >= 2) {
     std::vector<double> compute;
     for (const RankTime& r : report.ranks) compute.push_back(r.compute_per_step());
@@ -134,7 +144,7 @@ TraceReport read_trace_report(const std::string& path) {
 std::string format_trace_report(const TraceReport& report) {
   std::string out;
   char buf[256];
-  std::snprintf(buf, sizeof buf, "%-28s %7s %9s", "share of step time", "steps", "step ms");
+  std::snprintf(buf, sizeof buf, "%-28s %9s %7s %9s", "share of step time", "first ms", "steps", "step ms");
   out += buf;
   for (size_t p = 0; p < size_t(StepPart::count); ++p) {
     std::snprintf(buf, sizeof buf, " %12s", step_part_name(StepPart(p)));
@@ -142,7 +152,7 @@ std::string format_trace_report(const TraceReport& report) {
   }
   out += "  total  outside steps s\n";
   for (const RankTime& r : report.ranks) {
-    std::snprintf(buf, sizeof buf, "%-28s %7d %9.2f", r.name.c_str(), r.steps,
+    std::snprintf(buf, sizeof buf, "%-28s %9.1f %7d %9.2f", r.name.c_str(), 1e3 * r.first_step_seconds, r.steps,
                   r.steps ? 1e3 * r.step_seconds / r.steps : 0.0);
     out += buf;
     double total = 0.0;

@@ -162,7 +162,6 @@ class Run {
     }
     finish_eval();
     eval_client_.reset();  // the evaluating rank stops
-    set_num_threads(train_threads_);
     if (writer_) result_.checkpoint = writer_->wait();
     if (lead_) log_checkpoint_timing();
     const double total = std::chrono::duration<double>(Clock::now() - run_start).count();
@@ -206,8 +205,6 @@ class Run {
     mesh_.set_step(step + 1);
     if (device_mesh_) device_mesh_->set_step(step + 1);
     heartbeat_.set_step(step);
-    // While an evaluation computes beside it, the kernels' team leaves it its cores.
-    set_num_threads(eval_task_ && !eval_task_->done() ? threads_beside_eval_ : train_threads_);
     replica_->zero_grad();
     const std::vector<data::Batch> batches = loader_.take(step);
     auto forward = [&](int m, const Tensor& input) {
@@ -395,11 +392,14 @@ class Run {
     auto mine = model_.named_parameters(), copy = snapshot_->named_parameters();
     for (size_t i = 0; i < mine.size(); ++i) copy[i].second.copy_(mine[i].second);
     eval_step_ = state_.step;
-    const int threads = tasks_.background() ? std::max(1, cores_per_rank() - train_threads_) : train_threads_;
-    threads_beside_eval_ = std::clamp(cores_per_rank() - threads, 1, train_threads_);
-    eval_task_ = tasks_.run("eval step " + std::to_string(state_.step), trace::cat::eval, threads, [this] {
-      eval_ = evaluate_share(*snapshot_, dataset_, config_, eval_step_, coord_.dp, layout_.mesh.dp, lead_);
-    });
+    // Beside training only on cores its kernels leave free: where the team has every core, the
+    // evaluation would take cores from it, and measured slower that way than in turn with the
+    // whole team (docs/tasks.md).
+    const int spare = cores_per_rank() - train_threads_;
+    eval_task_ = tasks_.run(
+        "eval step " + std::to_string(state_.step), trace::cat::eval, spare > 0 ? spare : train_threads_,
+        [this] { eval_ = evaluate_share(*snapshot_, dataset_, config_, eval_step_, coord_.dp, layout_.mesh.dp, lead_); },
+        spare > 0);
   }
 
   // Waits for the evaluation in flight and reports it (a collective: every rank has one pending).
@@ -694,7 +694,6 @@ class Run {
   EvalShare eval_;                    // its result: this replica's share
   std::shared_ptr<Task> eval_task_;   // the evaluation not yet reported
   const int train_threads_ = num_threads();  // the kernels' team (--threads), set before the members
-  int threads_beside_eval_ = 1;              // the team while an evaluation computes beside it
   std::unique_ptr<nn::GPT> snapshot_;  // the weights it evaluates
   Clock::time_point last_checkpoint_;
   int bad_in_row_ = 0;

@@ -53,7 +53,8 @@ Tasks::~Tasks() {
   }
 }
 
-std::shared_ptr<Task> Tasks::run(std::string name, const char* category, int kernel_threads, std::function<void()> fn) {
+std::shared_ptr<Task> Tasks::run(std::string name, const char* category, int kernel_threads, std::function<void()> fn,
+                                 bool background) {
   auto task = std::make_shared<Task>();
   auto body = [task, name = std::move(name), category, kernel_threads, fn = std::move(fn)] {
     std::exception_ptr error;
@@ -68,7 +69,7 @@ std::shared_ptr<Task> Tasks::run(std::string name, const char* category, int ker
     set_num_threads(saved);
     task->finish(error);
   };
-  if (!arena_) {
+  if (!arena_ || !background) {
     body();
     return task;
   }

@@ -48,8 +48,10 @@ class Tasks {
   Tasks& operator=(const Tasks&) = delete;
 
   // Runs `fn` with `kernel_threads` OpenMP threads for its kernels, as a span `name` of `category`
-  // in a trace. The handle's wait() rethrows what fn threw.
-  std::shared_ptr<Task> run(std::string name, const char* category, int kernel_threads, std::function<void()> fn);
+  // in a trace, in the background (or, when `background` is false, here and now). The handle's
+  // wait() rethrows what fn threw.
+  std::shared_ptr<Task> run(std::string name, const char* category, int kernel_threads, std::function<void()> fn,
+                            bool background = true);
   bool background() const { return workers_ > 0; }
 
  private:
