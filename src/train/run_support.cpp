@@ -52,6 +52,7 @@ void create_run_dir(const TrainConfig& config, bool resume) {
 }
 
 int cores_per_rank() {
+  if (const char* cores = std::getenv("TUTTI_CORES")) return std::max(1, std::atoi(cores));
   const char* local = std::getenv("OMPI_COMM_WORLD_LOCAL_SIZE");
   return std::max(1, hardware_threads() / std::max(1, local ? std::atoi(local) : 1));
 }

@@ -35,7 +35,8 @@ void check_same_config(comm::Communicator& world, const TrainConfig& config);
 // The device this rank trains on: --device cuda under a launcher is one GPU per rank, the rank's
 // index among the ranks of its host (Open MPI's and Slurm's local rank).
 Device run_device(const TrainConfig& config, const comm::Communicator& world);
-// The cores of this host divided among its ranks (Open MPI says how many share it).
+// The cores this rank may use: TUTTI_CORES when set (a sweep's trials), else the cores of this
+// host divided among its ranks (Open MPI says how many share it).
 int cores_per_rank();
 // Fault injection (tests): "3,7,8" in variable `name` -> {3, 7, 8}; TUTTI_INJECT_SLOW_RANK="RANK:MS"
 // -> MS for that rank, else 0.

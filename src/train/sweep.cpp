@@ -82,16 +82,21 @@ class StopSignals {
 // `argv` started with posix_spawn, stdin from /dev/null, stdout and stderr into `log_path`. It
 // stays in the sweep's process group, so a Ctrl-C of the sweep ends the trials too. Variables of
 // an MPI launch are not passed on: a trial is a world of one even when the sweep runs under mpirun.
+// TUTTI_CORES tells it the cores it has (its threads), not the machine's: with none to spare, its
+// evaluations run in turn rather than on a core another trial is using (docs/tasks.md).
 class TrialProcess {
  public:
-  TrialProcess(const std::vector<std::string>& argv, const std::string& log_path) {
+  TrialProcess(const std::vector<std::string>& argv, const std::string& log_path, int cores) {
     std::vector<char*> args;
     for (const std::string& a : argv) args.push_back(const_cast<char*>(a.c_str()));
     args.push_back(nullptr);
     std::vector<char*> env;
     for (char** e = environ; *e; ++e)
-      if (std::strncmp(*e, "OMPI_", 5) != 0 && std::strncmp(*e, "PMIX_", 5) != 0 && std::strncmp(*e, "PMI_", 4) != 0)
+      if (std::strncmp(*e, "OMPI_", 5) != 0 && std::strncmp(*e, "PMIX_", 5) != 0 && std::strncmp(*e, "PMI_", 4) != 0 &&
+          std::strncmp(*e, "TUTTI_CORES=", 12) != 0)
         env.push_back(*e);
+    std::string cores_var = "TUTTI_CORES=" + std::to_string(cores);
+    env.push_back(cores_var.data());
     env.push_back(nullptr);
     posix_spawn_file_actions_t actions;
     posix_spawn_file_actions_init(&actions);
@@ -287,7 +292,7 @@ TrialResult run_trial(const Trial& trial, SweepState& state) {
   const auto t0 = Clock::now();
   const fs::path log_path = fs::path(state.config.out) / "logs" / (trial.name + ".log");
   state.say("start " + trial.name + ": " + trial.command());
-  TrialProcess process(trial.argv, log_path.string());
+  TrialProcess process(trial.argv, log_path.string(), state.config.threads_per_trial);
   LineTail metrics(fs::path(trial.out) / "metrics.jsonl");
   size_t next_rung = 0;
   bool stopped = false;
