@@ -33,6 +33,22 @@ struct GemmOf {
 using Gemm = GemmOf<float>;
 using GemmBf16 = GemmOf<BFloat16>;
 
+// What a fused GEMM does after the product (row-major terms; P = op(A) op(B), (m, n)):
+//   bias       C = P + bias                     bias (n)
+//   bias_gelu  aux = P + bias; C = gelu(aux)    GELU in the tanh form, aux (m, n) with ldc
+//   bias_grad  C = P; bias_grad = the sums of op(B) over k (n): a linear layer's bias gradient
+//              from the dW product, dW = x^T g, bias_grad = column sums of g
+enum class GemmEpilogue { bias, bias_gelu, bias_grad };
+
+template <class T>
+struct EpilogueGemmOf {
+  GemmOf<T> gemm;  // batch 1 and beta 0 only
+  GemmEpilogue epilogue = GemmEpilogue::bias;
+  const float* bias = nullptr;
+  float* aux = nullptr;
+  float* bias_grad = nullptr;
+};
+
 struct AdamWStep {
   float lr, beta1, beta2, eps, weight_decay;
   float bias_correction1, bias_correction2;  // 1 - beta^t
@@ -70,6 +86,11 @@ class Backend {
 
   // -- GEMM ---------------------------------------------------------------------------------
   virtual void gemm(const Gemm& g);
+  // A GEMM with its epilogue fused in. Returns false, having done nothing, where this backend has
+  // no fused path for the case (the default, the CPU's): the caller then runs the GEMM and the
+  // epilogue's own kernels.
+  virtual bool gemm_epilogue(const EpilogueGemmOf<float>&) { return false; }
+  virtual bool gemm_epilogue_bf16(const EpilogueGemmOf<BFloat16>&) { return false; }
 
   // -- fused ops ------------------------------------------------------------------------------
   virtual void layer_norm_forward(const float* x, const float* w, const float* b, float* y, float* mean,

@@ -89,7 +89,7 @@ struct GPT::Block : Module {
     const DType attention = attn.c_attn.weight_bf16.defined() ? DType::bf16 : DType::f32;
     Tensor qkv = attn.c_attn.forward(parallel::copy_to_group(ln_1.forward(x), tp));  // (B, T, 3C / P)
     Tensor h = ops::add(x, row_parallel(attn.c_proj, ops::causal_attention(qkv, n_head, attention), tp));
-    Tensor hidden = ops::gelu(mlp.c_fc.forward(parallel::copy_to_group(ln_2.forward(h), tp)));  // (B, T, 4C / P)
+    Tensor hidden = mlp.c_fc.forward_gelu(parallel::copy_to_group(ln_2.forward(h), tp));  // (B, T, 4C / P)
     return ops::add(h, row_parallel(mlp.c_proj, hidden, tp));
   }
   LayerNorm ln_1;

@@ -176,54 +176,126 @@ Tensor matmul(const Tensor& a_in, const Tensor& b_in, bool ta, bool tb, const Te
 }
 
 // ------------------------------------------------------------------------------------------
-// linear: y = x W + b
+// linear: y = x W + b, and linear_gelu: y = gelu(x W + b)
+//
+// Where the backend fuses epilogues into its GEMM (CUDA through cuBLASLt), the bias add, the GELU
+// and the bias gradient run inside the products; elsewhere (the CPU), or where it declines a
+// case, they run as their own kernels, as before.
 
-Tensor linear(const Tensor& x_in, const Tensor& w, const Tensor& bias, const Tensor& w_bf16) {
-  check_f32(x_in, "linear", "input");
-  check_f32(w, "linear", "weight");
-  check_same_device(x_in, w, "linear");
-  TUTTI_CHECK_AS(InvalidArgument, w.ndim() == 2 && w.is_contiguous(), "linear: weight must be contiguous (in, out), got ",
+namespace {
+
+// C = op(A) op(B) with epilogue `e` fused in, if the backend can; false: nothing was done.
+bool gemm_epilogue_into(const Tensor& a, bool ta, const Tensor& b, bool tb, const Tensor& c, GemmEpilogue e,
+                        const float* bias, float* aux, float* bias_grad) {
+  if (a.dtype() == DType::bf16)
+    return backend_of(c).gemm_epilogue_bf16({gemm_of(a, ta, b, tb, c, 0.0f, bf16(a), bf16(b)), e, bias, aux,
+                                             bias_grad});
+  return backend_of(c).gemm_epilogue({gemm_of<float>(a, ta, b, tb, c, 0.0f, f32(a), f32(b)), e, bias, aux,
+                                      bias_grad});
+}
+
+// Validates linear's operands; returns the rows N (the leading dimensions: not numel / in, which
+// fails when in == 0).
+int64_t check_linear(const Tensor& x_in, const Tensor& w, const Tensor& bias, const Tensor& w_bf16, const char* op) {
+  check_f32(x_in, op, "input");
+  check_f32(w, op, "weight");
+  check_same_device(x_in, w, op);
+  TUTTI_CHECK_AS(InvalidArgument, w.ndim() == 2 && w.is_contiguous(), op, ": weight must be contiguous (in, out), got ",
                  w.str());
-  TUTTI_CHECK_AS(InvalidArgument, x_in.ndim() >= 1 && x_in.size(-1) == w.size(0), "linear: input ", x_in.str(),
+  TUTTI_CHECK_AS(InvalidArgument, x_in.ndim() >= 1 && x_in.size(-1) == w.size(0), op, ": input ", x_in.str(),
                  " does not match weight ", w.str());
-  const int64_t in = w.size(0), out_features = w.size(1);
   if (bias.defined()) {
-    check_f32(bias, "linear", "bias");
-    check_same_device(x_in, bias, "linear");
-    TUTTI_CHECK_AS(InvalidArgument, bias.ndim() == 1 && bias.size(0) == out_features, "linear: bias ", bias.str(),
+    check_f32(bias, op, "bias");
+    check_same_device(x_in, bias, op);
+    TUTTI_CHECK_AS(InvalidArgument, bias.ndim() == 1 && bias.size(0) == w.size(1), op, ": bias ", bias.str(),
                    " does not match weight ", w.str());
   }
-  int64_t n = 1;  // rows: the leading dimensions (not numel / in, which fails when in == 0)
+  checked_copy(w_bf16, w, op);
+  int64_t n = 1;
   for (int i = 0; i + 1 < x_in.ndim(); ++i) n *= x_in.size(i);
-  const bool mixed = checked_copy(w_bf16, w, "linear").defined();
-  const Tensor x = x_in.contiguous().view({n, in});  // (N, in)
-  const Tensor xc = mixed ? to_bf16(x) : x, wc = mixed ? w_bf16 : w;  // what the products read
-  Shape out_shape = x_in.shape();
-  out_shape[-1] = out_features;
-  Tensor y = new_like(x, {n, out_features});
-  gemm_into(xc, false, wc, false, y, 0.0f);
-  if (bias.defined() && n > 0) backend_of(y).add(f32(y), f32(bias.contiguous()), f32(y), n, out_features);
-  y = y.view(out_shape);
-  if (!any_requires_grad({&x_in, &w, &bias})) return y;
-  const bool need_x = x_in.requires_grad(), need_w = w.requires_grad();
-  const bool has_bias = bias.defined(), need_b = has_bias && bias.requires_grad();
-  const Shape x_shape = x_in.shape();
-  std::vector<Tensor> inputs{x_in, w};
-  if (has_bias) inputs.push_back(bias);
-  auto rule = [xc, wc, need_x, need_w, has_bias, need_b, x_shape, mixed](const Tensor& g_in) {
+  return n;
+}
+
+// The gradients of y = x W + b from g = dL/dy (N, out): dx (x_shape), dW (in, out), db (out).
+// xc, wc: what the forward's product read (bf16 under mixed precision, then g is rounded too and
+// a fused bias gradient sums the rounded g, as the dW product reads it).
+struct LinearBackward {
+  Tensor xc, wc;
+  bool need_x, need_w, has_bias, need_b, mixed;
+  Shape x_shape;
+
+  std::vector<Tensor> operator()(const Tensor& g_in) const {
     const int64_t out_features = wc.size(1);
     const Tensor g = g_in.contiguous().view({xc.size(0), out_features});  // (N, out)
     const Tensor gc = mixed ? to_bf16(g) : g;
     std::vector<Tensor> grads(has_bias ? 3 : 2);
     if (need_x) grads[0] = gemm_new(gc, false, wc, true).view(x_shape);  // (N, in)
-    if (need_w) grads[1] = gemm_new(xc, true, gc, false);                // (in, out)
-    if (need_b) {
-      grads[2] = new_like(g, {out_features});
-      backend_of(g).sum_rows(f32(g), f32(grads[2]), g.size(0), out_features, false);
+    if (need_b) grads[2] = new_like(g, {out_features});
+    bool bias_done = false;
+    if (need_w) {  // (in, out)
+      grads[1] = new_like(g, {xc.size(1), out_features});
+      bias_done = need_b && gemm_epilogue_into(xc, true, gc, false, grads[1], GemmEpilogue::bias_grad, nullptr,
+                                               nullptr, f32(grads[2]));
+      if (!bias_done) gemm_into(xc, true, gc, false, grads[1], 0.0f);
     }
+    if (need_b && !bias_done) backend_of(g).sum_rows(f32(g), f32(grads[2]), g.size(0), out_features, false);
     return grads;
-  };
-  return record_op(y, OpKind::linear, inputs, rule);
+  }
+};
+
+LinearBackward linear_backward(const Tensor& xc, const Tensor& wc, const Tensor& x_in, const Tensor& w,
+                               const Tensor& bias, bool mixed) {
+  const bool has_bias = bias.defined();
+  return {xc,       wc, x_in.requires_grad(), w.requires_grad(), has_bias, has_bias && bias.requires_grad(),
+          mixed, x_in.shape()};
+}
+
+}  // namespace
+
+Tensor linear(const Tensor& x_in, const Tensor& w, const Tensor& bias, const Tensor& w_bf16) {
+  const int64_t n = check_linear(x_in, w, bias, w_bf16, "linear");
+  const int64_t in = w.size(0), out_features = w.size(1);
+  const bool mixed = w_bf16.defined();
+  const Tensor x = x_in.contiguous().view({n, in});                     // (N, in)
+  const Tensor xc = mixed ? to_bf16(x) : x, wc = mixed ? w_bf16 : w;  // what the products read
+  Shape out_shape = x_in.shape();
+  out_shape[-1] = out_features;
+  Tensor y = new_like(x, {n, out_features});
+  const Tensor b = bias.defined() ? bias.contiguous() : bias;
+  const bool fused = b.defined() && gemm_epilogue_into(xc, false, wc, false, y, GemmEpilogue::bias, f32(b), nullptr,
+                                                       nullptr);
+  if (!fused) {
+    gemm_into(xc, false, wc, false, y, 0.0f);
+    if (b.defined() && n > 0) backend_of(y).add(f32(y), f32(b), f32(y), n, out_features);
+  }
+  y = y.view(out_shape);
+  if (!any_requires_grad({&x_in, &w, &bias})) return y;
+  std::vector<Tensor> inputs{x_in, w};
+  if (bias.defined()) inputs.push_back(bias);
+  return record_op(y, OpKind::linear, inputs, linear_backward(xc, wc, x_in, w, bias, mixed));
+}
+
+Tensor linear_gelu(const Tensor& x_in, const Tensor& w, const Tensor& bias, const Tensor& w_bf16) {
+  const int64_t n = check_linear(x_in, w, bias, w_bf16, "linear_gelu");
+  const int64_t in = w.size(0), out_features = w.size(1);
+  const bool mixed = w_bf16.defined();
+  const Tensor x = x_in.contiguous().view({n, in});
+  const Tensor xc = mixed ? to_bf16(x) : x, wc = mixed ? w_bf16 : w;
+  const Tensor b = bias.defined() ? bias.contiguous() : bias;
+  Tensor y = new_like(x, {n, out_features}), h = new_like(x, {n, out_features});  // h: GELU's input, kept
+  if (!b.defined() || !gemm_epilogue_into(xc, false, wc, false, y, GemmEpilogue::bias_gelu, f32(b), f32(h), nullptr))
+    return gelu(linear(x_in, w, bias, w_bf16));  // no fused path: the two ops, exactly as before
+  Shape out_shape = x_in.shape();
+  out_shape[-1] = out_features;
+  y = y.view(out_shape);
+  if (!any_requires_grad({&x_in, &w, &bias})) return y;
+  LinearBackward rest = linear_backward(xc, wc, x_in, w, bias, mixed);
+  return record_op(y, OpKind::linear_gelu, {x_in, w, bias}, [h, rest](const Tensor& g_in) {
+    const Tensor g = g_in.contiguous();
+    Tensor dh = new_like(h, h.shape());  // dL/d(x W + b)
+    backend_of(h).gelu_backward(f32(h), f32(g), f32(dh), h.numel());
+    return rest(dh);
+  });
 }
 
 // ------------------------------------------------------------------------------------------

@@ -59,6 +59,7 @@ class Linear : public Module {
  public:
   Linear(int64_t in_features, int64_t out_features, bool bias = true);
   Tensor forward(const Tensor& x) const;
+  Tensor forward_gelu(const Tensor& x) const;  // gelu(forward(x)), fused where the device can
   Tensor weight, bias;
   Tensor weight_bf16;  // compute copy under mixed precision (see Module), else undefined
 };

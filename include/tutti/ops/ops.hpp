@@ -20,6 +20,10 @@ Tensor matmul(const Tensor& a, const Tensor& b, bool trans_a = false, bool trans
 // y = x W + b with x (..., in), W (in, out) (Hugging Face Conv1D layout), b (out) or undefined.
 Tensor linear(const Tensor& x, const Tensor& weight, const Tensor& bias = Tensor(),
               const Tensor& weight_bf16 = Tensor());
+// gelu(linear(x, weight, bias, weight_bf16)) as one op: on CUDA one cuBLASLt product with the
+// bias and GELU (tanh form) in its epilogue, keeping GELU's input for backward; elsewhere, or
+// without a bias, the two ops.
+Tensor linear_gelu(const Tensor& x, const Tensor& weight, const Tensor& bias, const Tensor& weight_bf16 = Tensor());
 
 // x rounded to bf16 (nearest even), no autograd: what the mixed-precision products read.
 Tensor to_bf16(const Tensor& x);

@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "backend/cuda/cuda_check.hpp"
+#include "backend/cuda/cuda_gemm_lt.hpp"
 #include "backend/cuda/cuda_kernels.cuh"
 #include "tutti/core/error.hpp"
 
@@ -104,6 +105,10 @@ class CudaBackend final : public Backend {
     // the probabilities instead (the reference path, and a way to compare).
     const char* flash = std::getenv("TUTTI_CUDA_FLASH");
     use_flash_ = flash == nullptr || std::strcmp(flash, "0") != 0;
+    // Linear layers' bias, GELU and bias gradient fused into cuBLASLt products; TUTTI_CUDA_LT=0
+    // runs them as separate kernels after cuBLAS products (to compare).
+    const char* lt = std::getenv("TUTTI_CUDA_LT");
+    if (lt == nullptr || std::strcmp(lt, "0") != 0) lt_ = std::make_unique<LtGemm>(stream_->get(), use_tf32);
   }
 
   Device device() const override { return Device::cuda(index_); }
@@ -207,6 +212,14 @@ class CudaBackend final : public Backend {
   // -- GEMM ----------------------------------------------------------------------------------------
   void gemm(const Gemm& g) override { run_gemm(g); }
   void gemm_bf16(const GemmBf16& g) override { run_gemm(g); }
+  bool gemm_epilogue(const EpilogueGemmOf<float>& g) override {
+    activate();
+    return lt_ && lt_->run(g);
+  }
+  bool gemm_epilogue_bf16(const EpilogueGemmOf<BFloat16>& g) override {
+    activate();
+    return lt_ && lt_->run(g);
+  }
 
   // -- fused ops -----------------------------------------------------------------------------------
   void layer_norm_forward(const float* x, const float* w, const float* b, float* y, float* mean, float* rstd,
@@ -361,6 +374,7 @@ class CudaBackend final : public Backend {
   bool use_flash_ = true;
   std::unique_ptr<Stream> stream_;
   std::unique_ptr<CublasHandle> cublas_;
+  std::unique_ptr<LtGemm> lt_;  // null under TUTTI_CUDA_LT=0
   kernels::LaunchLimits limits_{};
   std::mutex scratch_mutex_;  // scratch_ is shared by the reductions and attention
   DeviceBuffer scratch_;

@@ -1,0 +1,154 @@
+// cuBLASLt products with fused epilogues. tutti's GEMMs are row-major and cuBLASLt's column-major:
+// row-major C = op(A) op(B) is column-major C^T = op(B)^T op(A)^T, so A and B swap places and m and
+// n swap, as in CudaBackend::run_gemm. In those column-major terms a linear layer's bias (one per
+// output feature, a row-major column) is one per row of D, which is what CUBLASLT_EPILOGUE_BIAS
+// broadcasts, and the bias gradient of dW = x^T g (column sums of g over the k = N rows) is the sum
+// of the column-major A (= g) over k: CUBLASLT_EPILOGUE_BGRADA. GELU's input goes to the aux
+// matrix, laid out as D (fp32, leading dimension ldc, which cuBLASLt wants a multiple of 8).
+// Bias, bias gradient and aux are fp32, as D is (cuBLASLt's default types for an fp32 D).
+#include "backend/cuda/cuda_gemm_lt.hpp"
+
+#include <algorithm>
+#include <type_traits>
+
+#include "backend/cuda/cuda_check.hpp"
+
+namespace tutti::cuda {
+namespace {
+
+// Owned cuBLASLt descriptors.
+struct MatmulDesc {
+  cublasLtMatmulDesc_t desc = nullptr;
+  MatmulDesc(cublasComputeType_t compute) { CUBLAS_CHECK(cublasLtMatmulDescCreate(&desc, compute, CUDA_R_32F)); }
+  ~MatmulDesc() { cublasLtMatmulDescDestroy(desc); }
+  MatmulDesc(const MatmulDesc&) = delete;
+  MatmulDesc& operator=(const MatmulDesc&) = delete;
+  template <class V>
+  void set(cublasLtMatmulDescAttributes_t attr, const V& value) {
+    CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(desc, attr, &value, sizeof(value)));
+  }
+};
+
+struct Layout {
+  cublasLtMatrixLayout_t layout = nullptr;
+  Layout(cudaDataType_t type, int64_t rows, int64_t cols, int64_t ld) {
+    CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&layout, type, static_cast<uint64_t>(rows), static_cast<uint64_t>(cols),
+                                            ld));
+  }
+  ~Layout() { cublasLtMatrixLayoutDestroy(layout); }
+  Layout(const Layout&) = delete;
+  Layout& operator=(const Layout&) = delete;
+};
+
+struct Preference {
+  cublasLtMatmulPreference_t pref = nullptr;
+  Preference() { CUBLAS_CHECK(cublasLtMatmulPreferenceCreate(&pref)); }
+  ~Preference() { cublasLtMatmulPreferenceDestroy(pref); }
+  Preference(const Preference&) = delete;
+  Preference& operator=(const Preference&) = delete;
+  template <class V>
+  void set(cublasLtMatmulPreferenceAttributes_t attr, const V& value) {
+    CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, attr, &value, sizeof(value)));
+  }
+};
+
+// The largest power of two, up to 16, that divides the address (what the algorithm may assume).
+uint32_t alignment(const void* p) {
+  const auto v = reinterpret_cast<uintptr_t>(p);
+  uint32_t a = 16;
+  while (a > 1 && v % a != 0) a /= 2;
+  return a;
+}
+
+cublasLtEpilogue_t lt_epilogue(GemmEpilogue e) {
+  switch (e) {
+    case GemmEpilogue::bias: return CUBLASLT_EPILOGUE_BIAS;
+    case GemmEpilogue::bias_gelu: return CUBLASLT_EPILOGUE_GELU_AUX_BIAS;
+    case GemmEpilogue::bias_grad: return CUBLASLT_EPILOGUE_BGRADA;
+  }
+  return CUBLASLT_EPILOGUE_DEFAULT;
+}
+
+}  // namespace
+
+LtGemm::LtGemm(cudaStream_t stream, bool tf32) : stream_(stream), tf32_(tf32) {
+  CUBLAS_CHECK(cublasLtCreate(&handle_));
+  workspace_bytes_ = size_t{32} << 20;  // cuBLASLt's advice for Hopper
+  const cudaError_t err = cudaMalloc(&workspace_, workspace_bytes_);
+  if (err != cudaSuccess) {
+    cublasLtDestroy(handle_);
+    CUDA_CHECK(err);
+  }
+}
+
+LtGemm::~LtGemm() {
+  cudaFree(workspace_);
+  cublasLtDestroy(handle_);
+}
+
+bool LtGemm::run(const EpilogueGemmOf<float>& g) { return dispatch(g, CUDA_R_32F); }
+bool LtGemm::run(const EpilogueGemmOf<BFloat16>& g) { return dispatch(g, CUDA_R_16BF); }
+
+template <class T>
+bool LtGemm::dispatch(const EpilogueGemmOf<T>& e, cudaDataType_t ab_type) {
+  const GemmOf<T>& g = e.gemm;
+  if (g.batch != 1 || g.beta != 0.0f || g.alpha != 1.0f || g.m <= 0 || g.n <= 0 || g.k <= 0) return false;
+  const bool gelu = e.epilogue == GemmEpilogue::bias_gelu, grad = e.epilogue == GemmEpilogue::bias_grad;
+  if (grad ? e.bias_grad == nullptr : e.bias == nullptr) return false;
+  if (gelu && (e.aux == nullptr || g.ldc % 8 != 0)) return false;
+  Problem p{ab_type, g.trans_b, g.trans_a, g.n, g.m, g.k, g.ldb, g.lda, g.ldc, lt_epilogue(e.epilogue),
+            g.b,     g.a,       g.c,       e.bias, e.aux, e.bias_grad};
+  return run_problem(p);
+}
+
+bool LtGemm::run_problem(const Problem& p) {
+  const bool fp32 = p.ab_type == CUDA_R_32F;
+  MatmulDesc desc(fp32 && tf32_ ? CUBLAS_COMPUTE_32F_FAST_TF32 : CUBLAS_COMPUTE_32F);
+  desc.set(CUBLASLT_MATMUL_DESC_TRANSA, static_cast<int32_t>(p.trans_a ? CUBLAS_OP_T : CUBLAS_OP_N));
+  desc.set(CUBLASLT_MATMUL_DESC_TRANSB, static_cast<int32_t>(p.trans_b ? CUBLAS_OP_T : CUBLAS_OP_N));
+  desc.set(CUBLASLT_MATMUL_DESC_EPILOGUE, static_cast<uint32_t>(p.epilogue));
+  const void* bias = p.epilogue == CUBLASLT_EPILOGUE_BGRADA ? static_cast<const void*>(p.bias_grad) : p.bias;
+  desc.set(CUBLASLT_MATMUL_DESC_BIAS_POINTER, bias);
+  if (p.epilogue == CUBLASLT_EPILOGUE_GELU_AUX_BIAS) {
+    desc.set(CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_POINTER, static_cast<void*>(p.aux));
+    desc.set(CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_LD, p.ldc);
+  }
+  const Layout a(p.ab_type, p.trans_a ? p.k : p.m, p.trans_a ? p.m : p.k, p.lda);
+  const Layout b(p.ab_type, p.trans_b ? p.n : p.k, p.trans_b ? p.k : p.n, p.ldb);
+  const Layout d(CUDA_R_32F, p.m, p.n, p.ldc);
+
+  const uint32_t align_a = alignment(p.a), align_b = alignment(p.b), align_d = alignment(p.d);
+  const uint32_t align_e = std::min(alignment(bias), p.aux ? alignment(p.aux) : 16u);
+  const Key key{static_cast<int>(p.ab_type), p.trans_a, p.trans_b, p.m, p.n, p.k, p.lda, p.ldb, p.ldc,
+                static_cast<int>(p.epilogue), static_cast<int>(align_a | align_b << 5 | align_d << 10 | align_e << 15)};
+  Found found;
+  {
+    std::lock_guard lock(cache_mutex_);
+    auto it = cache_.find(key);
+    if (it != cache_.end()) {
+      found = it->second;
+    } else {
+      Preference pref;
+      pref.set(CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, static_cast<uint64_t>(workspace_bytes_));
+      pref.set(CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, align_a);
+      pref.set(CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, align_b);
+      pref.set(CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, align_d);
+      pref.set(CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, align_d);
+      cublasLtMatmulHeuristicResult_t result{};
+      int returned = 0;
+      const cublasStatus_t st =
+          cublasLtMatmulAlgoGetHeuristic(handle_, desc.desc, a.layout, b.layout, d.layout, d.layout, pref.pref, 1,
+                                         &result, &returned);
+      found.ok = st == CUBLAS_STATUS_SUCCESS && returned > 0;  // unsupported: the caller runs it unfused
+      if (found.ok) found.algo = result.algo;
+      cache_.emplace(key, found);
+    }
+  }
+  if (!found.ok) return false;
+  const float alpha = 1.0f, beta = 0.0f;
+  CUBLAS_CHECK(cublasLtMatmul(handle_, desc.desc, &alpha, p.a, a.layout, p.b, b.layout, &beta, p.d, d.layout, p.d,
+                              d.layout, &found.algo, workspace_, workspace_bytes_, stream_));
+  return true;
+}
+
+}  // namespace tutti::cuda

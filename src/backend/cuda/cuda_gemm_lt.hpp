@@ -1,0 +1,61 @@
+// GEMMs with fused epilogues through cuBLASLt: the bias add, bias + GELU (keeping GELU's input),
+// and the bias gradient, inside the matrix product instead of separate passes over its result.
+#pragma once
+#include <cublasLt.h>
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+#include <map>
+#include <mutex>
+#include <tuple>
+
+#include "backend/backend.hpp"
+
+namespace tutti::cuda {
+
+class LtGemm {
+ public:
+  // tf32: the fp32 products on the tensor cores' tf32 mode, as cuBLAS's TUTTI_CUDA_TF32 setting.
+  LtGemm(cudaStream_t stream, bool tf32);
+  ~LtGemm();
+  LtGemm(const LtGemm&) = delete;
+  LtGemm& operator=(const LtGemm&) = delete;
+
+  // Runs the product with its epilogue on the stream; false (nothing done) where cuBLASLt has no
+  // algorithm for it or the case is outside what is fused (batch > 1, beta != 0, an empty size,
+  // GELU's aux leading dimension not a multiple of 8).
+  bool run(const EpilogueGemmOf<float>& g);
+  bool run(const EpilogueGemmOf<BFloat16>& g);
+
+ private:
+  struct Problem {  // column-major, after the row-major swap (see cuda_gemm_lt.cpp)
+    cudaDataType_t ab_type;
+    bool trans_a, trans_b;
+    int64_t m, n, k, lda, ldb, ldc;
+    cublasLtEpilogue_t epilogue;
+    const void *a, *b;
+    float* d;
+    const float* bias;
+    float* aux;
+    float* bias_grad;
+  };
+  template <class T>
+  bool dispatch(const EpilogueGemmOf<T>& g, cudaDataType_t ab_type);
+  bool run_problem(const Problem& p);
+
+  using Key = std::tuple<int, bool, bool, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int, int>;
+  struct Found {
+    bool ok = false;
+    cublasLtMatmulAlgo_t algo{};
+  };
+
+  cudaStream_t stream_;
+  bool tf32_;
+  cublasLtHandle_t handle_ = nullptr;
+  void* workspace_ = nullptr;
+  size_t workspace_bytes_ = 0;
+  std::mutex cache_mutex_;
+  std::map<Key, Found> cache_;  // the heuristic's pick per problem shape
+};
+
+}  // namespace tutti::cuda
