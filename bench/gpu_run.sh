@@ -22,6 +22,7 @@ step build bash scripts/gpu_build.sh -DTUTTI_MPI=OFF -DTUTTI_BUILD_EXAMPLES=OFF
 source scripts/gpu_env.sh
 step cuda_backend_test build-gpu/tests/cuda_backend_test
 step cuda_bf16_test build-gpu/tests/cuda_bf16_test
+step cuda_epilogue_test build-gpu/tests/cuda_epilogue_test
 step cuda_bf16_materialised_test env TUTTI_CUDA_FLASH=0 build-gpu/tests/cuda_bf16_test
 step timing_tf32 env TUTTI_CUDA_TIMING=1 TUTTI_CUDA_TF32=1 build-gpu/tests/cuda_bf16_test --gtest_filter='*Timing*'
 # The flash kernels under compute-sanitizer (out-of-bounds accesses; shared-memory races).
@@ -48,6 +49,7 @@ gpt2 tutti_fp32_b16 fp32 TUTTI_CUDA_TF32=0
 gpt2 tutti_tf32_b16 fp32 TUTTI_CUDA_TF32=1
 gpt2 tutti_bf16_b16 bf16 TUTTI_CUDA_TF32=0
 gpt2 tutti_bf16_materialised_b16 bf16 TUTTI_CUDA_FLASH=0
+gpt2 tutti_bf16_unfused_b16 bf16 TUTTI_CUDA_LT=0  # GEMM epilogues as separate kernels
 step torch_bf16_b16 python3 bench/torch_gpt2_peer.py --batch 16 --json "$OUT/torch_bf16_b16.json"
 step torch_eager_bf16_math_b16 python3 bench/torch_gpt2_peer.py --batch 16 --no-compile --attention math --steps 10 \
   --warmup 3 --json "$OUT/torch_eager_bf16_math_b16.json"

@@ -230,6 +230,26 @@ TEST(CudaEpilogue, DeclinesWhatItDoesNotFuse) {
   EXPECT_FALSE(backend_for(kCpu).gemm_epilogue(g)) << "the CPU has no fused path";
 }
 
+TEST(CudaEpilogue, GeluBackwardToBf16IsGeluBackwardRounded) {
+  if (!have_gpu()) GTEST_SKIP() << "no CUDA device";
+  Rng rng(16);
+  for (int64_t n : {int64_t{1}, int64_t{37}, int64_t{1000003}})
+    for (int64_t offset : {int64_t{0}, int64_t{1}}) {  // aligned (4 at a time) and not
+      if (offset >= n) continue;
+      const Tensor x = random_tensor({n}, rng, -6.0, 6.0).to(kGpu), dy = random_tensor({n}, rng).to(kGpu);
+      Tensor dx = poisoned({n}), dx_bf16 = ops::to_bf16(poisoned({n}));
+      gpu().gelu_backward(f32(x) + offset, f32(dy) + offset, f32(dx) + offset, n - offset);
+      gpu().gelu_backward_bf16(f32(x) + offset, f32(dy) + offset, bf16(dx_bf16) + offset, n - offset);
+      const Tensor expected = rounded(dx.to(kCpu).slice(0, offset, n));
+      const std::vector<float> e = expected.to_vector<float>();
+      const Tensor got = dx_bf16.to(kCpu);
+      const auto* bits = static_cast<const uint16_t*>(got.raw_data());
+      int64_t differ = 0;
+      for (int64_t i = offset; i < n; ++i) differ += bf16_value(bits[i]) != e[size_t(i - offset)];
+      EXPECT_EQ(differ, 0) << "n=" << n << " offset=" << offset << ": elements not equal to gelu_backward rounded";
+    }
+}
+
 // ================================================================================================
 // Ops with autograd: linear and linear_gelu, fused (on the GPU) against the CPU and against the
 // unfused composition on the GPU (matmul, add, gelu: no epilogue)

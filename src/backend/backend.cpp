@@ -31,6 +31,9 @@ void Backend::relu_forward(const float*, float*, int64_t) { missing(*this, "relu
 void Backend::relu_backward(const float*, const float*, float*, int64_t) { missing(*this, "relu_backward"); }
 void Backend::gemm(const Gemm&) { missing(*this, "matmul"); }
 void Backend::to_bf16(const float*, BFloat16*, int64_t) { missing(*this, "to_bf16 (mixed precision)"); }
+void Backend::gelu_backward_bf16(const float*, const float*, BFloat16*, int64_t) {
+  missing(*this, "gelu_backward_bf16 (mixed precision)");
+}
 void Backend::gemm_bf16(const GemmBf16&) { missing(*this, "matmul in bf16 (mixed precision)"); }
 void Backend::attention_forward_bf16(const BFloat16*, float*, BFloat16*, int64_t, int64_t, int64_t, int64_t) {
   missing(*this, "causal_attention in bf16 (mixed precision)");

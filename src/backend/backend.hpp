@@ -128,6 +128,8 @@ class Backend {
 
   // -- mixed precision: bf16 operands, fp32 accumulation and results -------------------------
   virtual void to_bf16(const float* x, BFloat16* y, int64_t n);  // round to nearest even
+  // gelu_backward's dx rounded to bf16 in the same pass (what the products after it read).
+  virtual void gelu_backward_bf16(const float* x, const float* dy, BFloat16* dx, int64_t n);
   virtual void gemm_bf16(const GemmBf16& g);
   // attention_forward / backward with the matrix products in bf16: qkv rounded to bf16 by the
   // caller, probs (B, H, T, T) kept in bf16; scores, softmax statistics, y and dqkv in fp32.

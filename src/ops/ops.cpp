@@ -225,20 +225,28 @@ struct LinearBackward {
   Shape x_shape;
 
   std::vector<Tensor> operator()(const Tensor& g_in) const {
+    const Tensor g = g_in.contiguous().view({xc.size(0), wc.size(1)});  // (N, out)
+    return run(mixed ? to_bf16(g) : g, [g] { return g; });
+  }
+
+  // From gc, the gradient the products read (bf16 under mixed precision); fp32_g makes the fp32
+  // gradient, only needed if the backend declines to fuse the bias gradient.
+  std::vector<Tensor> run(const Tensor& gc, const std::function<Tensor()>& fp32_g) const {
     const int64_t out_features = wc.size(1);
-    const Tensor g = g_in.contiguous().view({xc.size(0), out_features});  // (N, out)
-    const Tensor gc = mixed ? to_bf16(g) : g;
     std::vector<Tensor> grads(has_bias ? 3 : 2);
     if (need_x) grads[0] = gemm_new(gc, false, wc, true).view(x_shape);  // (N, in)
-    if (need_b) grads[2] = new_like(g, {out_features});
+    if (need_b) grads[2] = new_like(xc, {out_features});
     bool bias_done = false;
     if (need_w) {  // (in, out)
-      grads[1] = new_like(g, {xc.size(1), out_features});
+      grads[1] = new_like(xc, {xc.size(1), out_features});
       bias_done = need_b && gemm_epilogue_into(xc, true, gc, false, grads[1], GemmEpilogue::bias_grad, nullptr,
                                                nullptr, f32(grads[2]));
       if (!bias_done) gemm_into(xc, true, gc, false, grads[1], 0.0f);
     }
-    if (need_b && !bias_done) backend_of(g).sum_rows(f32(g), f32(grads[2]), g.size(0), out_features, false);
+    if (need_b && !bias_done) {
+      const Tensor g = fp32_g();
+      backend_of(g).sum_rows(f32(g), f32(grads[2]), g.size(0), out_features, false);
+    }
     return grads;
   }
 };
@@ -292,9 +300,18 @@ Tensor linear_gelu(const Tensor& x_in, const Tensor& w, const Tensor& bias, cons
   LinearBackward rest = linear_backward(xc, wc, x_in, w, bias, mixed);
   return record_op(y, OpKind::linear_gelu, {x_in, w, bias}, [h, rest](const Tensor& g_in) {
     const Tensor g = g_in.contiguous();
-    Tensor dh = new_like(h, h.shape());  // dL/d(x W + b)
-    backend_of(h).gelu_backward(f32(h), f32(g), f32(dh), h.numel());
-    return rest(dh);
+    const auto fp32_dh = [h, g] {  // dL/d(x W + b)
+      Tensor dh = new_like(h, h.shape());
+      backend_of(h).gelu_backward(f32(h), f32(g), f32(dh), h.numel());
+      return dh;
+    };
+    if (!rest.mixed) {
+      const Tensor dh = fp32_dh();
+      return rest.run(dh, [dh] { return dh; });
+    }
+    Tensor dhc = Tensor::empty(h.shape(), DType::bf16, h.device());  // GELU's gradient and the rounding, one pass
+    backend_of(h).gelu_backward_bf16(f32(h), f32(g), bf16(dhc), h.numel());
+    return rest.run(dhc, fp32_dh);
   });
 }
 

@@ -291,6 +291,10 @@ class CudaBackend final : public Backend {
     activate();
     CUDA_CHECK(kernels::to_bf16(x, reinterpret_cast<uint16_t*>(y), n, limits_, stream()));
   }
+  void gelu_backward_bf16(const float* x, const float* dy, BFloat16* dx, int64_t n) override {
+    activate();
+    CUDA_CHECK(kernels::gelu_backward_bf16(x, dy, reinterpret_cast<uint16_t*>(dx), n, limits_, stream()));
+  }
   void attention_forward_bf16(const BFloat16* qkv, float* y, BFloat16* probs, int64_t B, int64_t T, int64_t C,
                               int64_t H) override;
   void attention_backward_bf16(const BFloat16* qkv, const BFloat16* probs, const float* dy, float* dqkv, int64_t B,

@@ -34,6 +34,22 @@ __global__ void to_bf16_kernel(const float* x, uint16_t* y, int64_t n, bool vect
   for (int64_t i = start + global_thread(); i < n; i += grid_threads()) y[i] = bits_of(x[i]);
 }
 
+// dx = bf16(gelu'(x) dy); aligned pointers move four elements per thread, as to_bf16_kernel.
+__global__ void gelu_backward_bf16_kernel(const float* x, const float* dy, uint16_t* dx, int64_t n, bool vectorized) {
+  int64_t start = 0;
+  if (vectorized) {
+    const int64_t n4 = n / 4;
+    for (int64_t q = global_thread(); q < n4; q += grid_threads()) {
+      const float4 v = reinterpret_cast<const float4*>(x)[q], d = reinterpret_cast<const float4*>(dy)[q];
+      const uint2 packed{uint32_t(bits_of(gelu_grad(v.x) * d.x)) | uint32_t(bits_of(gelu_grad(v.y) * d.y)) << 16,
+                         uint32_t(bits_of(gelu_grad(v.z) * d.z)) | uint32_t(bits_of(gelu_grad(v.w) * d.w)) << 16};
+      reinterpret_cast<uint2*>(dx)[q] = packed;
+    }
+    start = n4 * 4;
+  }
+  for (int64_t i = start + global_thread(); i < n; i += grid_threads()) dx[i] = bits_of(gelu_grad(x[i]) * dy[i]);
+}
+
 // Row r of the (T, T) score matrices holds query i = r mod T: probs over keys 0..i, zeros after.
 __global__ void causal_softmax_bf16_kernel(const float* scores, uint16_t* probs, int64_t T) {
   const int64_t row = blockIdx.x, n = row % T + 1;
@@ -70,6 +86,15 @@ cudaError_t to_bf16(const float* x, uint16_t* y, int64_t n, const LaunchLimits& 
   if (n <= 0) return cudaSuccess;
   const bool vectorized = aligned(x, 16) && aligned(y, 8);
   to_bf16_kernel<<<grid_for(vectorized ? (n + 3) / 4 : n, lim), kThreads, 0, stream>>>(x, y, n, vectorized);
+  return cudaGetLastError();
+}
+
+cudaError_t gelu_backward_bf16(const float* x, const float* dy, uint16_t* dx, int64_t n, const LaunchLimits& lim,
+                               cudaStream_t stream) {
+  if (n <= 0) return cudaSuccess;
+  const bool vectorized = aligned(x, 16) && aligned(dy, 16) && aligned(dx, 8);
+  gelu_backward_bf16_kernel<<<grid_for(vectorized ? (n + 3) / 4 : n, lim), kThreads, 0, stream>>>(x, dy, dx, n,
+                                                                                                  vectorized);
   return cudaGetLastError();
 }
 

@@ -88,4 +88,14 @@ __device__ __forceinline__ void row_max_and_exp_sum(const float* xr, int64_t V, 
   total = block_sum(total);
 }
 
+// GELU, tanh form: y = x/2 (1 + tanh(k (x + 0.044715 x^3))), k = sqrt(2/pi); its derivative
+// dy/dx = (1 + t)/2 + x/2 (1 - t^2) k (1 + 3 * 0.044715 x^2), t = tanh(k (x + 0.044715 x^3)).
+// Shared so that the fp32 and the bf16-writing backward compute the same value.
+constexpr float kGeluK = 0.7978845608028654f;
+constexpr float kGeluC = 0.044715f;
+__device__ __forceinline__ float gelu_grad(float x) {
+  const float t = tanhf(kGeluK * (x + kGeluC * x * x * x));
+  return 0.5f * (1.0f + t) + 0.5f * x * (1.0f - t * t) * kGeluK * (1.0f + 3.0f * kGeluC * x * x);
+}
+
 }  // namespace tutti::cuda::kernels::device

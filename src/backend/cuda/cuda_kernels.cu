@@ -114,19 +114,12 @@ struct Times {
   __device__ float operator()(float x) const { return s * x; }
 };
 
-// GELU, tanh form: y = x/2 (1 + tanh(k (x + 0.044715 x^3))), k = sqrt(2/pi).
-constexpr float kGeluK = 0.7978845608028654f;
-constexpr float kGeluC = 0.044715f;
+// GELU, tanh form (device::kGeluK, kGeluC; the derivative is device::gelu_grad).
 struct Gelu {
   __device__ float operator()(float x) const { return 0.5f * x * (1.0f + tanhf(kGeluK * (x + kGeluC * x * x * x))); }
 };
-// dy/dx = (1 + t)/2 + x/2 (1 - t^2) k (1 + 3 * 0.044715 x^2), t = tanh(k (x + 0.044715 x^3)).
 struct GeluBackward {  // (x, dy) -> dx
-  __device__ float operator()(float x, float dy) const {
-    const float t = tanhf(kGeluK * (x + kGeluC * x * x * x));
-    const float g = 0.5f * (1.0f + t) + 0.5f * x * (1.0f - t * t) * kGeluK * (1.0f + 3.0f * kGeluC * x * x);
-    return g * dy;
-  }
+  __device__ float operator()(float x, float dy) const { return gelu_grad(x) * dy; }
 };
 struct Relu {
   __device__ float operator()(float x) const { return x > 0.0f ? x : 0.0f; }

@@ -104,6 +104,9 @@ cudaError_t causal_softmax_backward(const float* probs, float* dprobs, int64_t r
 // -- mixed precision (cuda_bf16_kernels.cu); bf16 values travel as their 16 bits -----------------
 // y = bf16(x), rounded to nearest even.
 cudaError_t to_bf16(const float* x, uint16_t* y, int64_t n, const LaunchLimits& lim, cudaStream_t stream);
+// dx = bf16(gelu'(x) dy): gelu_backward and to_bf16 in one pass.
+cudaError_t gelu_backward_bf16(const float* x, const float* dy, uint16_t* dx, int64_t n, const LaunchLimits& lim,
+                               cudaStream_t stream);
 // causal_softmax of training (T, T) score rows, past = 0: fp32 scores in, bf16 probabilities out.
 cudaError_t causal_softmax_bf16(const float* scores, uint16_t* probs, int64_t rows, int64_t T, cudaStream_t stream);
 // causal_softmax_backward with bf16 probabilities and a bf16 result dscores (not in place).
