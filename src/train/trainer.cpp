@@ -133,6 +133,16 @@ class Run {
     print_header();
   }
 
+  // A run that ends by an error may leave its evaluation running: it reads snapshot_ and
+  // dataset_, which go before tasks_ (which would wait for it) does.
+  ~Run() {
+    if (!eval_task_) return;
+    try {
+      eval_task_->wait();
+    } catch (...) {  // the error that ended the run is the one to report
+    }
+  }
+
   // The loop: step after step, with evaluation, checkpoints and rollbacks at their points.
   TrainResult train() {
     Progress progress(log_, options_.live_progress && lead_, state_.step, config_.steps, config_.log_interval);
