@@ -80,6 +80,13 @@ void Backend::cross_entropy_forward(const float*, const int32_t*, float*, float*
 void Backend::cross_entropy_backward(const float*, const int32_t*, float, float*, int64_t, int64_t) {
   missing(*this, "cross_entropy_backward");
 }
+void Backend::cross_entropy_stats(const float*, const int32_t*, float*, float*, int64_t, int64_t) {
+  missing(*this, "cross_entropy_stats");
+}
+void Backend::cross_entropy_backward_from_stats(const float*, const int32_t*, const float*, float, float*, int64_t,
+                                                int64_t) {
+  missing(*this, "cross_entropy_backward_from_stats");
+}
 void Backend::vocab_cross_entropy_stats(const float*, const int32_t*, int64_t, float*, int64_t, int64_t) {
   missing(*this, "vocab_cross_entropy_stats");
 }

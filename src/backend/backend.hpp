@@ -115,6 +115,14 @@ class Backend {
   // dlogits = (probs - onehot(target)) * dloss
   virtual void cross_entropy_backward(const float* probs, const int32_t* targets, float dloss, float* dlogits,
                                       int64_t N, int64_t V);
+  // The fused form, where a backend has it (fused_cross_entropy()): no probabilities are written;
+  // stats (N, 2) gets per row the max and log sum exp(x - max), losses as above. The backward
+  // recomputes softmax from the logits: dlogits = (softmax - onehot(target)) * dloss.
+  virtual bool fused_cross_entropy() const { return false; }
+  virtual void cross_entropy_stats(const float* logits, const int32_t* targets, float* stats, float* losses,
+                                   int64_t N, int64_t V);
+  virtual void cross_entropy_backward_from_stats(const float* logits, const int32_t* targets, const float* stats,
+                                                 float dloss, float* dlogits, int64_t N, int64_t V);
   // Vocabulary-parallel cross-entropy, this rank's part: logits (N, V) are columns [first, first + V)
   // of the full vocabulary. stats (N, 3) gets per row the max, the sum of exp(x - max), and the
   // target's logit (0 when the target is another rank's).

@@ -497,6 +497,32 @@ Tensor embedding(const Tensor& indices_in, const Tensor& table) {
 // ------------------------------------------------------------------------------------------
 // cross_entropy (mean over rows), softmax fused in
 
+namespace {
+
+Tensor mean_of_losses(const Tensor& losses, int64_t N) {
+  return Tensor::full({}, static_cast<float>(backend_of(losses).sum(f32(losses), N) / static_cast<double>(N)),
+                      losses.device());
+}
+
+// Backends with the fused form keep the logits (the node holds them anyway) and two floats a row,
+// not the (N, V) probabilities. The gradient goes to a new buffer, not into the logits: the
+// caller may still hold the logits (or a view of them), so overwriting them is not safe.
+Tensor cross_entropy_fused(const Tensor& logits_in, const Tensor& logits, const Tensor& targets) {
+  const int64_t N = logits.size(0), V = logits.size(1);
+  Tensor stats = new_like(logits, {N, 2}), losses = new_like(logits, {N});
+  backend_of(logits).cross_entropy_stats(f32(logits), i32(targets), f32(stats), f32(losses), N, V);
+  Tensor loss = mean_of_losses(losses, N);
+  if (!any_requires_grad({&logits_in})) return loss;
+  return record_op(loss, OpKind::cross_entropy, {logits_in}, [logits, stats, targets, N, V](const Tensor& g) {
+    Tensor d = new_like(logits, {N, V});
+    backend_of(logits).cross_entropy_backward_from_stats(f32(logits), i32(targets), f32(stats),
+                                                         g.item() / static_cast<float>(N), f32(d), N, V);
+    return std::vector<Tensor>{d};
+  });
+}
+
+}  // namespace
+
 Tensor cross_entropy(const Tensor& logits_in, const Tensor& targets_in) {
   check_f32(logits_in, "cross_entropy", "logits");
   check_same_device(logits_in, targets_in, "cross_entropy");
@@ -512,10 +538,10 @@ Tensor cross_entropy(const Tensor& logits_in, const Tensor& targets_in) {
       TUTTI_CHECK_AS(InvalidArgument, t[i] >= 0 && t[i] < V, "cross_entropy: target ", t[i], " out of range [0, ", V,
                      ")");
   }
+  if (backend_of(logits).fused_cross_entropy()) return cross_entropy_fused(logits_in, logits, targets);
   Tensor probs = new_like(logits, {N, V}), losses = new_like(logits, {N});
   backend_of(logits).cross_entropy_forward(f32(logits), i32(targets), f32(probs), f32(losses), N, V);
-  Tensor loss = Tensor::full({}, static_cast<float>(backend_of(losses).sum(f32(losses), N) / static_cast<double>(N)),
-                             logits.device());
+  Tensor loss = mean_of_losses(losses, N);
   if (!any_requires_grad({&logits_in})) return loss;
   return record_op(loss, OpKind::cross_entropy, {logits_in}, [probs, targets, N, V](const Tensor& g) {
     Tensor d = new_like(probs, {N, V});

@@ -109,6 +109,10 @@ class CudaBackend final : public Backend {
     // runs them as separate kernels after cuBLAS products (to compare).
     const char* lt = std::getenv("TUTTI_CUDA_LT");
     if (lt == nullptr || std::strcmp(lt, "0") != 0) lt_ = std::make_unique<LtGemm>(stream_->get(), use_tf32);
+    // cross_entropy keeps per-row statistics, not the (N, V) probabilities; TUTTI_CUDA_XENT=0 keeps
+    // the probabilities (the unfused pair, to compare).
+    const char* xent = std::getenv("TUTTI_CUDA_XENT");
+    fused_xent_ = xent == nullptr || std::strcmp(xent, "0") != 0;
   }
 
   Device device() const override { return Device::cuda(index_); }
@@ -259,6 +263,17 @@ class CudaBackend final : public Backend {
     activate();
     CUDA_CHECK(kernels::cross_entropy_backward(probs, targets, dloss, dlogits, N, V, limits_, stream()));
   }
+  bool fused_cross_entropy() const override { return fused_xent_; }
+  void cross_entropy_stats(const float* logits, const int32_t* targets, float* stats, float* losses, int64_t N,
+                           int64_t V) override {
+    activate();
+    CUDA_CHECK(kernels::cross_entropy_stats(logits, targets, stats, losses, N, V, stream()));
+  }
+  void cross_entropy_backward_from_stats(const float* logits, const int32_t* targets, const float* stats, float dloss,
+                                         float* dlogits, int64_t N, int64_t V) override {
+    activate();
+    CUDA_CHECK(kernels::cross_entropy_backward_from_stats(logits, targets, stats, dloss, dlogits, N, V, stream()));
+  }
   void vocab_cross_entropy_stats(const float* logits, const int32_t* targets, int64_t first, float* stats, int64_t N,
                                  int64_t V) override {
     activate();
@@ -376,6 +391,7 @@ class CudaBackend final : public Backend {
 
   int index_;
   bool use_flash_ = true;
+  bool fused_xent_ = true;
   std::unique_ptr<Stream> stream_;
   std::unique_ptr<CublasHandle> cublas_;
   std::unique_ptr<LtGemm> lt_;  // null under TUTTI_CUDA_LT=0

@@ -1,8 +1,8 @@
 // Launchers of tutti's own CUDA kernels, callable from host C++ (cuda_backend.cpp). Each enqueues
 // its kernel(s) on `stream` and returns the launch status (cudaGetLastError), which the caller
 // checks with CUDA_CHECK. Pointers are device pointers; sizes are element counts. Kernel bodies
-// are in cuda_kernels.cu, cuda_bf16_kernels.cu and cuda_flash_attention.cu, which include no
-// tutti header, so they build as C++17 under any nvcc.
+// are in cuda_kernels.cu, cuda_bf16_kernels.cu, cuda_xent_kernels.cu and cuda_flash_attention.cu,
+// which include no tutti header, so they build as C++17 under any nvcc.
 // Letters: N rows, V vocabulary, B batch, H heads, T time.
 #pragma once
 #include <cuda_runtime_api.h>
@@ -70,6 +70,13 @@ cudaError_t cross_entropy_forward(const float* logits, const int32_t* targets, f
                                   int64_t V, cudaStream_t stream);
 cudaError_t cross_entropy_backward(const float* probs, const int32_t* targets, float dloss, float* dlogits, int64_t N,
                                    int64_t V, const LaunchLimits& lim, cudaStream_t stream);
+// Fused cross-entropy (cuda_xent_kernels.cu), no probabilities kept: stats (N, 2) = per row max and
+// log sum exp(x - max); losses as cross_entropy_forward's. The backward writes
+// dlogits = (exp(x - max - log_sum) - onehot(target)) * dloss; dlogits may be logits (in place).
+cudaError_t cross_entropy_stats(const float* logits, const int32_t* targets, float* stats, float* losses, int64_t N,
+                                int64_t V, cudaStream_t stream);
+cudaError_t cross_entropy_backward_from_stats(const float* logits, const int32_t* targets, const float* stats,
+                                              float dloss, float* dlogits, int64_t N, int64_t V, cudaStream_t stream);
 // Vocabulary-parallel cross-entropy, this rank's columns [first, first + V): stats (N, 3) = per row
 // max, sum of exp(x - max), the target's logit (0 when another rank's); backward as the CPU's.
 cudaError_t vocab_cross_entropy_stats(const float* logits, const int32_t* targets, int64_t first, float* stats,
