@@ -4,7 +4,9 @@
 // and each row's log-sum-exp. Products on the tensor cores with mma.sync m16n8k16 (bf16 operands,
 // fp32 accumulators), softmax and statistics in fp32. The scheme is FlashAttention-2's (Dao, 2023):
 // forward parallel over query tiles, backward over key tiles with dQ accumulated atomically.
-// Shared-memory fragments by ldmatrix, K and V tiles of the forward double-buffered by cp.async.
+// Shared-memory fragments by ldmatrix, K and V tiles of the forward double-buffered by cp.async;
+// the backward reads dO in bf16 (rounded once by the dvec kernel) with its Q, dO, lse and dvec
+// tiles double-buffered by cp.async, and adds dQ four columns per atomic.
 // Letters: B batch, T time, C channels, H heads, D head size (64), g = lane / 4, t = lane % 4.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -75,6 +77,10 @@ __device__ __forceinline__ void cp_async16(uint16_t* dst, const uint16_t* src, i
                : "memory");
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+__device__ __forceinline__ void cp_async4(void* dst, const void* src, int bytes) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(smem_addr(dst)), "l"(src), "r"(bytes)
+               : "memory");
+}
 template <int N>
 __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
@@ -313,9 +319,12 @@ __global__ void __launch_bounds__(kWarps * 32) flash_forward_kernel(const uint16
 // ------------------------------------------------------------------------------------------------
 // Backward
 
-// dvec[(b H + h) T + i] = sum_d dy[b, i, h D + d] y[b, i, h D + d]: one warp per (row, head).
-__global__ void flash_dvec_kernel(const float* y, const float* dy, float* dvec, int64_t rows, int64_t T, int64_t C,
-                                  int64_t H) {
+// dvec[(b H + h) T + i] = sum_d dy[b, i, h D + d] y[b, i, h D + d]: one warp per (row, head). With
+// dob, also dy in bf16 (rounded once here, not in every tile of the backward), row b T + i at
+// dob + (b T + i) 6C + h D: the first half of the row's dq slot of dqkv, which is written only
+// after the backward kernel (by the dq scatter).
+__global__ void flash_dvec_kernel(const float* y, const float* dy, float* dvec, uint16_t* dob, int64_t rows, int64_t T,
+                                  int64_t C, int64_t H) {
   const int64_t item = (int64_t{blockIdx.x} * blockDim.x + threadIdx.x) / 32;  // (b, i, h)
   if (item >= rows * H) return;
   const int64_t row = item / H, h = item % H, b = row / T, i = row % T;
@@ -324,6 +333,7 @@ __global__ void flash_dvec_kernel(const float* y, const float* dy, float* dvec, 
   const float2 d = *reinterpret_cast<const float2*>(dy + row * C + h * D + 2 * lane);
   const float sum = warp_reduce(a.x * d.x + a.y * d.y, SumOp{});
   if (lane == 0) dvec[(b * H + h) * T + i] = sum;
+  if (dob != nullptr) *reinterpret_cast<uint32_t*>(dob + row * 6 * C + h * D + 2 * lane) = pack(d.x, d.y);
 }
 
 // Block (key tile, b * H + h), warp w owns keys k0 = 64 tile + 16 w .. + 15 and walks the query
@@ -332,21 +342,61 @@ __global__ void flash_dvec_kernel(const float* y, const float* dy, float* dvec, 
 // One function of ~100 lines: the steps of a tile share the warp's registers (K and V fragments,
 // the dK and dV accumulators). kFast: ldmatrix fragments, and the mask only on the diagonal tile
 // and the last (which may reach past T); kMinBlocks caps the registers for that many blocks per SM.
-template <bool kFast, int kMinBlocks>
+// kPipe: dO read in bf16 (dob, written by flash_dvec_kernel, row stride 6C), the Q, dO, lse and
+// dvec tiles double-buffered by cp.async, and the longest key tiles' blocks started first.
+// Shared memory (dynamic): flash_backward_smem<kPipe>() bytes.
+template <bool kPipe>
+constexpr int flash_backward_smem() {
+  return (2 * (kPipe ? 2 : 1) + 2) * kTile * kPad * 2 + 2 * (kPipe ? 2 : 1) * kTile * 4;
+}
+template <bool kFast, int kMinBlocks, bool kPipe>
 __global__ void __launch_bounds__(kWarps * 32, kMinBlocks) flash_backward_kernel(const uint16_t* qkv, const float* lse,
-                                                                      const float* dvec, const float* dy, float* dqkv,
+                                                                      const float* dvec, const float* dy,
+                                                                      const uint16_t* dob, float* dqkv,
                                                                       float* dq_acc, int64_t T, int64_t C, int64_t H,
                                                                       float scale2, float scale) {
-  __shared__ __align__(16) uint16_t qs[kTile * kPad];
-  __shared__ __align__(16) uint16_t dos[kTile * kPad];
-  __shared__ __align__(16) uint16_t ks[kTile * kPad];
-  __shared__ __align__(16) uint16_t dss[kTile * kPad];  // dS^T: keys x queries
-  __shared__ float lse_s[kTile], dvec_s[kTile];
-  const int64_t bh = blockIdx.y, b = bh / H, h = bh % H, ld = 3 * C, tiles = (T + kTile - 1) / kTile;
+  constexpr int kBufs = kPipe ? 2 : 1, kTileElems = kTile * kPad;
+  extern __shared__ __align__(16) uint16_t smem[];
+  uint16_t* const qs0 = smem;                          // kBufs tiles
+  uint16_t* const dos0 = smem + kBufs * kTileElems;    // kBufs tiles
+  uint16_t* const ks = smem + 2 * kBufs * kTileElems;  // K of this block
+  uint16_t* const dss = ks + kTileElems;               // dS^T: keys x queries
+  float* const lse_s0 = reinterpret_cast<float*>(dss + kTileElems);  // kBufs x kTile
+  float* const dvec_s0 = lse_s0 + kBufs * kTile;                     // kBufs x kTile
+  const int64_t tiles = (T + kTile - 1) / kTile;
+  int64_t bh = blockIdx.y, ktile = blockIdx.x;
+  if constexpr (kPipe) {  // linear block index -> (key tile, head): key tile 0 (the longest walk) first
+    const int64_t linear = int64_t{blockIdx.y} * gridDim.x + blockIdx.x;
+    ktile = linear / gridDim.y, bh = linear % gridDim.y;
+  }
+  const int64_t b = bh / H, h = bh % H, ld = 3 * C;
   const uint16_t* q = qkv + b * T * ld + h * D;
   const float* dyb = dy + b * T * C + h * D;
+  const uint16_t* dobb = kPipe ? dob + b * T * 6 * C + h * D : nullptr;
   const int warp = threadIdx.x >> 5, g = (threadIdx.x & 31) >> 2, t = threadIdx.x & 3;
-  const int64_t key0 = int64_t{blockIdx.x} * kTile, k0 = key0 + 16 * warp;
+  const int64_t key0 = ktile * kTile, k0 = key0 + 16 * warp;
+  // kPipe: Q, dO, lse and dvec of query tile qt into buffer buf, one cp.async group.
+  // Thread i copies 16 bytes of rows i / 8 + 16 j (j < 4), columns 8 (i % 8).., of both tiles.
+  const int lr = threadIdx.x >> 3, lc = 8 * (threadIdx.x & 7), soff = lr * kPad + lc;
+  const uint16_t* const qsrc = q + lr * ld + lc;
+  const uint16_t* const osrc = kPipe ? dobb + lr * 6 * C + lc : nullptr;
+  auto issue = [&](int64_t qt, int buf) {
+#pragma unroll
+    for (int j = 0; j < kTile / 16; ++j) {
+      const int64_t row0 = qt * kTile + 16 * j;
+      const bool in = row0 + lr < T;
+      cp_async16(qs0 + buf * kTileElems + 16 * j * kPad + soff, in ? qsrc + row0 * ld : q, in ? 16 : 0);
+      cp_async16(dos0 + buf * kTileElems + 16 * j * kPad + soff, in ? osrc + row0 * 6 * C : q, in ? 16 : 0);
+    }
+    const int i = threadIdx.x & (kTile - 1);  // 128 threads: lse by the first 64, dvec by the rest
+    const int64_t row = qt * kTile + i;
+    const bool in = row < T;
+    float* dst = (threadIdx.x < kTile ? lse_s0 : dvec_s0) + buf * kTile + i;
+    const float* src = (threadIdx.x < kTile ? lse : dvec) + bh * T + (in ? row : 0);
+    cp_async4(dst, src, in ? 4 : 0);
+    cp_async_commit();
+  };
+  if constexpr (kPipe) issue(ktile, 0);
   uint32_t ka[4][4], va[4][4];
   load_a_rows(q + C, ld, k0, T, ka);
   load_a_rows(q + 2 * C, ld, k0, T, va);
@@ -354,20 +404,36 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks) flash_backward_kernel
   Acc dk[8], dv[8];
   zero(dk);
   zero(dv);
-  for (int64_t qt = blockIdx.x; qt < tiles; ++qt) {
-    __syncthreads();  // the previous tiles are consumed
-    load_tile(qs, q, ld, qt * kTile, T);
-    load_tile_f32(dos, dyb, C, qt * kTile, T);
-    for (int i = threadIdx.x; i < kTile; i += blockDim.x) {
-      const int64_t row = qt * kTile + i;
-      lse_s[i] = row < T ? lse[bh * T + row] : 0.0f;
-      dvec_s[i] = row < T ? dvec[bh * T + row] : 0.0f;
+  for (int64_t qt = ktile; qt < tiles; ++qt) {
+    const int buf = kPipe ? (qt - ktile) & 1 : 0;
+    if constexpr (kPipe) {
+      // Buffer buf ^ 1 was last read before the previous iteration's second barrier: refill it.
+      if (qt + 1 < tiles) {
+        issue(qt + 1, buf ^ 1);
+        cp_async_wait<1>();
+      } else {
+        cp_async_wait<0>();
+      }
+      __syncthreads();  // this tile's data visible; the previous dQ step is done with dss
+    } else {
+      __syncthreads();  // the previous tiles are consumed
+      load_tile(qs0, q, ld, qt * kTile, T);
+      load_tile_f32(dos0, dyb, C, qt * kTile, T);
+      for (int i = threadIdx.x; i < kTile; i += blockDim.x) {
+        const int64_t row = qt * kTile + i;
+        lse_s0[i] = row < T ? lse[bh * T + row] : 0.0f;
+        dvec_s0[i] = row < T ? dvec[bh * T + row] : 0.0f;
+      }
+      __syncthreads();
     }
-    __syncthreads();
+    const uint16_t* qs = qs0 + buf * kTileElems;
+    const uint16_t* dos = dos0 + buf * kTileElems;
+    const float* lse_s = lse_s0 + buf * kTile;
+    const float* dvec_s = dvec_s0 + buf * kTile;
     Acc p[8], dp[8];
     zero(p);
     mul_transposed<kFast>(p, ka, qs);  // S^T (16 keys x 64 queries)
-    if (!kFast || qt == blockIdx.x || (qt + 1) * kTile > T) {
+    if (!kFast || qt == ktile || (qt + 1) * kTile > T) {
 #pragma unroll
       for (int j = 0; j < 8; ++j)
 #pragma unroll
@@ -413,15 +479,31 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks) flash_backward_kernel
       }
       mul_slice<kFast>(dq, a, ks, kk);
     }
-    const int64_t rows[2] = {qt * kTile + 16 * warp + g, qt * kTile + 16 * warp + g + 8};
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      if (rows[r] >= T) continue;
-      float* out = dq_acc + (bh * T + rows[r]) * D;
+    if constexpr (kPipe) {
+      // Four columns per atomic (sm_90's float4 atomicAdd): lanes t and t ^ 1 trade halves, the
+      // even one then holds row g, columns 8n + 2t..+3, the odd one row g + 8, columns 8n + 2t - 2..+3.
+      const bool odd = t & 1;
+      const int64_t row = qt * kTile + 16 * warp + g + (odd ? 8 : 0);
+      float* out = dq_acc + (bh * T + row) * D + 2 * (t & 2);
 #pragma unroll
       for (int n = 0; n < 8; ++n) {
-        atomicAdd(out + 8 * n + 2 * t, dq[n].v[2 * r]);
-        atomicAdd(out + 8 * n + 2 * t + 1, dq[n].v[2 * r + 1]);
+        const float sx = odd ? dq[n].v[0] : dq[n].v[2], sy = odd ? dq[n].v[1] : dq[n].v[3];
+        const float rx = __shfl_xor_sync(0xffffffffu, sx, 1), ry = __shfl_xor_sync(0xffffffffu, sy, 1);
+        const float4 v = odd ? make_float4(rx, ry, dq[n].v[2], dq[n].v[3])
+                             : make_float4(dq[n].v[0], dq[n].v[1], rx, ry);
+        if (row < T) atomicAdd(reinterpret_cast<float4*>(out + 8 * n), v);
+      }
+    } else {
+      const int64_t rows[2] = {qt * kTile + 16 * warp + g, qt * kTile + 16 * warp + g + 8};
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        if (rows[r] >= T) continue;
+        float* out = dq_acc + (bh * T + rows[r]) * D;
+#pragma unroll
+        for (int n = 0; n < 8; ++n) {
+          atomicAdd(out + 8 * n + 2 * t, dq[n].v[2 * r]);
+          atomicAdd(out + 8 * n + 2 * t + 1, dq[n].v[2 * r + 1]);
+        }
       }
     }
   }
@@ -470,6 +552,15 @@ bool flash_v1() {
   return v1;
 }
 
+// TUTTI_CUDA_FLASH_BWD_V2=1: the backward before the bf16 dO and cp.async tiles (for A/B timings).
+bool flash_bwd_v2() {
+  static const bool v2 = [] {
+    const char* e = std::getenv("TUTTI_CUDA_FLASH_BWD_V2");
+    return e != nullptr && e[0] == '1';
+  }();
+  return v2;
+}
+
 }  // namespace
 
 // ================================================================================================
@@ -494,18 +585,30 @@ cudaError_t flash_attention_backward(const uint16_t* qkv, const float* y, const 
   if (!flash_shapes_ok(qkv, B, T, C, H)) return cudaErrorInvalidValue;
   const float scale = 1.0f / sqrtf(static_cast<float>(D)), scale2 = kLog2e * scale;
   const bool v1 = flash_v1();
+  // The bf16 dO lives in dqkv's dq slots (16-byte rows wanted for cp.async).
+  const bool pipe = !v1 && !flash_bwd_v2() && reinterpret_cast<uintptr_t>(dqkv) % 16 == 0 &&
+                    reinterpret_cast<uintptr_t>(dq_acc) % 16 == 0;
+  uint16_t* dob = pipe ? reinterpret_cast<uint16_t*>(dqkv) : nullptr;
   const int64_t items = B * T * H;  // one warp each
   flash_dvec_kernel<<<static_cast<unsigned>((items * 32 + kThreads - 1) / kThreads), kThreads, 0, stream>>>(
-      y, dy, dvec, B * T, T, C, H);
+      y, dy, dvec, dob, B * T, T, C, H);
   cudaError_t err = cudaMemsetAsync(dq_acc, 0, static_cast<size_t>(B * H * T * D) * sizeof(float), stream);
   if (err != cudaSuccess) return err;
   const dim3 grid(static_cast<unsigned>((T + kTile - 1) / kTile), static_cast<unsigned>(B * H));
-  if (v1)
-    flash_backward_kernel<false, 1><<<grid, kWarps * 32, 0, stream>>>(qkv, lse, dvec, dy, dqkv, dq_acc, T, C, H, scale2,
-                                                                      scale);
-  else  // 3 blocks of 4 warps per SM (168 registers, 80 bytes spilled): 0.85 ms against 0.97 at 2 blocks (H200)
-    flash_backward_kernel<true, 3><<<grid, kWarps * 32, 0, stream>>>(qkv, lse, dvec, dy, dqkv, dq_acc, T, C, H, scale2,
-                                                                     scale);
+  constexpr int kSmem1 = flash_backward_smem<false>(), kSmem2 = flash_backward_smem<true>();
+  if (v1) {
+    flash_backward_kernel<false, 1, false><<<grid, kWarps * 32, kSmem1, stream>>>(qkv, lse, dvec, dy, nullptr, dqkv,
+                                                                                  dq_acc, T, C, H, scale2, scale);
+  } else if (!pipe) {  // 3 blocks of 4 warps per SM (168 registers, 80 bytes spilled): 0.85 ms, 0.97 at 2 (H200)
+    flash_backward_kernel<true, 3, false><<<grid, kWarps * 32, kSmem1, stream>>>(qkv, lse, dvec, dy, nullptr, dqkv,
+                                                                                 dq_acc, T, C, H, scale2, scale);
+  } else {  // bf16 dO, cp.async tiles, float4 dQ atomics: 0.73 -> 0.39 ms for the kernel (H200, GPT-2 B16)
+    static const cudaError_t attr = cudaFuncSetAttribute(flash_backward_kernel<true, 3, true>,
+                                                         cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem2);
+    if (attr != cudaSuccess) return attr;
+    flash_backward_kernel<true, 3, true><<<grid, kWarps * 32, kSmem2, stream>>>(qkv, lse, dvec, dy, dob, dqkv, dq_acc,
+                                                                                T, C, H, scale2, scale);
+  }
   const int64_t n = B * H * T * D;
   scatter_kernel<<<grid_for(n, lim), kThreads, 0, stream>>>(n, ScatterDq{dq_acc, dqkv, T, C, H, scale});
   return cudaGetLastError();
