@@ -15,26 +15,21 @@
 #include <vector>
 
 #include "backend/backend.hpp"
+#include "cuda_test_util.hpp"
 #include "tutti/core/random.hpp"
 #include "tutti/core/tensor.hpp"
 #include "tutti/ops/ops.hpp"
 
 using namespace tutti;
+using namespace tutti::cuda_test;
 
 namespace {
 
-const Device kGpu = Device::cuda(0);
-const Device kCpu = Device::cpu();
 constexpr int64_t kSizes[] = {1, 37, 1000, 1000003};
 
 // ------------------------------------------------------------------------------------------------
 // Helpers
 
-Tensor random_tensor(const Shape& shape, Rng& rng, double lo = -1.0, double hi = 1.0) {
-  std::vector<float> v(static_cast<size_t>(shape.numel()));
-  for (float& x : v) x = static_cast<float>(lo + (hi - lo) * rng.uniform());
-  return Tensor::from_vector(shape, v);
-}
 
 Tensor random_indices(const Shape& shape, int64_t n, Rng& rng) {
   std::vector<int32_t> v(static_cast<size_t>(shape.numel()));
@@ -42,12 +37,7 @@ Tensor random_indices(const Shape& shape, int64_t n, Rng& rng) {
   return Tensor::from_vector(shape, v);
 }
 
-// An output buffer full of NaN, so an element the kernel forgot to write fails the comparison.
-Tensor poisoned(const Shape& shape, Device device) {
-  return Tensor::full(shape, std::numeric_limits<float>::quiet_NaN(), device);
-}
 
-float* f32(const Tensor& t) { return t.data<float>(); }
 const int32_t* i32(const Tensor& t) { return t.data<int32_t>(); }
 
 // |actual - expected| <= atol + rtol |expected| for every element; NaN never passes.
@@ -92,8 +82,6 @@ Tensor gelu_backward_f64(const Tensor& x, const Tensor& dy) {
   return Tensor::from_vector(x.shape(), v);
 }
 
-Backend& cpu() { return backend_for(kCpu); }
-Backend& gpu() { return backend_for(kGpu); }
 
 }  // namespace
 
@@ -721,23 +709,10 @@ TEST(CudaOps, MixedDevicesAreRejected) {
 
 namespace {
 
-// Median over 5 rounds of the mean time of `reps` back-to-back calls, in milliseconds.
-double time_ms(const std::function<void()>& f, int reps = 20) {
-  f();
-  gpu().synchronize();
-  std::vector<double> rounds;
-  for (int r = 0; r < 5; ++r) {
-    const auto t0 = std::chrono::steady_clock::now();
-    for (int i = 0; i < reps; ++i) f();
-    gpu().synchronize();
-    const auto t1 = std::chrono::steady_clock::now();
-    rounds.push_back(std::chrono::duration<double, std::milli>(t1 - t0).count() / reps);
-  }
-  std::sort(rounds.begin(), rounds.end());
-  return rounds[2];
-}
 
 }  // namespace
+
+double time_ms(const std::function<void()>& f, int reps = 20) { return median_time_ms(f, reps); }
 
 TEST(CudaBackendTiming, PrintsRates) {
   if (!tutti::device_available(tutti::Device::cuda(0))) GTEST_SKIP() << "no CUDA device";

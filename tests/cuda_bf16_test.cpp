@@ -21,6 +21,7 @@
 #include <vector>
 
 #include "backend/backend.hpp"
+#include "cuda_test_util.hpp"
 #include "tutti/autograd/node.hpp"
 #include "tutti/comm/communicator.hpp"
 #include "tutti/core/random.hpp"
@@ -32,29 +33,15 @@
 #include "tutti/train/config.hpp"
 
 using namespace tutti;
+using namespace tutti::cuda_test;
 
 namespace {
 
-const Device kGpu = Device::cuda(0);
-const Device kCpu = Device::cpu();
 constexpr double kBf16Bound = 1e-2;    // METHOD.md: bf16 operands, against fp32
 constexpr double kSameInputs = 1e-5;   // bf16 products against fp32 on the same rounded inputs
 
-bool have_gpu() { return device_available(kGpu); }
-Backend& cpu() { return backend_for(kCpu); }
-Backend& gpu() { return backend_for(kGpu); }
-float* f32(const Tensor& t) { return t.data<float>(); }
-BFloat16* bf16(const Tensor& t) { return static_cast<BFloat16*>(t.raw_data()); }
 
-Tensor random_tensor(const Shape& shape, Rng& rng, double lo = -1.0, double hi = 1.0) {
-  std::vector<float> v(static_cast<size_t>(shape.numel()));
-  for (float& x : v) x = static_cast<float>(lo + (hi - lo) * rng.uniform());
-  return Tensor::from_vector(shape, v);
-}
 
-Tensor poisoned(const Shape& shape, Device device) {
-  return Tensor::full(shape, std::numeric_limits<float>::quiet_NaN(), device);
-}
 // bf16 NaN (0xFFFF) in every element.
 Tensor poisoned_bf16(const Shape& shape, Device device) {
   Tensor t = Tensor::empty(shape, DType::bf16, kCpu);
@@ -99,22 +86,7 @@ Tensor bf16_tensor(const Tensor& x, Device device) {
   return t.to(device);
 }
 
-// ||actual - expected|| / ||expected|| over all elements, in double; NaN anywhere gives NaN.
-double relative_error(const Tensor& actual, const Tensor& expected) {
-  const std::vector<float> a = actual.to_vector<float>(), e = expected.to_vector<float>();
-  if (a.size() != e.size()) return std::numeric_limits<double>::quiet_NaN();
-  double diff = 0.0, ref = 0.0;
-  for (size_t i = 0; i < a.size(); ++i) {
-    diff += (double(a[i]) - e[i]) * (double(a[i]) - e[i]);
-    ref += double(e[i]) * e[i];
-  }
-  return ref > 0 ? std::sqrt(diff / ref) : std::sqrt(diff);
-}
 
-::testing::AssertionResult within(double error, double bound) {
-  if (error <= bound) return ::testing::AssertionSuccess() << "relative error " << error;  // false for NaN
-  return ::testing::AssertionFailure() << "relative error " << error << " over " << bound;
-}
 
 }  // namespace
 
@@ -507,21 +479,6 @@ TEST(CudaBf16Gpt, HeadSize64TracksFp32) {
 
 namespace {
 
-// Median over 5 rounds of the mean time of `reps` back-to-back calls, in milliseconds.
-double time_ms(const std::function<void()>& f, int reps = 10) {
-  f();
-  gpu().synchronize();
-  std::vector<double> rounds;
-  for (int r = 0; r < 5; ++r) {
-    const auto t0 = std::chrono::steady_clock::now();
-    for (int i = 0; i < reps; ++i) f();
-    gpu().synchronize();
-    rounds.push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count() / reps);
-  }
-  std::sort(rounds.begin(), rounds.end());
-  return rounds[2];
-}
-
 // Row-major (m, k) x (k, n), or x (n, k)^T when tb.
 template <class T>
 GemmOf<T> plain_gemm(int64_t m, int64_t n, int64_t k, bool tb, const T* a, const T* b, float* c) {
@@ -534,6 +491,8 @@ GemmOf<T> plain_gemm(int64_t m, int64_t n, int64_t k, bool tb, const T* a, const
 }
 
 }  // namespace
+
+double time_ms(const std::function<void()>& f, int reps = 10) { return median_time_ms(f, reps); }
 
 TEST(CudaBf16Timing, Gpt2Shapes) {
   if (!have_gpu()) GTEST_SKIP() << "no CUDA device";

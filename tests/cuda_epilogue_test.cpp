@@ -21,36 +21,26 @@
 #include <vector>
 
 #include "backend/backend.hpp"
+#include "cuda_test_util.hpp"
 #include "tutti/autograd/node.hpp"
 #include "tutti/core/random.hpp"
 #include "tutti/core/tensor.hpp"
 #include "tutti/ops/ops.hpp"
 
 using namespace tutti;
+using namespace tutti::cuda_test;
 
 namespace {
 
-const Device kGpu = Device::cuda(0);
-const Device kCpu = Device::cpu();
 constexpr double kFp32Bound = 1e-5;   // fp32 on the GPU (TF32 off) against the CPU
 constexpr double kSameInputs = 1e-5;  // bf16 products against fp32 on the same rounded inputs
 constexpr double kBf16Bound = 1e-2;   // bf16 operands against fp32
 
-bool have_gpu() { return device_available(kGpu); }
-Backend& gpu() { return backend_for(kGpu); }
-float* f32(const Tensor& t) { return t.data<float>(); }
-BFloat16* bf16(const Tensor& t) { return static_cast<BFloat16*>(t.raw_data()); }
 bool tf32_on() {
   const char* v = std::getenv("TUTTI_CUDA_TF32");
   return v != nullptr && std::string(v) == "1";
 }
 
-Tensor random_tensor(const Shape& shape, Rng& rng, double lo = -1.0, double hi = 1.0) {
-  std::vector<float> v(static_cast<size_t>(shape.numel()));
-  for (float& x : v) x = static_cast<float>(lo + (hi - lo) * rng.uniform());
-  return Tensor::from_vector(shape, v);
-}
-Tensor poisoned(const Shape& shape) { return Tensor::full(shape, std::numeric_limits<float>::quiet_NaN(), kGpu); }
 
 uint16_t bf16_bits(float x) {  // nearest even
   uint32_t u;
@@ -76,20 +66,6 @@ Tensor bf16_on_gpu(const Tensor& x) {  // rounded on the host: independent of th
   return t.to(kGpu);
 }
 
-double relative_error(const Tensor& actual, const Tensor& expected) {  // NaN anywhere gives NaN
-  const std::vector<float> a = actual.to_vector<float>(), e = expected.to_vector<float>();
-  if (a.size() != e.size()) return std::numeric_limits<double>::quiet_NaN();
-  double diff = 0.0, ref = 0.0;
-  for (size_t i = 0; i < a.size(); ++i) {
-    diff += (double(a[i]) - e[i]) * (double(a[i]) - e[i]);
-    ref += double(e[i]) * e[i];
-  }
-  return ref > 0 ? std::sqrt(diff / ref) : std::sqrt(diff);
-}
-::testing::AssertionResult within(double error, double bound) {
-  if (error <= bound) return ::testing::AssertionSuccess() << "relative error " << error;  // false for NaN
-  return ::testing::AssertionFailure() << "relative error " << error << " over " << bound;
-}
 bool all_nan(const Tensor& t) {
   for (float v : t.to_vector<float>())
     if (!std::isnan(v)) return false;
@@ -330,20 +306,6 @@ TEST(EpilogueOps, LinearGeluOnCpuIsGeluOfLinear) {
 
 namespace {
 
-double time_ms(const std::function<void()>& f, int reps = 20) {  // median of 5 rounds
-  f();
-  gpu().synchronize();
-  std::vector<double> rounds;
-  for (int r = 0; r < 5; ++r) {
-    const auto t0 = std::chrono::steady_clock::now();
-    for (int i = 0; i < reps; ++i) f();
-    gpu().synchronize();
-    rounds.push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count() / reps);
-  }
-  std::sort(rounds.begin(), rounds.end());
-  return rounds[2];
-}
-
 void print_row(const char* name, double unfused, double fused, double flops, double bytes) {
   const double floor_ms = std::max(flops / 790e9, bytes / 3.0e9);
   std::printf("%-34s %9.3f %9.3f %9.3f %7.0f%% %7.0f%%\n", name, unfused, fused, floor_ms, 100 * floor_ms / unfused,
@@ -351,6 +313,8 @@ void print_row(const char* name, double unfused, double fused, double flops, dou
 }
 
 }  // namespace
+
+double time_ms(const std::function<void()>& f, int reps = 20) { return median_time_ms(f, reps); }
 
 TEST(CudaEpilogueTiming, Gpt2Shapes) {
   if (!have_gpu()) GTEST_SKIP() << "no CUDA device";

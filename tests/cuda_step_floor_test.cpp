@@ -22,32 +22,15 @@
 #include <vector>
 
 #include "backend/backend.hpp"
+#include "cuda_test_util.hpp"
 #include "tutti/core/random.hpp"
 #include "tutti/core/tensor.hpp"
 #include "tutti/ops/ops.hpp"
 
 using namespace tutti;
+using namespace tutti::cuda_test;
 
 namespace {
-
-const Device kGpu = Device::cuda(0);
-Backend& gpu() { return backend_for(kGpu); }
-float* f32(const Tensor& t) { return t.data<float>(); }
-BFloat16* bf16(const Tensor& t) { return static_cast<BFloat16*>(t.raw_data()); }
-
-double time_ms(const std::function<void()>& f, int reps = 5) {
-  f();
-  gpu().synchronize();
-  std::vector<double> rounds;
-  for (int r = 0; r < 5; ++r) {
-    const auto t0 = std::chrono::steady_clock::now();
-    for (int i = 0; i < reps; ++i) f();
-    gpu().synchronize();
-    rounds.push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count() / reps);
-  }
-  std::sort(rounds.begin(), rounds.end());
-  return rounds[2];
-}
 
 // Uniform in [-1, 1): 2^22 random values tiled over n (drawing 10^9 on the host takes too long).
 Tensor random_gpu(int64_t n, uint64_t seed) {
@@ -110,6 +93,8 @@ void print_table(const std::vector<Piece>& pieces) {
 }  // namespace
 
 namespace {
+
+double time_ms(const std::function<void()>& f, int reps = 5) { return median_time_ms(f, reps); }
 
 // The products: the four linear layers (forward with its fused epilogue, dx, dW with the fused
 // bias gradient) and the LM head's three.

@@ -19,21 +19,18 @@
 #include <vector>
 
 #include "backend/backend.hpp"
+#include "cuda_test_util.hpp"
 #include "tutti/core/random.hpp"
 #include "tutti/core/tensor.hpp"
 #include "tutti/ops/ops.hpp"
 
 using namespace tutti;
+using namespace tutti::cuda_test;
 
 namespace {
 
-const Device kGpu = Device::cuda(0);
-const Device kCpu = Device::cpu();
 constexpr double kBound = 1e-5;
 
-bool have_gpu() { return device_available(kGpu); }
-Backend& gpu() { return backend_for(kGpu); }
-float* f32(const Tensor& t) { return t.data<float>(); }
 
 Tensor random_logits(int64_t N, int64_t V, Rng& rng, double spread) {
   std::vector<float> v(static_cast<size_t>(N * V));
@@ -51,7 +48,6 @@ Tensor edge_targets(int64_t N, int64_t V, Rng& rng) {
   return Tensor::from_vector({N}, t);
 }
 
-Tensor poisoned(const Shape& shape) { return Tensor::full(shape, std::numeric_limits<float>::quiet_NaN(), kGpu); }
 
 // ||a - b|| / ||b|| in double; infinity when a holds a NaN.
 double rel_error(const std::vector<float>& a, const std::vector<float>& b) {
@@ -184,19 +180,7 @@ TEST(CudaXent, UnalignedRows) {
 // floor: bytes (each input read once, each output written once) over the device-to-device copy
 // rate measured here (bytes read plus written).
 
-double time_ms(const std::function<void()>& f) {
-  f();
-  gpu().synchronize();
-  std::vector<double> rounds;
-  for (int r = 0; r < 7; ++r) {
-    const auto t0 = std::chrono::steady_clock::now();
-    for (int i = 0; i < 5; ++i) f();
-    gpu().synchronize();
-    rounds.push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count() / 5);
-  }
-  std::sort(rounds.begin(), rounds.end());
-  return rounds[3];
-}
+double time_ms(const std::function<void()>& f) { return median_time_ms(f, 5, 7); }
 
 TEST(CudaXent, Timing) {
   if (!have_gpu()) GTEST_SKIP() << "no CUDA device";

@@ -1,0 +1,72 @@
+// What the CUDA test files share: the devices, random and NaN-poisoned tensors, the relative error
+// the comparisons use, and the timing loop of the opt-in timing tables.
+#pragma once
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <functional>
+#include <limits>
+#include <vector>
+
+#include "backend/backend.hpp"
+#include "tutti/core/random.hpp"
+#include "tutti/core/tensor.hpp"
+
+namespace tutti::cuda_test {
+
+inline const Device kGpu = Device::cuda(0);
+inline const Device kCpu = Device::cpu();
+
+inline bool have_gpu() { return device_available(kGpu); }
+inline Backend& cpu() { return backend_for(kCpu); }
+inline Backend& gpu() { return backend_for(kGpu); }
+inline float* f32(const Tensor& t) { return t.data<float>(); }
+inline BFloat16* bf16(const Tensor& t) { return static_cast<BFloat16*>(t.raw_data()); }
+
+// Uniform in [lo, hi), on the CPU.
+inline Tensor random_tensor(const Shape& shape, Rng& rng, double lo = -1.0, double hi = 1.0) {
+  std::vector<float> v(static_cast<size_t>(shape.numel()));
+  for (float& x : v) x = static_cast<float>(lo + (hi - lo) * rng.uniform());
+  return Tensor::from_vector(shape, v);
+}
+
+// An output buffer full of NaN, so an element the kernel forgot to write fails the comparison.
+inline Tensor poisoned(const Shape& shape, Device device = kGpu) {
+  return Tensor::full(shape, std::numeric_limits<float>::quiet_NaN(), device);
+}
+
+// ||actual - expected|| / ||expected|| over all elements, in double; NaN anywhere gives NaN.
+inline double relative_error(const Tensor& actual, const Tensor& expected) {
+  const std::vector<float> a = actual.to_vector<float>(), e = expected.to_vector<float>();
+  if (a.size() != e.size()) return std::numeric_limits<double>::quiet_NaN();
+  double diff = 0.0, ref = 0.0;
+  for (size_t i = 0; i < a.size(); ++i) {
+    diff += (double(a[i]) - e[i]) * (double(a[i]) - e[i]);
+    ref += double(e[i]) * e[i];
+  }
+  return ref > 0 ? std::sqrt(diff / ref) : std::sqrt(diff);
+}
+
+inline ::testing::AssertionResult within(double error, double bound) {
+  if (error <= bound) return ::testing::AssertionSuccess() << "relative error " << error;  // false for NaN
+  return ::testing::AssertionFailure() << "relative error " << error << " over " << bound;
+}
+
+// The median over `rounds` rounds of the mean time of `reps` back-to-back calls, in milliseconds.
+inline double median_time_ms(const std::function<void()>& f, int reps, int rounds = 5) {
+  f();
+  gpu().synchronize();
+  std::vector<double> times;
+  for (int r = 0; r < rounds; ++r) {
+    const auto t0 = std::chrono::steady_clock::now();
+    for (int i = 0; i < reps; ++i) f();
+    gpu().synchronize();
+    times.push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count() / reps);
+  }
+  std::sort(times.begin(), times.end());
+  return times[times.size() / 2];
+}
+
+}  // namespace tutti::cuda_test
