@@ -83,35 +83,21 @@ echo
 # average is discarded and repeated (up to 3 attempts; the last is kept and flagged). Other
 # processes' use = all CPU time the kernel accounts (user, nice, system, irq, softirq, steal) minus
 # what this script's children used.
-cpu_busy() { awk '/^cpu /{print $2+$3+$4+$7+$8+$9}' /proc/stat; }  # jiffies (1/100 s), all CPUs
-child_cpu() { sed 's/.*) //' "/proc/$$/stat" | awk '{print $14 + $15}'; }  # cutime + cstime of the script's shell
-hz="$(getconf CLK_TCK)"
+source "$here/quiet_lib.sh"
 discarded=0
-
-wait_quiet() {  # until the other processes use < 0.1 core over one second (gives up after ~5 min)
-  local b0 b1 tries
-  for tries in $(seq 1 30); do
-    b0="$(cpu_busy)"; sleep 1; b1="$(cpu_busy)"
-    ((b1 - b0 < hz / 10)) && return 0
-    ((tries == 1)) && echo "  (waiting for a quiet machine: $(cut -d' ' -f1-3 /proc/loadavg))" >&2
-    sleep 9
-  done
-  echo "  (machine still busy after 5 minutes; running anyway)" >&2
-}
 
 run_one() {  # label, extra JSON fields, command...: appends the run's JSON line (tagged) to $raw
   local label="$1" tags="$2"; shift 2
   local out line attempt b0 c0 t0 foreign
   for attempt in 1 2 3; do
-    wait_quiet
+    wait_quiet 30
     b0="$(cpu_busy)"; c0="$(child_cpu)"; t0="$(date +%s.%N)"
     if ! out="$("$@" 2>&1)" || ! line="$(printf '%s\n' "$out" | grep '^{' | tail -1)" || [[ -z "$line" ]]; then
       echo "dp_run.sh: $label failed:" >&2
       printf '%s\n' "$out" | tail -5 >&2
       return 1
     fi
-    foreign="$(awk -v b="$(( $(cpu_busy) - b0 ))" -v c="$(( $(child_cpu) - c0 ))" -v t0="$t0" -v t1="$(date +%s.%N)" -v hz="$hz" \
-      'BEGIN { f = (b - c) / hz / (t1 - t0); printf "%.2f", f < 0 ? 0 : f }')"
+    foreign="$(other_cores "$b0" "$c0" "$t0" "$(date +%s.%N)")"
     if awk -v f="$foreign" 'BEGIN { exit !(f <= 0.15) }' || ((attempt == 3)); then break; fi
     echo "  $label: other processes used $foreign cores meanwhile; discarded, repeating" >&2
     discarded=$((discarded + 1))

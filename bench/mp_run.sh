@@ -97,21 +97,7 @@ layouts() {
   esac
 }
 
-# ---- interference accounting (as bench/dp_run.sh) -------------------------------------------------
-cpu_busy() { awk '/^cpu /{print $2+$3+$4+$7+$8+$9}' /proc/stat; }  # jiffies, all CPUs
-child_cpu() { sed 's/.*) //' "/proc/$$/stat" | awk '{print $14 + $15}'; }  # cutime + cstime of this shell
-hz="$(getconf CLK_TCK)"
-wait_quiet() {  # until other processes use < 0.1 core over one second (gives up after ~2 min)
-  local b0 b1 tries
-  ((quick)) && return 0
-  for tries in $(seq 1 12); do
-    b0="$(cpu_busy)"; sleep 1; b1="$(cpu_busy)"
-    ((b1 - b0 < hz / 10)) && return 0
-    ((tries == 1)) && echo "  (waiting for a quiet machine: $(cut -d' ' -f1-3 /proc/loadavg))" >&2
-    sleep 9
-  done
-  echo "  (machine still busy after 2 minutes; running anyway)" >&2
-}
+source "$here/quiet_lib.sh"  # interference accounting
 
 # ---- header --------------------------------------------------------------------------------------
 echo "## Model parallelism (pp, tp) on W2 and L12"
@@ -142,14 +128,13 @@ run_one() {  # model, rep, steps, layout line
              --eval-interval 1000 --eval-batches 1 --sample-tokens 0 --checkpoint-interval 100000
              --log-interval 1 --data "$data" --out "$out")
   if ((ranks > 1)); then cmd=(mpirun -np "$ranks" --oversubscribe --bind-to none "${cmd[@]}"); fi
-  wait_quiet
+  ((quick)) || wait_quiet
   b0="$(cpu_busy)"; c0="$(child_cpu)"; t0="$(date +%s.%N)"
   rc=0
   printf '$ %s\n' "${cmd[*]}" > "$log"
   timeout 300 "${cmd[@]}" < /dev/null >> "$log" 2>&1 || rc=$?  # mpirun would eat the layout list
   t1="$(date +%s.%N)"
-  foreign="$(awk -v b="$(( $(cpu_busy) - b0 ))" -v c="$(( $(child_cpu) - c0 ))" -v t0="$t0" -v t1="$t1" -v hz="$hz" \
-    'BEGIN { f = (b - c) / hz / (t1 - t0); printf "%.2f", f < 0 ? 0 : f }')"
+  foreign="$(other_cores "$b0" "$c0" "$t0" "$t1")"
   [[ -f "$out/metrics.jsonl" ]] && cp "$out/metrics.jsonl" "$work/$tag.metrics.jsonl"
   ((keep)) || rm -rf "$out"
   printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$model" "$name" "$rep" "$ranks" "$threads" "$rc" "$tag" "$foreign" \

@@ -36,20 +36,7 @@ bin="$(cd "$build" && pwd)/tutti"
 [[ -x "$bin" ]] || { echo "no tutti program in $build (build it first)" >&2; exit 1; }
 work="$(mktemp -d /tmp/tutti-sweep-bench.XXXXXX)"
 
-cpu_busy() { awk '/^cpu /{print $2+$3+$4+$7+$8+$9}' /proc/stat; }  # jiffies, all CPUs
-child_cpu() { sed 's/.*) //' "/proc/$$/stat" | awk '{print $14 + $15}'; }  # cutime + cstime of this shell
-hz="$(getconf CLK_TCK)"
-wait_quiet() {  # until other processes use < 0.1 core over one second (gives up after ~2 min)
-  local b0 b1 tries
-  ((quick)) && return 0
-  for tries in $(seq 1 12); do
-    b0="$(cpu_busy)"; sleep 1; b1="$(cpu_busy)"
-    ((b1 - b0 < hz / 10)) && return 0
-    ((tries == 1)) && echo "  (waiting for a quiet machine: $(cut -d' ' -f1-3 /proc/loadavg))" >&2
-    sleep 9
-  done
-  echo "  (machine still busy after 2 minutes; running anyway)" >&2
-}
+source "$here/quiet_lib.sh"
 
 eval_interval=$((steps / 3 > 0 ? steps / 3 : 1))
 write_config() {  # NAME WORKERS THREADS RUNGS
@@ -83,12 +70,11 @@ EOF
 run() {  # NAME WORKERS THREADS RUNGS REP
   local name="$1" rep="$5" out="$work/$1.$5" b0 c0 t0 t1 busy trials other
   write_config "$name" "$2" "$3" "$4"
-  wait_quiet
+  ((quick)) || wait_quiet
   b0="$(cpu_busy)"; c0="$(child_cpu)"; t0="$(date +%s.%N)"
   "$bin" sweep "$work/$name.toml" --out "$out" > "$work/$name.$rep.log" 2>&1
   t1="$(date +%s.%N)"
-  other="$(awk -v b="$(( $(cpu_busy) - b0 ))" -v c="$(( $(child_cpu) - c0 ))" -v t0="$t0" -v t1="$t1" -v hz="$hz" \
-    'BEGIN { f = (b - c) / hz / (t1 - t0); printf "%.2f", f < 0 ? 0 : f }')"
+  other="$(other_cores "$b0" "$c0" "$t0" "$t1")"
   trials="$(wc -l < "$out/sweep.jsonl")"
   busy="$(sed -n 's/.*(busy \([0-9]*\)%).*/\1/p' "$work/$name.$rep.log")"
   echo "$name $rep $trials $(awk -v a="$t0" -v b="$t1" -v n="$trials" 'BEGIN { printf "%.1f %.0f", b - a, n * 3600 / (b - a) }') $busy $other" >> "$work/index"
