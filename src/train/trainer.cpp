@@ -135,13 +135,7 @@ class Run {
 
   // A run that ends by an error may leave its evaluation running: it reads snapshot_ and
   // dataset_, which go before tasks_ (which would wait for it) does.
-  ~Run() {
-    if (!eval_task_) return;
-    try {
-      eval_task_->wait();
-    } catch (...) {  // the error that ended the run is the one to report
-    }
-  }
+  ~Run() { wait_quietly(eval_task_); }
 
   // The loop: step after step, with evaluation, checkpoints and rollbacks at their points.
   TrainResult train() {
@@ -234,7 +228,7 @@ class Run {
     const bool time_due = lead_ && config_.checkpoint_minutes > 0 &&
                           Clock::now() - last_checkpoint_ >= std::chrono::minutes(config_.checkpoint_minutes);
     // A background evaluation's sums travel here too; they count once every rank has its own.
-    const bool eval_ready = eval_task_ && eval_task_->done();
+    const bool eval_ready = eval_task_ && eval_task_->is_completed();
     std::array<double, 8> agreed{reports_loss_ ? loss_sum / layout_.micro_batches : 0.0, time_due ? 1.0 : 0.0,
                                  replica_->grad_squares([&](const std::string& name) { return counted(name); }),
                                  energy_.joules() - joules_before, energy_.available() ? 1.0 : 0.0,
@@ -416,7 +410,7 @@ class Run {
   void finish_eval() {
     if (eval_client_ && eval_client_->pending()) report_eval(eval_client_->wait());
     if (!eval_task_) return;
-    const trace::Scope span("eval wait", trace::cat::eval, !eval_task_->done());
+    const trace::Scope span("eval wait", trace::cat::eval, !eval_task_->is_completed());
     eval_task_->wait();
     std::array<double, 2> sums = eval_.sums;
     if (world_.size() > 1) world_.all_reduce(std::span<double>(sums))->wait();

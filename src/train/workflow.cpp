@@ -12,24 +12,12 @@ namespace tutti::train {
 
 // ---- Task ---------------------------------------------------------------------------------------
 
-void Task::wait() {
-  std::unique_lock lock(mutex_);
-  cv_.wait(lock, [&] { return done_; });
-  if (error_) std::rethrow_exception(std::exchange(error_, nullptr));
-}
-
-bool Task::done() {
-  std::lock_guard lock(mutex_);
-  return done_;
-}
-
-void Task::finish(std::exception_ptr error) {
-  {
-    std::lock_guard lock(mutex_);
-    done_ = true;
-    error_ = std::move(error);
+void wait_quietly(const std::shared_ptr<Task>& task) {
+  if (!task) return;
+  try {
+    task->wait();
+  } catch (...) {
   }
-  cv_.notify_all();
 }
 
 // ---- Tasks --------------------------------------------------------------------------------------
@@ -45,17 +33,12 @@ Tasks::Tasks(int workers) : workers_(workers) {
 }
 
 Tasks::~Tasks() {
-  for (auto& task : live_) {
-    try {
-      task->wait();
-    } catch (...) {  // its owner has gone, or is unwinding from an error of its own
-    }
-  }
+  for (const auto& task : live_) wait_quietly(task);
 }
 
 std::shared_ptr<Task> Tasks::run(std::string name, const char* category, int kernel_threads, std::function<void()> fn,
                                  bool background) {
-  auto task = std::make_shared<Task>();
+  auto task = std::make_shared<Task>(comm::Millis::max(), nullptr);
   auto body = [task, name = std::move(name), category, kernel_threads, fn = std::move(fn)] {
     std::exception_ptr error;
     const int saved = num_threads();
@@ -73,7 +56,7 @@ std::shared_ptr<Task> Tasks::run(std::string name, const char* category, int ker
     body();
     return task;
   }
-  std::erase_if(live_, [](const std::shared_ptr<Task>& t) { return t->done(); });
+  std::erase_if(live_, [](const std::shared_ptr<Task>& t) { return t->is_completed(); });
   live_.push_back(task);
   // enqueue, not execute: the training thread never joins the arena, so it never waits for a
   // slot while the workers are busy.
@@ -90,12 +73,7 @@ std::shared_ptr<Task> Tasks::run(std::string name, const char* category, int ker
 BatchLoader::BatchLoader(Tasks& tasks, Make make, int chunk) : tasks_(tasks), make_(std::move(make)), chunk_(chunk) {}
 
 BatchLoader::~BatchLoader() {
-  for (Chunk& c : queue_) {  // the tasks use make_: they must end first
-    try {
-      c.task->wait();
-    } catch (...) {  // batches nobody will take
-    }
-  }
+  for (const Chunk& c : queue_) wait_quietly(c.task);  // the tasks use make_: they must end first
 }
 
 void BatchLoader::schedule(int64_t first) {
@@ -119,7 +97,7 @@ std::vector<data::Batch> BatchLoader::take(int64_t step) {
   Chunk& current = queue_.front();
   if (tasks_.background() && step == current.first && queue_.size() == 1) schedule(current.first + current.count);
   {
-    const trace::Scope span("data wait", trace::cat::data, !current.task->done());
+    const trace::Scope span("data wait", trace::cat::data, !current.task->is_completed());
     current.task->wait();
   }
   last_wait_ = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
@@ -133,9 +111,7 @@ std::vector<data::Batch> BatchLoader::take(int64_t step) {
 CheckpointWriter::CheckpointWriter(Tasks& tasks, std::string run_dir, int keep)
     : tasks_(tasks), run_dir_(std::move(run_dir)), keep_(keep) {}
 
-CheckpointWriter::~CheckpointWriter() {
-  if (task_ && !task_->done()) task_->wait();
-}
+CheckpointWriter::~CheckpointWriter() { wait_quietly(task_); }
 
 void CheckpointWriter::submit(CheckpointSnapshot snap) {
   wait();

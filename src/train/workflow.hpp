@@ -6,37 +6,29 @@
 // I/O, and a task that computes (an evaluation) sets its own OpenMP team size (set_num_threads is
 // per calling thread). docs/tasks.md gives the measurements behind the defaults.
 #pragma once
-#include <condition_variable>
 #include <cstdint>
 #include <deque>
-#include <exception>
 #include <functional>
 #include <memory>
-#include <mutex>
 #include <string>
 #include <vector>
 
 #include <oneapi/tbb/global_control.h>
 #include <oneapi/tbb/task_arena.h>
 
+#include "comm/work.hpp"
 #include "tutti/data/token_dataset.hpp"
 #include "tutti/train/run_dir.hpp"
 
 namespace tutti::train {
 
-// A task's completion: wait() blocks until it ran and rethrows its error.
-class Task {
- public:
-  void wait();
-  bool done();
-  void finish(std::exception_ptr error);
+// A task's completion is the project's one completion mechanism, a Work: wait() blocks until the
+// task ran and rethrows its error, is_completed() polls.
+using Task = comm::CompletionWork;
 
- private:
-  std::mutex mutex_;
-  std::condition_variable cv_;
-  bool done_ = false;
-  std::exception_ptr error_;
-};
+// Waits for `task`, if any, dropping its error: for destructors, whose owner is going (often
+// because of an error of its own, the one to report) while the task may still use its members.
+void wait_quietly(const std::shared_ptr<Task>& task);
 
 // Background tasks on a oneTBB arena of `workers` threads (0: none; run() then runs the task on
 // the calling thread before returning: the serial workflow, for comparison).
