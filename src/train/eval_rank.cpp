@@ -21,17 +21,24 @@ constexpr comm::Millis kForever = std::chrono::hours(24 * 365);
 
 }  // namespace
 
+double eval_loss_sum(const nn::GPT& model, const data::TokenDataset& data, data::Split split, int batches,
+                     int batch_size, int64_t seed, int first, int stride) {
+  NoGradGuard no_grad;
+  double total = 0.0;
+  for (int i = first; i < batches; i += stride) {
+    data::Batch b = data.batch(split, batch_size, static_cast<uint64_t>(seed) ^ kEvalStream, static_cast<uint64_t>(i));
+    total += model.loss(b.inputs, b.targets).item();
+  }
+  return total;
+}
+
 EvalShare evaluate_share(const nn::GPT& model, const data::TokenDataset& data, const TrainConfig& config,
                          int64_t step, int replica, int replicas, bool sample) {
   const auto t0 = Clock::now();
-  NoGradGuard no_grad;
   EvalShare out;
-  for (int i = replica; i < config.eval_batches; i += replicas)
-    for (int split = 0; split < 2; ++split) {
-      data::Batch b = data.batch(split == 0 ? data::Split::train : data::Split::val, config.batch,
-                                 static_cast<uint64_t>(config.seed) ^ kEvalStream, static_cast<uint64_t>(i));
-      out.sums[size_t(split)] += model.forward_part(b.inputs, b.targets).item();
-    }
+  for (data::Split split : {data::Split::train, data::Split::val})
+    out.sums[split == data::Split::train ? 0 : 1] =
+        eval_loss_sum(model, data, split, config.eval_batches, config.batch, config.seed, replica, replicas);
   if (sample && config.sample_tokens > 0 && !data.synthetic()) {
     nn::SampleOptions options;
     options.max_tokens = std::min(config.sample_tokens, 200);

@@ -22,6 +22,11 @@ namespace tutti::train {
 // Evaluation batches come from their own stream of the run's seed.
 inline constexpr uint64_t kEvalStream = 0x5EEDE7A1ull;
 
+// The losses of evaluation batches first, first + stride, ... < batches of `split` (batch_size
+// sequences each, from the run seed's evaluation stream), summed.
+double eval_loss_sum(const nn::GPT& model, const data::TokenDataset& data, data::Split split, int batches,
+                     int batch_size, int64_t seed, int first = 0, int stride = 1);
+
 // The losses of this replica's share of the evaluation batches (i = replica, replica + replicas,
 // ... < eval_batches) summed, train split then validation, and a sample when `sample`.
 struct EvalShare {

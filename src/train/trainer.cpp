@@ -45,13 +45,7 @@ const std::vector<std::string> kMoments = {".exp_avg", ".exp_avg_sq"};  // AdamW
 
 double evaluate(const nn::GPT& model, const data::TokenDataset& dataset, data::Split split, int batches,
                 int batch_size, int64_t seed) {
-  NoGradGuard no_grad;
-  double total = 0.0;
-  for (int i = 0; i < batches; ++i) {
-    data::Batch b = dataset.batch(split, batch_size, static_cast<uint64_t>(seed) ^ kEvalStream, static_cast<uint64_t>(i));
-    total += model.loss(b.inputs, b.targets).item();
-  }
-  return total / batches;
+  return eval_loss_sum(model, dataset, split, batches, batch_size, seed) / batches;
 }
 
 TrainConfig load_run_config(const std::string& run_dir) {
