@@ -14,6 +14,7 @@
 #include <string>
 
 #include "process_util.hpp"
+#include "tutti/comm/communicator.hpp"
 #include "tutti/ckpt/gpt_checkpoint.hpp"
 #include "tutti/ckpt/safetensors.hpp"
 
@@ -25,11 +26,13 @@ inline const std::string kMpirun =
     "OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_rmaps_base_oversubscribe=1 "
     "timeout 300 mpirun --oversubscribe --bind-to none ";
 
-// A fixture for tests that launch with mpirun: skipped where there is none.
+// A fixture for tests that launch with mpirun: skipped where there is none, or where tutti was
+// built without MPI (its ranks would each be a world of one).
 class MpirunTest : public ::testing::Test {
  protected:
   void SetUp() override {
     if (!have_mpirun()) GTEST_SKIP() << "mpirun not found (apt-get install openmpi-bin)";
+    if (!comm::mpi_available()) GTEST_SKIP() << "tutti was built without MPI (cmake -DTUTTI_MPI=ON)";
   }
 };
 
