@@ -185,11 +185,22 @@ struct DataParallel::Impl {
     const float* g = shard_grads();
     const double mean = 1.0 / (double(world) * double(world));  // the buffers hold the sum
     if (!counted) return backend().sum_squares(g, hi - lo) * mean;
+    // One reduction per run of adjacent counted segments, not one per parameter: on a GPU each
+    // is a wait for the device (148 of them per GPT-2 step held the GPU idle for milliseconds).
     double total = 0.0;
+    int64_t run_begin = 0, run_end = 0;
+    auto flush = [&] {
+      if (run_begin < run_end) total += backend().sum_squares(g + (run_begin - lo), run_end - run_begin);
+      run_begin = run_end = 0;
+    };
     for (const Segment& seg : segments) {
       const int64_t b = std::max(seg.offset, lo), e = std::min(seg.offset + seg.numel, hi);
-      if (b < e && counted(seg.name)) total += backend().sum_squares(g + (b - lo), e - b);
+      if (b >= e || !counted(seg.name)) continue;
+      if (b != run_end) flush();
+      if (run_begin == run_end) run_begin = b;
+      run_end = e;
     }
+    flush();
     return total * mean;
   }
 

@@ -199,7 +199,7 @@ class Run {
   Outcome train_step() {
     const int64_t step = state_.step;  // 0-based index of this step; it completes step + 1
     const auto t0 = Clock::now();
-    const double joules_before = energy_.joules();
+    const double joules_before = read_energy();
     mesh_.set_step(step + 1);
     if (device_mesh_) device_mesh_->set_step(step + 1);
     heartbeat_.set_step(step);
@@ -208,7 +208,13 @@ class Run {
     auto forward = [&](int m, const Tensor& input) {
       if (inject_slow_ms_ > 0) std::this_thread::sleep_for(std::chrono::milliseconds(inject_slow_ms_));
       const data::Batch& batch = batches[size_t(m)];
-      return model_.forward_part(pipeline_.first() ? batch.inputs.to(device_) : input, batch.targets.to(device_));
+      Tensor inputs, targets;
+      {
+        const trace::Scope span("batch to device", trace::cat::data);
+        inputs = pipeline_.first() ? batch.inputs.to(device_) : input;
+        targets = batch.targets.to(device_);
+      }
+      return model_.forward_part(inputs, targets);
     };
     double loss_sum = pipeline_.train_step(forward, [&] { replica_->begin_sync(); });
     replica_->end_sync();  // the replicas' mean gradient
@@ -224,8 +230,7 @@ class Run {
     // A background evaluation's sums travel here too; they count once every rank has its own.
     const bool eval_ready = eval_task_ && eval_task_->is_completed();
     std::array<double, 8> agreed{reports_loss_ ? loss_sum / layout_.micro_batches : 0.0, time_due ? 1.0 : 0.0,
-                                 replica_->grad_squares([&](const std::string& name) { return counted(name); }),
-                                 energy_.joules() - joules_before, energy_.available() ? 1.0 : 0.0,
+                                 grad_squares(), read_energy() - joules_before, energy_.available() ? 1.0 : 0.0,
                                  eval_ready ? 1.0 : 0.0, eval_ready ? eval_.sums[0] : 0.0, eval_ready ? eval_.sums[1] : 0.0};
     if (world_.size() > 1) world_.all_reduce(std::span<double>(agreed))->wait();
     if (eval_task_ && agreed[5] == world_.size()) report_eval(std::array<double, 2>{agreed[6], agreed[7]});
@@ -252,6 +257,15 @@ class Run {
     state_.data_position = step + 1;
     log_step(loss, lr, norm, out.bad, std::chrono::duration<double>(Clock::now() - t0).count());
     return out;
+  }
+
+  double read_energy() {
+    const trace::Scope span("energy counter", trace::cat::host);
+    return energy_.joules();
+  }
+  double grad_squares() {
+    const trace::Scope span("gradient norm", trace::cat::compute);
+    return replica_->grad_squares([&](const std::string& name) { return counted(name); });
   }
 
   // Stragglers: every rank's mean forward + backward time per step since the last comparison,

@@ -23,6 +23,7 @@ inline constexpr const char* data = "data";              // waiting for or prepa
 inline constexpr const char* checkpoint = "checkpoint";  // gathering, writing
 inline constexpr const char* eval = "eval";              // evaluation and samples
 inline constexpr const char* in_flight = "in_flight";    // an asynchronous operation, issue to completion
+inline constexpr const char* host = "host";              // the step's own host work (counters, logs)
 }  // namespace cat
 
 bool enabled();
