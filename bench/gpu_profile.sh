@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Where a GPT-2 124M bf16 training step goes on the GPU (issue #7), without Nsight Systems (not on
-# the GPU machine): the step's wall time (a plain 20-step run, median of steps 2-20, and a traced
-# run summarised by `tutti inspect trace`) against the sum of its kernels' durations under Nsight
-# Compute (one metric, gpu__time_duration, caches and clocks left alone), kernel by kernel. Their
-# difference is the time the GPU waits for the host (launch gaps, synchronisations).
+# the GPU machine): the step's wall time (a plain 20-step run) and the host's spans in a traced run,
+# step by step: forward (ends with the loss, which waits for the GPU), backward (the host queues
+# it), the gradient norm (waits for the GPU to finish backward), the energy counter, the
+# optimizer, the batch copy. Host work between the waits is time the GPU may sit idle. (ncu over a
+# training step was tried: ~0.1 s per kernel, too slow for a device call.)
 #   bash bench/gpu_profile.sh OUT_DIR [BATCH]     (build-gpu/ from scripts/gpu_build.sh)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -22,30 +23,22 @@ train profile_wall 20 > "$OUT/wall.log" 2>&1
 cp /tmp/profile_wall/metrics.jsonl "$OUT/wall.metrics.jsonl"
 train profile_trace 8 --trace "$OUT/step.trace.json" > "$OUT/trace.log" 2>&1
 build-gpu/tutti inspect trace "$OUT/step.trace.json" > "$OUT/inspect.txt" 2>&1
-ncu --metrics gpu__time_duration.sum --cache-control none --clock-control none --csv --print-units base \
-  --log-file "$OUT/ncu.csv" bash -c "$(declare -f train); B=$B; train profile_ncu 4" > "$OUT/ncu_run.log" 2>&1
 python3 - "$OUT" <<'PY'
-import collections, csv, json, re, statistics, sys
+import collections, json, statistics, sys
 out = sys.argv[1]
 ms = [json.loads(l)['ms'] for l in open(f'{out}/wall.metrics.jsonl') if '"ms"' in l][1:]
-wall = statistics.median(ms)
-rows = [r for r in csv.DictReader(l for l in open(f'{out}/ncu.csv') if l.startswith('"'))
-        if r.get('Metric Name') == 'gpu__time_duration.sum']
-def short(name):
-    name = re.sub(r'\(.*', '', name)  # drop the argument list
-    return name[:70]
-names = [short(r['Kernel Name']) for r in rows]
-dur = [float(r['Metric Value']) / 1e6 for r in rows]  # ns -> ms
-starts = [i for i, n in enumerate(names) if 'flash_forward' in n][::12]  # one step: layer 0's forward to the next
-print(f'wall: median step {wall:.2f} ms over {len(ms)} steps (min {min(ms):.2f}); kernels profiled: {len(rows)}')
-for a, b in zip(starts[1:], starts[2:]):
-    print(f'kernels of one step: {b - a}, their time {sum(dur[a:b]):.2f} ms, wall - kernels {wall - sum(dur[a:b]):.2f} ms')
-a, b = starts[-2], starts[-1]
-per = collections.defaultdict(lambda: [0, 0.0])
-for n, d in zip(names[a:b], dur[a:b]):
-    per[n][0] += 1; per[n][1] += d
-print(f"\n{'kernel':72} {'calls':>5} {'ms':>8} {'share':>6}")
-total = sum(d for _, d in per.values())
-for n, (c, d) in sorted(per.items(), key=lambda kv: -kv[1][1]):
-    print(f'{n:72} {c:5d} {d:8.3f} {d / total:6.1%}')
+print(f'wall: median step {statistics.median(ms):.2f} ms, fastest {min(ms):.2f}, slowest {max(ms):.2f} over {len(ms)} steps')
+t = json.load(open(f'{out}/step.trace.json'))
+ev = sorted((e for e in (t['traceEvents'] if isinstance(t, dict) else t) if e.get('ph') == 'X' and e.get('tid') == 0),
+            key=lambda e: e['ts'])
+steps = [e for e in ev if e['name'].startswith('step ')][1:]  # the first (warm-up) left out
+per = collections.defaultdict(list)
+for s in steps:
+    inside = [e for e in ev if s['ts'] <= e['ts'] < s['ts'] + s['dur'] and e is not s]
+    per['step'].append(s['dur'] / 1e3)
+    for e in inside:
+        per[e['name'].split(' 0')[0]].append(e['dur'] / 1e3)
+print(f"{'span (host time, ms)':24} {'median':>8} {'min':>8} {'max':>8}")
+for name, v in per.items():
+    print(f'{name:24} {statistics.median(v):8.2f} {min(v):8.2f} {max(v):8.2f}')
 PY

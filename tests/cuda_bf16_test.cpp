@@ -42,52 +42,6 @@ constexpr double kSameInputs = 1e-5;   // bf16 products against fp32 on the same
 
 
 
-// bf16 NaN (0xFFFF) in every element.
-Tensor poisoned_bf16(const Shape& shape, Device device) {
-  Tensor t = Tensor::empty(shape, DType::bf16, kCpu);
-  std::memset(t.raw_data(), 0xFF, t.nbytes());
-  return t.to(device);
-}
-
-// Round to nearest even, as the GPU must; NaN stays a (quiet) NaN.
-uint16_t bf16_bits(float x) {
-  uint32_t u;
-  std::memcpy(&u, &x, 4);
-  if (std::isnan(x)) return static_cast<uint16_t>((u >> 16) | 0x40);
-  return static_cast<uint16_t>((u + 0x7FFF + ((u >> 16) & 1)) >> 16);
-}
-float bf16_value(uint16_t b) {
-  const uint32_t u = uint32_t{b} << 16;
-  float x;
-  std::memcpy(&x, &u, 4);
-  return x;
-}
-
-// The values of a bf16 tensor (any device) as fp32 on the CPU.
-Tensor widened(const Tensor& t) {
-  Tensor c = t.to(kCpu).contiguous();
-  std::vector<float> v(static_cast<size_t>(c.numel()));
-  const auto* bits = static_cast<const uint16_t*>(c.raw_data());
-  for (size_t i = 0; i < v.size(); ++i) v[i] = bf16_value(bits[i]);
-  return Tensor::from_vector(c.shape(), v);
-}
-// An fp32 CPU tensor whose values are those of x rounded to bf16.
-Tensor rounded(const Tensor& x) {
-  std::vector<float> v = x.to_vector<float>();
-  for (float& e : v) e = bf16_value(bf16_bits(e));
-  return Tensor::from_vector(x.shape(), v);
-}
-// x rounded to bf16, as a bf16 tensor on `device` (made on the host: independent of the kernel).
-Tensor bf16_tensor(const Tensor& x, Device device) {
-  const std::vector<float> v = x.to_vector<float>();
-  Tensor t = Tensor::empty(x.shape(), DType::bf16, kCpu);
-  auto* bits = static_cast<uint16_t*>(t.raw_data());
-  for (size_t i = 0; i < v.size(); ++i) bits[i] = bf16_bits(v[i]);
-  return t.to(device);
-}
-
-
-
 }  // namespace
 
 // ================================================================================================
@@ -321,6 +275,69 @@ TEST(CudaBf16Ops, LinearAndMatmulAgainstCpu) {
                          return ops::matmul(t[0], t[1], false, true, w);
                        },
                        "batched matmul, broadcast b^T (the tied LM head)");
+}
+
+// Producers that write bf16 for the product after them: LayerNorm into a linear layer (as the
+// GPT block's), and the LM head's bf16 logits into the cross-entropy, whose gradient comes back
+// in bf16 (as the GPT's head under mixed precision).
+TEST(CudaBf16Ops, Bf16OutputsAgainstCpu) {
+  if (!have_gpu()) GTEST_SKIP() << "no CUDA device";
+  Rng rng(6);
+  for (int64_t C : {int64_t{37}, int64_t{768}}) {
+    const Tensor lw = random_tensor({C}, rng, 0.5, 1.5), lb = random_tensor({C}, rng);
+    expect_mixed_matches({random_tensor({3, 41, C}, rng, -2.0, 2.0), lw, lb, random_tensor({C, 96}, rng),
+                          random_tensor({96}, rng)},
+                         3,
+                         [](const std::vector<Tensor>& t, const Tensor& w) {
+                           const Tensor h = ops::layer_norm(t[0], t[1], t[2], 1e-5f,
+                                                            w.defined() ? DType::bf16 : DType::f32);
+                           if (w.defined()) EXPECT_EQ(h.dtype(), DType::bf16);
+                           return ops::linear(h, t[3], t[4], w);
+                         },
+                         "layer_norm (bf16 out) -> linear, C=" + std::to_string(C));
+  }
+  for (int64_t D : {int64_t{12}, int64_t{64}})  // c_attn writing bf16 qkv into the attention
+    expect_mixed_matches({random_tensor({2, 33, 96}, rng), random_tensor({96, 3 * 2 * D}, rng, -0.2, 0.2),
+                          random_tensor({3 * 2 * D}, rng)},
+                         1,
+                         [](const std::vector<Tensor>& t, const Tensor& w) {
+                           const DType c = w.defined() ? DType::bf16 : DType::f32;
+                           const Tensor qkv = ops::linear(t[0], t[1], t[2], w, c);
+                           EXPECT_EQ(qkv.dtype(), c);
+                           return ops::causal_attention(qkv, 2, c);
+                         },
+                         "linear (bf16 out) -> causal_attention, D=" + std::to_string(D));
+  // c_fc writing bf16 GELU output (and keeping its input in bf16) into mlp.c_proj.
+  expect_mixed_matches({random_tensor({2, 45, 64}, rng), random_tensor({64, 256}, rng), random_tensor({256}, rng),
+                        random_tensor({256, 64}, rng), random_tensor({64}, rng)},
+                       1,
+                       [](const std::vector<Tensor>& t, const Tensor& w) {
+                         const DType c = w.defined() ? DType::bf16 : DType::f32;
+                         const Tensor hidden = ops::linear_gelu(t[0], t[1], t[2], w, c);
+                         EXPECT_EQ(hidden.dtype(), c);
+                         return ops::linear(hidden, t[3], t[4], w.defined() ? ops::to_bf16(t[3].detach()) : Tensor());
+                       },
+                       "linear_gelu (bf16 out) -> linear");
+  const int64_t N = 77, C = 64, V = 1000;
+  const Tensor h = random_tensor({N, C}, rng), wte = random_tensor({V, C}, rng, -0.5, 0.5);
+  std::vector<int32_t> targets(static_cast<size_t>(N));
+  for (int64_t i = 0; i < N; ++i) targets[size_t(i)] = static_cast<int32_t>((i * 131) % V);
+  const Tensor t = Tensor::from_vector({N}, targets);
+  auto head = [&](Device d, bool mixed, Tensor& hd, Tensor& wd) {
+    hd = h.to(d).set_requires_grad(true);
+    wd = wte.to(d).set_requires_grad(true);
+    const Tensor copy = mixed ? ops::to_bf16(wd.detach()) : Tensor();
+    const Tensor logits = ops::matmul(hd, wd, false, true, copy, mixed ? DType::bf16 : DType::f32);
+    if (mixed) EXPECT_EQ(logits.dtype(), DType::bf16);
+    Tensor loss = ops::cross_entropy(logits, t.to(d));
+    loss.backward();
+    return loss.to(kCpu).item();
+  };
+  Tensor hc, wc, hg, wg;
+  const float lc = head(kCpu, false, hc, wc), lg = head(kGpu, true, hg, wg);
+  EXPECT_NEAR(lg, lc, kBf16Bound * std::abs(lc));
+  EXPECT_TRUE(within(relative_error(hg.grad(), hc.grad()), kBf16Bound)) << "dh";
+  EXPECT_TRUE(within(relative_error(wg.grad(), wc.grad()), kBf16Bound)) << "dwte";
 }
 
 TEST(CudaBf16Ops, CausalAttentionAgainstCpu) {

@@ -41,31 +41,6 @@ bool tf32_on() {
   return v != nullptr && std::string(v) == "1";
 }
 
-
-uint16_t bf16_bits(float x) {  // nearest even
-  uint32_t u;
-  std::memcpy(&u, &x, 4);
-  return static_cast<uint16_t>((u + 0x7FFF + ((u >> 16) & 1)) >> 16);
-}
-float bf16_value(uint16_t b) {
-  const uint32_t u = uint32_t{b} << 16;
-  float x;
-  std::memcpy(&x, &u, 4);
-  return x;
-}
-Tensor rounded(const Tensor& x) {  // fp32 CPU tensor of x's values rounded to bf16
-  std::vector<float> v = x.to_vector<float>();
-  for (float& e : v) e = bf16_value(bf16_bits(e));
-  return Tensor::from_vector(x.shape(), v);
-}
-Tensor bf16_on_gpu(const Tensor& x) {  // rounded on the host: independent of the GPU's kernel
-  const std::vector<float> v = x.to_vector<float>();
-  Tensor t = Tensor::empty(x.shape(), DType::bf16, kCpu);
-  auto* bits = static_cast<uint16_t*>(t.raw_data());
-  for (size_t i = 0; i < v.size(); ++i) bits[i] = bf16_bits(v[i]);
-  return t.to(kGpu);
-}
-
 bool all_nan(const Tensor& t) {
   for (float v : t.to_vector<float>())
     if (!std::isnan(v)) return false;
@@ -124,7 +99,7 @@ void check_epilogue(GemmEpilogue e, const Sizes& s, Rng& rng) {
     a = rounded(a);
     b = rounded(b);
   }
-  const Tensor ag = half ? bf16_on_gpu(a) : a.to(kGpu), bg = half ? bf16_on_gpu(b) : b.to(kGpu);
+  const Tensor ag = half ? bf16_tensor(a, kGpu) : a.to(kGpu), bg = half ? bf16_tensor(b, kGpu) : b.to(kGpu);
   Tensor c = poisoned({s.m, s.n}), aux = poisoned({s.m, s.n}), db = poisoned({s.n});
   EpilogueGemmOf<T> g;
   g.gemm = row_major<T>(grad, s.m, s.n, s.k, static_cast<const T*>(ag.raw_data()), static_cast<const T*>(bg.raw_data()),
@@ -182,6 +157,37 @@ TEST(CudaEpilogue, KernelsAgainstCpu) {
     for (const Sizes& s : kSizes) {
       check_epilogue<float>(e, s, rng);
       check_epilogue<BFloat16>(e, s, rng);
+    }
+}
+
+// Products written in bf16 (mixed precision's c_attn and c_fc): C, the bias and GELU's aux in bf16.
+// Against the CPU in fp32 on the same rounded operands and bias: within bf16's rounding of C.
+TEST(CudaEpilogue, Bf16OutputFusesBiasAndGelu) {
+  if (!have_gpu()) GTEST_SKIP() << "no CUDA device";
+  if (!fusion_on()) GTEST_SKIP() << "fusion off (TUTTI_CUDA_LT=0)";
+  Rng rng(13);
+  for (const Sizes s : {Sizes{100, 96, 768}, Sizes{257, 3072, 768}})
+    for (GemmEpilogue e : {GemmEpilogue::bias, GemmEpilogue::bias_gelu}) {
+      const std::string what = std::string(e == GemmEpilogue::bias ? "bias" : "bias_gelu") + " m=" +
+                               std::to_string(s.m) + " n=" + std::to_string(s.n);
+      const Tensor a = rounded(random_tensor({s.m, s.k}, rng)), b = rounded(random_tensor({s.k, s.n}, rng));
+      const Tensor bias = rounded(random_tensor({s.n}, rng));
+      const Tensor ag = bf16_tensor(a, kGpu), bg = bf16_tensor(b, kGpu), biasg = bf16_tensor(bias, kGpu);
+      Tensor c = poisoned_bf16({s.m, s.n}), aux = poisoned_bf16({s.m, s.n});
+      EpilogueGemmOf<BFloat16> g;
+      g.gemm = row_major<BFloat16>(false, s.m, s.n, s.k, bf16(ag), bf16(bg), nullptr);
+      g.gemm.c_bf16 = bf16(c);
+      g.epilogue = e;
+      g.bias = biasg.raw_data();
+      g.aux = aux.raw_data();
+      ASSERT_TRUE(gpu().gemm_epilogue_bf16(g)) << what << ": declined";
+      const Tensor pre = ops::add(ops::matmul(a, b), bias);
+      if (e == GemmEpilogue::bias) {
+        EXPECT_TRUE(within(relative_error(widened(c), pre), kBf16Bound)) << what;
+      } else {
+        EXPECT_TRUE(within(relative_error(widened(aux), pre), kBf16Bound)) << what << ": aux";
+        EXPECT_TRUE(within(relative_error(widened(c), map(pre, gelu_tanh)), kBf16Bound)) << what;
+      }
     }
 }
 

@@ -6,6 +6,8 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <cstdint>
+#include <cstring>
 #include <functional>
 #include <limits>
 #include <vector>
@@ -35,6 +37,52 @@ inline Tensor random_tensor(const Shape& shape, Rng& rng, double lo = -1.0, doub
 // An output buffer full of NaN, so an element the kernel forgot to write fails the comparison.
 inline Tensor poisoned(const Shape& shape, Device device = kGpu) {
   return Tensor::full(shape, std::numeric_limits<float>::quiet_NaN(), device);
+}
+
+// ---- bf16 on the host: the reference rounding, and bf16 tensors' values ----------------------
+
+// bf16 NaN (0xFFFF) in every element.
+inline Tensor poisoned_bf16(const Shape& shape, Device device = kGpu) {
+  Tensor t = Tensor::empty(shape, DType::bf16, kCpu);
+  std::memset(t.raw_data(), 0xFF, t.nbytes());
+  return t.to(device);
+}
+
+// Round to nearest even, as the GPU must; NaN stays a (quiet) NaN.
+inline uint16_t bf16_bits(float x) {
+  uint32_t u;
+  std::memcpy(&u, &x, 4);
+  if (std::isnan(x)) return static_cast<uint16_t>((u >> 16) | 0x40);
+  return static_cast<uint16_t>((u + 0x7FFF + ((u >> 16) & 1)) >> 16);
+}
+inline float bf16_value(uint16_t b) {
+  const uint32_t u = uint32_t{b} << 16;
+  float x;
+  std::memcpy(&x, &u, 4);
+  return x;
+}
+
+// The values of a bf16 tensor (any device) as fp32 on the CPU.
+inline Tensor widened(const Tensor& t) {
+  Tensor c = t.to(kCpu).contiguous();
+  std::vector<float> v(static_cast<size_t>(c.numel()));
+  const auto* bits = static_cast<const uint16_t*>(c.raw_data());
+  for (size_t i = 0; i < v.size(); ++i) v[i] = bf16_value(bits[i]);
+  return Tensor::from_vector(c.shape(), v);
+}
+// An fp32 CPU tensor whose values are those of x rounded to bf16.
+inline Tensor rounded(const Tensor& x) {
+  std::vector<float> v = x.to_vector<float>();
+  for (float& e : v) e = bf16_value(bf16_bits(e));
+  return Tensor::from_vector(x.shape(), v);
+}
+// x rounded to bf16, as a bf16 tensor on `device` (made on the host: independent of the kernel).
+inline Tensor bf16_tensor(const Tensor& x, Device device) {
+  const std::vector<float> v = x.to_vector<float>();
+  Tensor t = Tensor::empty(x.shape(), DType::bf16, kCpu);
+  auto* bits = static_cast<uint16_t*>(t.raw_data());
+  for (size_t i = 0; i < v.size(); ++i) bits[i] = bf16_bits(v[i]);
+  return t.to(device);
 }
 
 // ||actual - expected|| / ||expected|| over all elements, in double; NaN anywhere gives NaN.

@@ -34,6 +34,9 @@ void Backend::to_bf16(const float*, BFloat16*, int64_t) { missing(*this, "to_bf1
 void Backend::gelu_backward_bf16(const float*, const float*, BFloat16*, int64_t) {
   missing(*this, "gelu_backward_bf16 (mixed precision)");
 }
+void Backend::gelu_backward_bf16(const BFloat16*, const float*, BFloat16*, int64_t) {
+  missing(*this, "gelu_backward_bf16 (mixed precision)");
+}
 void Backend::gemm_bf16(const GemmBf16&) { missing(*this, "matmul in bf16 (mixed precision)"); }
 void Backend::attention_forward_bf16(const BFloat16*, float*, BFloat16*, int64_t, int64_t, int64_t, int64_t) {
   missing(*this, "causal_attention in bf16 (mixed precision)");
@@ -53,6 +56,17 @@ void Backend::flash_attention_backward(const BFloat16*, const float*, const floa
 void Backend::layer_norm_forward(const float*, const float*, const float*, float*, float*, float*, int64_t, int64_t,
                                  float) {
   missing(*this, "layer_norm");
+}
+void Backend::cross_entropy_stats_bf16(const BFloat16*, const int32_t*, float*, float*, int64_t, int64_t) {
+  missing(*this, "cross_entropy on bf16 logits (mixed precision)");
+}
+void Backend::cross_entropy_backward_from_stats_bf16(const BFloat16*, const int32_t*, const float*, float, BFloat16*,
+                                                     int64_t, int64_t) {
+  missing(*this, "cross_entropy_backward on bf16 logits (mixed precision)");
+}
+void Backend::layer_norm_forward_bf16(const float*, const float*, const float*, BFloat16*, float*, float*, int64_t,
+                                      int64_t, float) {
+  missing(*this, "layer_norm_forward_bf16 (mixed precision)");
 }
 void Backend::layer_norm_backward(const float*, const float*, const float*, const float*, const float*, float*, float*,
                                   float*, int64_t, int64_t) {

@@ -19,7 +19,8 @@ struct BFloat16 {
 
 // Row-major GEMM description: C = alpha * op(A) op(B) + beta * C, repeated `batch` times with
 // element strides stride_a/b/c between the matrices. A and B are T (fp32, or bf16 for mixed
-// precision); C and the accumulation are fp32 either way.
+// precision); the accumulation is fp32, and so is C, unless c_bf16 is set (bf16 operands, beta 0):
+// then C is written there, rounded to bf16, and c is not used.
 template <class T>
 struct GemmOf {
   bool trans_a = false, trans_b = false;
@@ -29,13 +30,14 @@ struct GemmOf {
   const T* b = nullptr; int64_t ldb = 0;
   float* c = nullptr; int64_t ldc = 0;
   int64_t batch = 1, stride_a = 0, stride_b = 0, stride_c = 0;
+  BFloat16* c_bf16 = nullptr;
 };
 using Gemm = GemmOf<float>;
 using GemmBf16 = GemmOf<BFloat16>;
 
 // What a fused GEMM does after the product (row-major terms; P = op(A) op(B), (m, n)):
 //   bias       C = P + bias                     bias (n)
-//   bias_gelu  aux = P + bias; C = gelu(aux)    GELU in the tanh form, aux (m, n) with ldc
+//   bias_gelu  aux = P + bias; C = gelu(aux)    GELU in the tanh form, aux (m, n) with ldc, of C's type
 //   bias_grad  C = P; bias_grad = the sums of op(B) over k (n): a linear layer's bias gradient
 //              from the dW product, dW = x^T g, bias_grad = column sums of g
 enum class GemmEpilogue { bias, bias_gelu, bias_grad };
@@ -44,8 +46,9 @@ template <class T>
 struct EpilogueGemmOf {
   GemmOf<T> gemm;  // batch 1 and beta 0 only
   GemmEpilogue epilogue = GemmEpilogue::bias;
-  const float* bias = nullptr;
-  float* aux = nullptr;
+  // bias (n) and aux (m, n, with ldc) are fp32, or bf16 where C is written in bf16 (gemm.c_bf16).
+  const void* bias = nullptr;
+  void* aux = nullptr;
   float* bias_grad = nullptr;
 };
 
@@ -123,6 +126,13 @@ class Backend {
                                    int64_t N, int64_t V);
   virtual void cross_entropy_backward_from_stats(const float* logits, const int32_t* targets, const float* stats,
                                                  float dloss, float* dlogits, int64_t N, int64_t V);
+  // The same on bf16 logits (mixed precision's LM head writes them): statistics and losses in
+  // fp32, dlogits rounded to bf16 (what the head's backward products read).
+  virtual void cross_entropy_stats_bf16(const BFloat16* logits, const int32_t* targets, float* stats, float* losses,
+                                        int64_t N, int64_t V);
+  virtual void cross_entropy_backward_from_stats_bf16(const BFloat16* logits, const int32_t* targets,
+                                                      const float* stats, float dloss, BFloat16* dlogits, int64_t N,
+                                                      int64_t V);
   // Vocabulary-parallel cross-entropy, this rank's part: logits (N, V) are columns [first, first + V)
   // of the full vocabulary. stats (N, 3) gets per row the max, the sum of exp(x - max), and the
   // target's logit (0 when the target is another rank's).
@@ -138,6 +148,11 @@ class Backend {
   virtual void to_bf16(const float* x, BFloat16* y, int64_t n);  // round to nearest even
   // gelu_backward's dx rounded to bf16 in the same pass (what the products after it read).
   virtual void gelu_backward_bf16(const float* x, const float* dy, BFloat16* dx, int64_t n);
+  // The same from GELU's input kept in bf16 (a product wrote it so: bias_gelu with a bf16 C).
+  virtual void gelu_backward_bf16(const BFloat16* x, const float* dy, BFloat16* dx, int64_t n);
+  // layer_norm_forward with y rounded to bf16 in the same pass (y only feeds matrix products).
+  virtual void layer_norm_forward_bf16(const float* x, const float* w, const float* b, BFloat16* y, float* mean,
+                                       float* rstd, int64_t rows, int64_t cols, float eps);
   virtual void gemm_bf16(const GemmBf16& g);
   // attention_forward / backward with the matrix products in bf16: qkv rounded to bf16 by the
   // caller, probs (B, H, T, T) kept in bf16; scores, softmax statistics, y and dqkv in fp32.

@@ -86,10 +86,13 @@ struct GPT::Block : Module {
   Tensor forward(const Tensor& x) const {  // (B, T, C)
     // Attention in bf16 once the compute copies exist, as the linear layers (see Module): a model
     // never refreshed (an evaluating rank's, a sample's on the CPU) computes in fp32.
-    const DType attention = attn.c_attn.weight_bf16.defined() ? DType::bf16 : DType::f32;
-    Tensor qkv = attn.c_attn.forward(parallel::copy_to_group(ln_1.forward(x), tp));  // (B, T, 3C / P)
-    Tensor h = ops::add(x, row_parallel(attn.c_proj, ops::causal_attention(qkv, n_head, attention), tp));
-    Tensor hidden = mlp.c_fc.forward_gelu(parallel::copy_to_group(ln_2.forward(h), tp));  // (B, T, 4C / P)
+    // The LayerNorms, c_attn and c_fc then write bf16: their outputs only feed products.
+    const DType compute = attn.c_attn.weight_bf16.defined() ? DType::bf16 : DType::f32;
+    Tensor qkv = attn.c_attn.forward(parallel::copy_to_group(ln_1.forward(x, compute), tp),
+                                     compute);  // (B, T, 3C / P)
+    Tensor h = ops::add(x, row_parallel(attn.c_proj, ops::causal_attention(qkv, n_head, compute), tp));
+    Tensor hidden = mlp.c_fc.forward_gelu(parallel::copy_to_group(ln_2.forward(h, compute), tp),
+                                          compute);  // (B, T, 4C / P)
     return ops::add(h, row_parallel(mlp.c_proj, hidden, tp));
   }
   LayerNorm ln_1;
@@ -229,8 +232,14 @@ Tensor GPT::head_loss(const Tensor& x, const Tensor& targets) const {
   TUTTI_CHECK_AS(InvalidArgument, targets.ndim() == 2 && targets.size(0) == x.size(0) && targets.size(1) == x.size(1),
                  "targets ", targets.str(), " do not match the activations ", x.str());
   const int64_t N = x.size(0) * x.size(1);
-  Tensor h = parallel::copy_to_group(ops::reshape(ln_f_->forward(x), {N, config_.n_embd}), tp_group());
-  Tensor logits = ops::matmul(h, wte_->weight, false, true, wte_->weight_bf16);  // (N, V / P): tied to wte
+  // Mixed precision writes ln_f's output in bf16 (the head's product reads it), and on one rank
+  // the logits too, as autocast does: the loss reads half the bytes and its gradient comes back in
+  // bf16, which the head's products read as it is.
+  const DType compute = wte_->weight_bf16.defined() ? DType::bf16 : DType::f32;
+  Tensor h = parallel::copy_to_group(ops::reshape(ln_f_->forward(x, compute), {N, config_.n_embd}), tp_group());
+  const bool half = compute == DType::bf16 && tp_size() == 1 && ops::fused_cross_entropy(x.device());
+  Tensor logits = ops::matmul(h, wte_->weight, false, true, wte_->weight_bf16,
+                              half ? DType::bf16 : DType::f32);  // (N, V / P): tied to wte
   const int64_t first_col = int64_t{tp_group().rank()} * wte_->weight.size(0);
   return parallel::vocab_parallel_cross_entropy(logits, targets.contiguous().view({-1}), first_col, tp_group());
 }

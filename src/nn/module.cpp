@@ -89,15 +89,17 @@ Linear::Linear(int64_t in_features, int64_t out_features, bool with_bias) {
   if (with_bias) bias = register_parameter("bias", Tensor::zeros({out_features}));
   register_compute_copy(weight, weight_bf16);
 }
-Tensor Linear::forward(const Tensor& x) const { return ops::linear(x, weight, bias, weight_bf16); }
-Tensor Linear::forward_gelu(const Tensor& x) const { return ops::linear_gelu(x, weight, bias, weight_bf16); }
+Tensor Linear::forward(const Tensor& x, DType out) const { return ops::linear(x, weight, bias, weight_bf16, out); }
+Tensor Linear::forward_gelu(const Tensor& x, DType out) const {
+  return ops::linear_gelu(x, weight, bias, weight_bf16, out);
+}
 
 LayerNorm::LayerNorm(int64_t features, float eps_) : eps(eps_) {
   TUTTI_CHECK_AS(InvalidArgument, features > 0, "LayerNorm(", features, "): size must be positive");
   weight = register_parameter("weight", Tensor::full({features}, 1.0f));
   bias = register_parameter("bias", Tensor::zeros({features}));
 }
-Tensor LayerNorm::forward(const Tensor& x) const { return ops::layer_norm(x, weight, bias, eps); }
+Tensor LayerNorm::forward(const Tensor& x, DType out) const { return ops::layer_norm(x, weight, bias, eps, out); }
 
 Embedding::Embedding(int64_t count, int64_t dim) {
   TUTTI_CHECK_AS(InvalidArgument, count > 0 && dim > 0, "Embedding(", count, ", ", dim, "): sizes must be positive");

@@ -61,6 +61,11 @@ void check_f32(const Tensor& t, const char* op, const char* what) {
   TUTTI_CHECK_AS(InvalidArgument, t.defined(), op, ": ", what, " is undefined");
   TUTTI_CHECK_AS(InvalidArgument, t.dtype() == DType::f32, op, ": ", what, " must be f32, got ", t.str());
 }
+// An activation a product reads: f32, or already rounded to bf16 where the product is mixed.
+void check_operand(const Tensor& t, bool mixed, const char* op, const char* what) {
+  if (mixed && t.defined() && t.dtype() == DType::bf16) return;
+  check_f32(t, op, what);
+}
 void check_same_device(const Tensor& a, const Tensor& b, const char* op) {
   TUTTI_CHECK_AS(InvalidArgument, a.device() == b.device(), op, ": tensors on different devices: ", a.str(), " and ",
                  b.str());
@@ -93,7 +98,8 @@ GemmOf<T> gemm_of(const Tensor& a, bool ta, const Tensor& b, bool tb, const Tens
   g.lda = a.size(-1);
   g.b = pb;
   g.ldb = b.size(-1);
-  g.c = f32(c);
+  if (c.dtype() == DType::bf16) g.c_bf16 = bf16(c);  // bf16 operands only (the backend checks)
+  else g.c = f32(c);
   g.ldc = c.size(-1);
   g.batch = std::max(sa.batch, sb.batch);
   g.stride_a = a.ndim() == 3 ? a.size(1) * a.size(2) : 0;
@@ -102,17 +108,19 @@ GemmOf<T> gemm_of(const Tensor& a, bool ta, const Tensor& b, bool tb, const Tens
   return g;
 }
 
-// C (f32) from A and B of one dtype: f32, or bf16 (mixed precision, fp32 accumulation).
+// C from A and B of one dtype: f32, or bf16 (mixed precision, fp32 accumulation; C f32 or bf16).
 void gemm_into(const Tensor& a, bool ta, const Tensor& b, bool tb, const Tensor& c, float beta) {
   TUTTI_CHECK(a.dtype() == b.dtype(), "gemm operands of different dtypes: ", a.str(), " and ", b.str());
   if (a.dtype() == DType::bf16) backend_of(c).gemm_bf16(gemm_of(a, ta, b, tb, c, beta, bf16(a), bf16(b)));
   else backend_of(c).gemm(gemm_of<float>(a, ta, b, tb, c, beta, f32(a), f32(b)));
 }
 
-Tensor gemm_new(const Tensor& a, bool ta, const Tensor& b, bool tb) {
+// A new C = op(A) op(B); out bf16 (bf16 operands only): C written rounded to bf16.
+Tensor gemm_new(const Tensor& a, bool ta, const Tensor& b, bool tb, DType out = DType::f32) {
   const MatShape sa = mat_shape(a, ta), sb = mat_shape(b, tb);
   const int64_t batch = std::max(sa.batch, sb.batch);
-  Tensor c = (a.ndim() == 3 || b.ndim() == 3) ? new_like(a, {batch, sa.rows, sb.cols}) : new_like(a, {sa.rows, sb.cols});
+  const Shape shape = (a.ndim() == 3 || b.ndim() == 3) ? Shape{batch, sa.rows, sb.cols} : Shape{sa.rows, sb.cols};
+  Tensor c = Tensor::empty(shape, out, a.device());
   gemm_into(a, ta, b, tb, c, 0.0f);
   return c;
 }
@@ -138,6 +146,7 @@ const Tensor& checked_copy(const Tensor& copy, const Tensor& w, const char* op) 
 }  // namespace
 
 Tensor to_bf16(const Tensor& x_in) {
+  if (x_in.defined() && x_in.dtype() == DType::bf16) return x_in.contiguous();  // rounded already
   check_f32(x_in, "to_bf16", "input");
   const Tensor x = x_in.contiguous();
   Tensor y = Tensor::empty(x.shape(), DType::bf16, x.device());
@@ -148,9 +157,12 @@ Tensor to_bf16(const Tensor& x_in) {
 // ------------------------------------------------------------------------------------------
 // matmul
 
-Tensor matmul(const Tensor& a_in, const Tensor& b_in, bool ta, bool tb, const Tensor& b_bf16) {
-  check_f32(a_in, "matmul", "a");
+Tensor matmul(const Tensor& a_in, const Tensor& b_in, bool ta, bool tb, const Tensor& b_bf16, DType out) {
+  const bool mixed = checked_copy(b_bf16, b_in, "matmul").defined();
+  check_operand(a_in, mixed, "matmul", "a");
   check_f32(b_in, "matmul", "b");
+  TUTTI_CHECK_AS(InvalidArgument, out == DType::f32 || (out == DType::bf16 && mixed),
+                 "matmul: a ", dtype_name(out), " result needs bf16 operands (a bf16 copy of b)");
   check_same_device(a_in, b_in, "matmul");
   TUTTI_CHECK_AS(InvalidArgument, (a_in.ndim() == 2 || a_in.ndim() == 3) && (b_in.ndim() == 2 || b_in.ndim() == 3),
                  "matmul needs 2-D or 3-D operands, got ", a_in.str(), " and ", b_in.str());
@@ -160,9 +172,8 @@ Tensor matmul(const Tensor& a_in, const Tensor& b_in, bool ta, bool tb, const Te
                  " x ", b.str(), (tb ? "^T" : ""));
   TUTTI_CHECK_AS(InvalidArgument, a.ndim() != 3 || b.ndim() != 3 || sa.batch == sb.batch,
                  "matmul: batch sizes differ: ", a.str(), " and ", b.str());
-  const bool mixed = checked_copy(b_bf16, b_in, "matmul").defined();
   const Tensor ac = mixed ? to_bf16(a) : a, bc = mixed ? b_bf16 : b;  // what the products read
-  Tensor c = gemm_new(ac, ta, bc, tb);
+  Tensor c = gemm_new(ac, ta, bc, tb, out);
   if (!any_requires_grad({&a_in, &b_in})) return c;
   const bool need_a = a_in.requires_grad(), need_b = b_in.requires_grad();
   const Shape a_shape = a.shape(), b_shape = b.shape();
@@ -186,7 +197,7 @@ namespace {
 
 // C = op(A) op(B) with epilogue `e` fused in, if the backend can; false: nothing was done.
 bool gemm_epilogue_into(const Tensor& a, bool ta, const Tensor& b, bool tb, const Tensor& c, GemmEpilogue e,
-                        const float* bias, float* aux, float* bias_grad) {
+                        const void* bias, void* aux, float* bias_grad) {
   if (a.dtype() == DType::bf16)
     return backend_of(c).gemm_epilogue_bf16({gemm_of(a, ta, b, tb, c, 0.0f, bf16(a), bf16(b)), e, bias, aux,
                                              bias_grad});
@@ -194,10 +205,14 @@ bool gemm_epilogue_into(const Tensor& a, bool ta, const Tensor& b, bool tb, cons
                                       bias_grad});
 }
 
+// A fused epilogue's bias in the type of its product's C: a product written in bf16 adds the bias
+// rounded to bf16 (as autocast does; the result is rounded to bf16 anyway).
+Tensor bias_like(const Tensor& b, const Tensor& c) { return c.dtype() == DType::bf16 ? to_bf16(b) : b; }
+
 // Validates linear's operands; returns the rows N (the leading dimensions: not numel / in, which
 // fails when in == 0).
 int64_t check_linear(const Tensor& x_in, const Tensor& w, const Tensor& bias, const Tensor& w_bf16, const char* op) {
-  check_f32(x_in, op, "input");
+  check_operand(x_in, w_bf16.defined(), op, "input");
   check_f32(w, op, "weight");
   check_same_device(x_in, w, op);
   TUTTI_CHECK_AS(InvalidArgument, w.ndim() == 2 && w.is_contiguous(), op, ": weight must be contiguous (in, out), got ",
@@ -226,12 +241,12 @@ struct LinearBackward {
 
   std::vector<Tensor> operator()(const Tensor& g_in) const {
     const Tensor g = g_in.contiguous().view({xc.size(0), wc.size(1)});  // (N, out)
-    return run(mixed ? to_bf16(g) : g, [g] { return g; });
+    return run(mixed ? to_bf16(g) : g, g);
   }
 
-  // From gc, the gradient the products read (bf16 under mixed precision); fp32_g makes the fp32
-  // gradient, only needed if the backend declines to fuse the bias gradient.
-  std::vector<Tensor> run(const Tensor& gc, const std::function<Tensor()>& fp32_g) const {
+  // From gc, the gradient the products read (bf16 under mixed precision). An unfused bias
+  // gradient sums g, the gradient as it came (fp32, or bf16: then as a product 1^T g).
+  std::vector<Tensor> run(const Tensor& gc, const Tensor& g) const {
     const int64_t out_features = wc.size(1);
     std::vector<Tensor> grads(has_bias ? 3 : 2);
     if (need_x) grads[0] = gemm_new(gc, false, wc, true).view(x_shape);  // (N, in)
@@ -244,8 +259,12 @@ struct LinearBackward {
       if (!bias_done) gemm_into(xc, true, gc, false, grads[1], 0.0f);
     }
     if (need_b && !bias_done) {
-      const Tensor g = fp32_g();
-      backend_of(g).sum_rows(f32(g), f32(grads[2]), g.size(0), out_features, false);
+      if (g.dtype() == DType::f32) {
+        backend_of(g).sum_rows(f32(g), f32(grads[2]), g.size(0), out_features, false);
+      } else {
+        const Tensor ones = to_bf16(Tensor::full({1, g.size(0)}, 1.0f, g.device()));
+        gemm_into(ones, false, g, false, grads[2].view({1, out_features}), 0.0f);
+      }
     }
     return grads;
   }
@@ -260,19 +279,26 @@ LinearBackward linear_backward(const Tensor& xc, const Tensor& wc, const Tensor&
 
 }  // namespace
 
-Tensor linear(const Tensor& x_in, const Tensor& w, const Tensor& bias, const Tensor& w_bf16) {
+Tensor linear(const Tensor& x_in, const Tensor& w, const Tensor& bias, const Tensor& w_bf16, DType out) {
   const int64_t n = check_linear(x_in, w, bias, w_bf16, "linear");
   const int64_t in = w.size(0), out_features = w.size(1);
   const bool mixed = w_bf16.defined();
+  TUTTI_CHECK_AS(InvalidArgument, out == DType::f32 || (out == DType::bf16 && mixed), "linear: a ", dtype_name(out),
+                 " result needs a bf16 copy of the weight");
   const Tensor x = x_in.contiguous().view({n, in});                     // (N, in)
   const Tensor xc = mixed ? to_bf16(x) : x, wc = mixed ? w_bf16 : w;  // what the products read
   Shape out_shape = x_in.shape();
   out_shape[-1] = out_features;
-  Tensor y = new_like(x, {n, out_features});
+  Tensor y = Tensor::empty({n, out_features}, out, x.device());
   const Tensor b = bias.defined() ? bias.contiguous() : bias;
-  const bool fused = b.defined() && gemm_epilogue_into(xc, false, wc, false, y, GemmEpilogue::bias, f32(b), nullptr,
-                                                       nullptr);
-  if (!fused) {
+  const bool fused = b.defined() && gemm_epilogue_into(xc, false, wc, false, y, GemmEpilogue::bias,
+                                                       bias_like(b, y).raw_data(), nullptr, nullptr);
+  if (!fused && out == DType::bf16 && b.defined()) {  // the bias added in fp32, then rounded
+    Tensor y32 = new_like(x, {n, out_features});
+    gemm_into(xc, false, wc, false, y32, 0.0f);
+    if (n > 0) backend_of(y32).add(f32(y32), f32(b), f32(y32), n, out_features);
+    y = to_bf16(y32);
+  } else if (!fused) {
     gemm_into(xc, false, wc, false, y, 0.0f);
     if (b.defined() && n > 0) backend_of(y).add(f32(y), f32(b), f32(y), n, out_features);
   }
@@ -283,15 +309,25 @@ Tensor linear(const Tensor& x_in, const Tensor& w, const Tensor& bias, const Ten
   return record_op(y, OpKind::linear, inputs, linear_backward(xc, wc, x_in, w, bias, mixed));
 }
 
-Tensor linear_gelu(const Tensor& x_in, const Tensor& w, const Tensor& bias, const Tensor& w_bf16) {
+Tensor linear_gelu(const Tensor& x_in, const Tensor& w, const Tensor& bias, const Tensor& w_bf16, DType out) {
   const int64_t n = check_linear(x_in, w, bias, w_bf16, "linear_gelu");
   const int64_t in = w.size(0), out_features = w.size(1);
   const bool mixed = w_bf16.defined();
+  TUTTI_CHECK_AS(InvalidArgument, out == DType::f32 || (out == DType::bf16 && mixed), "linear_gelu: a ",
+                 dtype_name(out), " result needs a bf16 copy of the weight");
   const Tensor x = x_in.contiguous().view({n, in});
   const Tensor xc = mixed ? to_bf16(x) : x, wc = mixed ? w_bf16 : w;
   const Tensor b = bias.defined() ? bias.contiguous() : bias;
-  Tensor y = new_like(x, {n, out_features}), h = new_like(x, {n, out_features});  // h: GELU's input, kept
-  if (!b.defined() || !gemm_epilogue_into(xc, false, wc, false, y, GemmEpilogue::bias_gelu, f32(b), f32(h), nullptr))
+  // y and h (GELU's input, kept for backward) in out's type where the product can write it so,
+  // else in fp32 (the next product reads either).
+  auto fused = [&](DType type, Tensor& y, Tensor& h) {
+    y = Tensor::empty({n, out_features}, type, x.device());
+    h = Tensor::empty({n, out_features}, type, x.device());
+    return b.defined() && gemm_epilogue_into(xc, false, wc, false, y, GemmEpilogue::bias_gelu,
+                                             bias_like(b, y).raw_data(), h.raw_data(), nullptr);
+  };
+  Tensor y, h;
+  if (!fused(out, y, h) && (out == DType::f32 || !fused(DType::f32, y, h)))
     return gelu(linear(x_in, w, bias, w_bf16));  // no fused path: the two ops, exactly as before
   Shape out_shape = x_in.shape();
   out_shape[-1] = out_features;
@@ -300,18 +336,16 @@ Tensor linear_gelu(const Tensor& x_in, const Tensor& w, const Tensor& bias, cons
   LinearBackward rest = linear_backward(xc, wc, x_in, w, bias, mixed);
   return record_op(y, OpKind::linear_gelu, {x_in, w, bias}, [h, rest](const Tensor& g_in) {
     const Tensor g = g_in.contiguous();
-    const auto fp32_dh = [h, g] {  // dL/d(x W + b)
+    if (!rest.mixed) {  // dL/d(x W + b)
       Tensor dh = new_like(h, h.shape());
       backend_of(h).gelu_backward(f32(h), f32(g), f32(dh), h.numel());
-      return dh;
-    };
-    if (!rest.mixed) {
-      const Tensor dh = fp32_dh();
-      return rest.run(dh, [dh] { return dh; });
+      return rest.run(dh, dh);
     }
     Tensor dhc = Tensor::empty(h.shape(), DType::bf16, h.device());  // GELU's gradient and the rounding, one pass
-    backend_of(h).gelu_backward_bf16(f32(h), f32(g), bf16(dhc), h.numel());
-    return rest.run(dhc, fp32_dh);
+    Backend& be = backend_of(h);
+    if (h.dtype() == DType::bf16) be.gelu_backward_bf16(bf16(h), f32(g), bf16(dhc), h.numel());
+    else be.gelu_backward_bf16(f32(h), f32(g), bf16(dhc), h.numel());
+    return rest.run(dhc, dhc);
   });
 }
 
@@ -390,7 +424,7 @@ Tensor relu(const Tensor& x) { return activation(x, OpKind::relu, &Backend::relu
 // ------------------------------------------------------------------------------------------
 // layer_norm
 
-Tensor layer_norm(const Tensor& x_in, const Tensor& w_in, const Tensor& b_in, float eps) {
+Tensor layer_norm(const Tensor& x_in, const Tensor& w_in, const Tensor& b_in, float eps, DType out) {
   check_f32(x_in, "layer_norm", "input");
   check_f32(w_in, "layer_norm", "weight");
   check_f32(b_in, "layer_norm", "bias");
@@ -400,10 +434,15 @@ Tensor layer_norm(const Tensor& x_in, const Tensor& w_in, const Tensor& b_in, fl
   TUTTI_CHECK_AS(InvalidArgument, x_in.ndim() >= 1 && w_in.shape() == Shape{C} && b_in.shape() == Shape{C},
                  "layer_norm: input ", x_in.str(), " with weight ", w_in.str(), " and bias ", b_in.str());
   TUTTI_CHECK_AS(InvalidArgument, eps > 0.0f, "layer_norm: eps must be positive, got ", eps);
+  TUTTI_CHECK_AS(InvalidArgument, out == DType::f32 || out == DType::bf16, "layer_norm writes f32 or bf16, not ",
+                 dtype_name(out));
   const Tensor x = x_in.contiguous(), w = w_in.contiguous(), b = b_in.contiguous();
   const int64_t rows = C ? x.numel() / C : 0;
-  Tensor y = new_like(x, x.shape()), mean = new_like(x, {rows}), rstd = new_like(x, {rows});
-  backend_of(x).layer_norm_forward(f32(x), f32(w), f32(b), f32(y), f32(mean), f32(rstd), rows, C, eps);
+  Tensor y = Tensor::empty(x.shape(), out, x.device()), mean = new_like(x, {rows}), rstd = new_like(x, {rows});
+  if (out == DType::bf16)
+    backend_of(x).layer_norm_forward_bf16(f32(x), f32(w), f32(b), bf16(y), f32(mean), f32(rstd), rows, C, eps);
+  else
+    backend_of(x).layer_norm_forward(f32(x), f32(w), f32(b), f32(y), f32(mean), f32(rstd), rows, C, eps);
   if (!any_requires_grad({&x_in, &w_in, &b_in})) return y;
   return record_op(y, OpKind::layer_norm, {x_in, w_in, b_in}, [x, w, mean, rstd, rows, C](const Tensor& g_in) {
     const Tensor g = g_in.contiguous();
@@ -437,7 +476,7 @@ Tensor flash_attention(const Tensor& qkv_in, const Tensor& qkv, int64_t B, int64
 }  // namespace
 
 Tensor causal_attention(const Tensor& qkv_in, int n_head, DType compute) {
-  check_f32(qkv_in, "causal_attention", "qkv");
+  check_operand(qkv_in, compute == DType::bf16, "causal_attention", "qkv");
   TUTTI_CHECK_AS(InvalidArgument, qkv_in.ndim() == 3 && qkv_in.size(2) % 3 == 0,
                  "causal_attention: qkv must be (B, T, 3C), got ", qkv_in.str());
   const int64_t B = qkv_in.size(0), T = qkv_in.size(1), C = qkv_in.size(2) / 3;
@@ -507,24 +546,33 @@ Tensor mean_of_losses(const Tensor& losses, int64_t N) {
 // Backends with the fused form keep the logits (the node holds them anyway) and two floats a row,
 // not the (N, V) probabilities. The gradient goes to a new buffer, not into the logits: the
 // caller may still hold the logits (or a view of them), so overwriting them is not safe.
+// bf16 logits: the same kernels reading bf16 and writing the gradient in bf16.
 Tensor cross_entropy_fused(const Tensor& logits_in, const Tensor& logits, const Tensor& targets) {
   const int64_t N = logits.size(0), V = logits.size(1);
+  const bool half = logits.dtype() == DType::bf16;
   Tensor stats = new_like(logits, {N, 2}), losses = new_like(logits, {N});
-  backend_of(logits).cross_entropy_stats(f32(logits), i32(targets), f32(stats), f32(losses), N, V);
+  Backend& be = backend_of(logits);
+  if (half) be.cross_entropy_stats_bf16(bf16(logits), i32(targets), f32(stats), f32(losses), N, V);
+  else be.cross_entropy_stats(f32(logits), i32(targets), f32(stats), f32(losses), N, V);
   Tensor loss = mean_of_losses(losses, N);
   if (!any_requires_grad({&logits_in})) return loss;
-  return record_op(loss, OpKind::cross_entropy, {logits_in}, [logits, stats, targets, N, V](const Tensor& g) {
-    Tensor d = new_like(logits, {N, V});
-    backend_of(logits).cross_entropy_backward_from_stats(f32(logits), i32(targets), f32(stats),
-                                                         g.item() / static_cast<float>(N), f32(d), N, V);
+  return record_op(loss, OpKind::cross_entropy, {logits_in}, [logits, stats, targets, N, V, half](const Tensor& g) {
+    Tensor d = Tensor::empty({N, V}, logits.dtype(), logits.device());
+    const float dloss = g.item() / static_cast<float>(N);
+    Backend& be = backend_of(logits);
+    if (half) be.cross_entropy_backward_from_stats_bf16(bf16(logits), i32(targets), f32(stats), dloss, bf16(d), N, V);
+    else be.cross_entropy_backward_from_stats(f32(logits), i32(targets), f32(stats), dloss, f32(d), N, V);
     return std::vector<Tensor>{d};
   });
 }
 
 }  // namespace
 
+bool fused_cross_entropy(Device device) { return backend_for(device).fused_cross_entropy(); }
+
 Tensor cross_entropy(const Tensor& logits_in, const Tensor& targets_in) {
-  check_f32(logits_in, "cross_entropy", "logits");
+  const bool half = logits_in.defined() && logits_in.dtype() == DType::bf16;
+  if (!half) check_f32(logits_in, "cross_entropy", "logits");
   check_same_device(logits_in, targets_in, "cross_entropy");
   TUTTI_CHECK_AS(InvalidArgument, logits_in.ndim() == 2, "cross_entropy: logits must be (N, V), got ", logits_in.str());
   TUTTI_CHECK_AS(InvalidArgument, targets_in.dtype() == DType::i32 && targets_in.numel() == logits_in.size(0),
@@ -539,6 +587,8 @@ Tensor cross_entropy(const Tensor& logits_in, const Tensor& targets_in) {
                      ")");
   }
   if (backend_of(logits).fused_cross_entropy()) return cross_entropy_fused(logits_in, logits, targets);
+  TUTTI_CHECK_AS(InvalidArgument, !half, "cross_entropy: bf16 logits need the fused kernels, which ",
+                 logits.device().str(), " does not have");
   Tensor probs = new_like(logits, {N, V}), losses = new_like(logits, {N});
   backend_of(logits).cross_entropy_forward(f32(logits), i32(targets), f32(probs), f32(losses), N, V);
   Tensor loss = mean_of_losses(losses, N);

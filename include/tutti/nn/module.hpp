@@ -58,8 +58,9 @@ void uniform_(Tensor& t, float low, float high, Rng& rng);
 class Linear : public Module {
  public:
   Linear(int64_t in_features, int64_t out_features, bool bias = true);
-  Tensor forward(const Tensor& x) const;
-  Tensor forward_gelu(const Tensor& x) const;  // gelu(forward(x)), fused where the device can
+  // out bf16: y rounded to bf16 for the product that reads it next (mixed precision only).
+  Tensor forward(const Tensor& x, DType out = DType::f32) const;
+  Tensor forward_gelu(const Tensor& x, DType out = DType::f32) const;  // gelu(forward(x)), fused where the device can
   Tensor weight, bias;
   Tensor weight_bf16;  // compute copy under mixed precision (see Module), else undefined
 };
@@ -67,7 +68,8 @@ class Linear : public Module {
 class LayerNorm : public Module {
  public:
   explicit LayerNorm(int64_t features, float eps = 1e-5f);
-  Tensor forward(const Tensor& x) const;
+  // out bf16: the output rounded to bf16, for a mixed-precision product that reads it (GPU only).
+  Tensor forward(const Tensor& x, DType out = DType::f32) const;
   Tensor weight, bias;
   float eps;
 };

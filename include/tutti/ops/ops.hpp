@@ -12,20 +12,28 @@ namespace tutti::ops {
 // backward, and the incoming gradient), accumulate in fp32 and return fp32; the gradient goes to
 // the fp32 weight. Undefined: everything in fp32. GPU only (the CPU backend computes fp32 only).
 
+// An input that a mixed-precision product reads (x of linear, a of matmul) may be bf16 already
+// (a producer wrote it rounded): it is read as it is, and its gradient is fp32.
+
 // C = op(A) op(B): (M, K) x (K, N) -> (M, N), or batched (B, M, K) x (B, K, N) -> (B, M, N).
-// trans_a / trans_b read A / B transposed (no copy).
+// trans_a / trans_b read A / B transposed (no copy). out bf16 (with b_bf16 only): C is written
+// rounded to bf16, and the gradient coming back to it may be bf16 too (read as it is).
 Tensor matmul(const Tensor& a, const Tensor& b, bool trans_a = false, bool trans_b = false,
-              const Tensor& b_bf16 = Tensor());
+              const Tensor& b_bf16 = Tensor(), DType out = DType::f32);
 
 // y = x W + b with x (..., in), W (in, out) (Hugging Face Conv1D layout), b (out) or undefined.
+// out bf16 (with weight_bf16 only): y written rounded to bf16, for a product that reads it next.
 Tensor linear(const Tensor& x, const Tensor& weight, const Tensor& bias = Tensor(),
-              const Tensor& weight_bf16 = Tensor());
+              const Tensor& weight_bf16 = Tensor(), DType out = DType::f32);
 // gelu(linear(x, weight, bias, weight_bf16)) as one op: on CUDA one cuBLASLt product with the
 // bias and GELU (tanh form) in its epilogue, keeping GELU's input for backward; elsewhere, or
-// without a bias, the two ops.
-Tensor linear_gelu(const Tensor& x, const Tensor& weight, const Tensor& bias, const Tensor& weight_bf16 = Tensor());
+// without a bias, the two ops. out bf16 (mixed only): the result and the kept input in bf16 where
+// the product can write them so; fp32 where it cannot (the product after it reads either).
+Tensor linear_gelu(const Tensor& x, const Tensor& weight, const Tensor& bias, const Tensor& weight_bf16 = Tensor(),
+                   DType out = DType::f32);
 
-// x rounded to bf16 (nearest even), no autograd: what the mixed-precision products read.
+// x rounded to bf16 (nearest even), no autograd: what the mixed-precision products read. A bf16 x
+// is returned as it is.
 Tensor to_bf16(const Tensor& x);
 
 // a + b, where b's shape equals a's or is a suffix of it (broadcast over a's leading dimensions).
@@ -37,10 +45,13 @@ Tensor scale(const Tensor& a, float s);
 Tensor gelu(const Tensor& x);  // tanh approximation (GPT-2's "gelu_new")
 Tensor relu(const Tensor& x);
 
-// LayerNorm over the last dimension: x (..., C), weight (C), bias (C).
-Tensor layer_norm(const Tensor& x, const Tensor& weight, const Tensor& bias, float eps = 1e-5f);
+// LayerNorm over the last dimension: x (..., C), weight (C), bias (C). out bf16: the result
+// rounded to bf16 in the same pass (mixed precision, where it feeds a product; GPU only).
+Tensor layer_norm(const Tensor& x, const Tensor& weight, const Tensor& bias, float eps = 1e-5f,
+                  DType out = DType::f32);
 
-// Causal multi-head self-attention on a fused projection: qkv (B, T, 3C) laid out [q | k | v],
+// Causal multi-head self-attention on a fused projection: qkv (B, T, 3C) laid out [q | k | v]
+// (bf16 already, with compute bf16: read as it is),
 // each C split into n_head heads. Returns (B, T, C) with the heads side by side. compute bf16:
 // the four matrix products in bf16 (qkv rounded once and kept, the probabilities kept in bf16),
 // scores, softmax statistics and the result in fp32.
@@ -54,7 +65,11 @@ Tensor cached_attention(const Tensor& q, const Tensor& k, const Tensor& v, int64
 Tensor embedding(const Tensor& indices, const Tensor& table);
 
 // Mean cross-entropy of logits (N, V) against i32 targets (N); softmax fused in. Returns ().
+// bf16 logits (a mixed-precision LM head's, where the backend has the fused form): the softmax
+// statistics and the loss in fp32, the gradient written in bf16.
 Tensor cross_entropy(const Tensor& logits, const Tensor& targets);
+// Whether cross_entropy on `device` has the fused kernels (and so takes bf16 logits).
+bool fused_cross_entropy(Device device);
 
 // Sum and mean of all elements. Return ().
 Tensor sum(const Tensor& x);

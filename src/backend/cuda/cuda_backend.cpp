@@ -26,6 +26,10 @@ namespace {
 
 static_assert(kernels::kMaxDims == kMaxDims, "cuda_kernels.cuh must pass shapes of up to tutti::kMaxDims dims");
 
+// bf16 values as the kernels take them: their bits (the .cu files include no tutti header).
+uint16_t* bits(BFloat16* p) { return reinterpret_cast<uint16_t*>(p); }
+const uint16_t* bits(const BFloat16* p) { return reinterpret_cast<const uint16_t*>(p); }
+
 // ------------------------------------------------------------------------------------------------
 // Owned CUDA resources
 
@@ -231,6 +235,11 @@ class CudaBackend final : public Backend {
     activate();
     CUDA_CHECK(kernels::layer_norm_forward(x, w, b, y, mean, rstd, rows, cols, eps, stream()));
   }
+  void layer_norm_forward_bf16(const float* x, const float* w, const float* b, BFloat16* y, float* mean, float* rstd,
+                               int64_t rows, int64_t cols, float eps) override {
+    activate();
+    CUDA_CHECK(kernels::layer_norm_forward_bf16(x, w, b, bits(y), mean, rstd, rows, cols, eps, stream()));
+  }
   void layer_norm_backward(const float* x, const float* w, const float* mean, const float* rstd, const float* dy,
                            float* dx, float* dw, float* db, int64_t rows, int64_t cols) override {
     activate();
@@ -274,6 +283,17 @@ class CudaBackend final : public Backend {
     activate();
     CUDA_CHECK(kernels::cross_entropy_backward_from_stats(logits, targets, stats, dloss, dlogits, N, V, stream()));
   }
+  void cross_entropy_stats_bf16(const BFloat16* logits, const int32_t* targets, float* stats, float* losses, int64_t N,
+                                int64_t V) override {
+    activate();
+    CUDA_CHECK(kernels::cross_entropy_stats_bf16(bits(logits), targets, stats, losses, N, V, stream()));
+  }
+  void cross_entropy_backward_from_stats_bf16(const BFloat16* logits, const int32_t* targets, const float* stats,
+                                              float dloss, BFloat16* dlogits, int64_t N, int64_t V) override {
+    activate();
+    CUDA_CHECK(kernels::cross_entropy_backward_from_stats_bf16(bits(logits), targets, stats, dloss, bits(dlogits), N, V,
+                                                               stream()));
+  }
   void vocab_cross_entropy_stats(const float* logits, const int32_t* targets, int64_t first, float* stats, int64_t N,
                                  int64_t V) override {
     activate();
@@ -304,11 +324,15 @@ class CudaBackend final : public Backend {
   // -- mixed precision -----------------------------------------------------------------------------
   void to_bf16(const float* x, BFloat16* y, int64_t n) override {
     activate();
-    CUDA_CHECK(kernels::to_bf16(x, reinterpret_cast<uint16_t*>(y), n, limits_, stream()));
+    CUDA_CHECK(kernels::to_bf16(x, bits(y), n, limits_, stream()));
   }
   void gelu_backward_bf16(const float* x, const float* dy, BFloat16* dx, int64_t n) override {
     activate();
-    CUDA_CHECK(kernels::gelu_backward_bf16(x, dy, reinterpret_cast<uint16_t*>(dx), n, limits_, stream()));
+    CUDA_CHECK(kernels::gelu_backward_bf16(x, dy, bits(dx), n, limits_, stream()));
+  }
+  void gelu_backward_bf16(const BFloat16* x, const float* dy, BFloat16* dx, int64_t n) override {
+    activate();
+    CUDA_CHECK(kernels::gelu_backward_bf16(bits(x), dy, bits(dx), n, limits_, stream()));
   }
   void attention_forward_bf16(const BFloat16* qkv, float* y, BFloat16* probs, int64_t B, int64_t T, int64_t C,
                               int64_t H) override;
@@ -320,7 +344,7 @@ class CudaBackend final : public Backend {
   void flash_attention_forward(const BFloat16* qkv, float* y, float* lse, int64_t B, int64_t T, int64_t C,
                                int64_t H) override {
     activate();
-    CUDA_CHECK(kernels::flash_attention_forward(reinterpret_cast<const uint16_t*>(qkv), y, lse, B, T, C, H, stream()));
+    CUDA_CHECK(kernels::flash_attention_forward(bits(qkv), y, lse, B, T, C, H, stream()));
   }
   void flash_attention_backward(const BFloat16* qkv, const float* y, const float* lse, const float* dy, float* dqkv,
                                 int64_t B, int64_t T, int64_t C, int64_t H) override {
@@ -330,7 +354,7 @@ class CudaBackend final : public Backend {
     auto* base = static_cast<char*>(scratch_.reserve(dq_bytes + static_cast<size_t>(B * H * T) * sizeof(float)));
     auto* dq_acc = reinterpret_cast<float*>(base);
     auto* dvec = reinterpret_cast<float*>(base + dq_bytes);
-    CUDA_CHECK(kernels::flash_attention_backward(reinterpret_cast<const uint16_t*>(qkv), y, lse, dy, dqkv, dq_acc,
+    CUDA_CHECK(kernels::flash_attention_backward(bits(qkv), y, lse, dy, dqkv, dq_acc,
                                                  dvec, B, T, C, H, limits_, stream()));
   }
 
@@ -344,6 +368,13 @@ class CudaBackend final : public Backend {
   void run_gemm(const GemmOf<T>& g) {
     if (g.m == 0 || g.n == 0 || g.batch == 0) return;
     activate();
+    if (g.c_bf16) TUTTI_CHECK(g.beta == 0.0f, "a GEMM writing bf16 takes beta 0, got ", g.beta);
+    if (g.k == 0 && g.c_bf16) {  // C = 0: the rows of each matrix cleared
+      for (int64_t i = 0; i < g.batch; ++i)
+        CUDA_CHECK(cudaMemset2DAsync(g.c_bf16 + i * g.stride_c, size_t(g.ldc) * 2, 0, size_t(g.n) * 2, size_t(g.m),
+                                     stream()));
+      return;
+    }
     if (g.k == 0) {  // C = beta C; cuBLAS would reject the zero leading dimensions
       CUDA_CHECK(kernels::scale_matrices(g.c, g.m, g.n, g.ldc, g.stride_c, g.batch, g.beta, limits_, stream()));
       return;
@@ -355,6 +386,7 @@ class CudaBackend final : public Backend {
     const cublasOperation_t op_b = g.trans_b ? CUBLAS_OP_T : CUBLAS_OP_N;
     cublasHandle_t h = cublas_->get();
     if constexpr (std::is_same_v<T, float>) {
+      TUTTI_CHECK(!g.c_bf16, "a GEMM writes bf16 only from bf16 operands");
       if (batch == 1)
         CUBLAS_CHECK(cublasSgemm(h, op_b, op_a, n, m, k, &g.alpha, g.b, ldb, g.a, lda, &g.beta, g.c, ldc));
       else
@@ -362,12 +394,14 @@ class CudaBackend final : public Backend {
                                                g.stride_a, &g.beta, g.c, ldc, g.stride_c, batch));
     } else {
       static_assert(std::is_same_v<T, BFloat16> && sizeof(BFloat16) == 2, "fp32 or bf16 operands");
+      void* c = g.c_bf16 ? static_cast<void*>(g.c_bf16) : static_cast<void*>(g.c);
+      const cudaDataType_t c_type = g.c_bf16 ? CUDA_R_16BF : CUDA_R_32F;
       if (batch == 1)
         CUBLAS_CHECK(cublasGemmEx(h, op_b, op_a, n, m, k, &g.alpha, g.b, CUDA_R_16BF, ldb, g.a, CUDA_R_16BF, lda,
-                                  &g.beta, g.c, CUDA_R_32F, ldc, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+                                  &g.beta, c, c_type, ldc, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
       else
         CUBLAS_CHECK(cublasGemmStridedBatchedEx(h, op_b, op_a, n, m, k, &g.alpha, g.b, CUDA_R_16BF, ldb, g.stride_b,
-                                                g.a, CUDA_R_16BF, lda, g.stride_a, &g.beta, g.c, CUDA_R_32F, ldc,
+                                                g.a, CUDA_R_16BF, lda, g.stride_a, &g.beta, c, c_type, ldc,
                                                 g.stride_c, batch, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
     }
   }
@@ -498,7 +532,7 @@ void CudaBackend::attention_forward_bf16(const BFloat16* qkv, float* y, BFloat16
     const BFloat16* q = qkv + b * T * ld;
     BFloat16* p = probs + b * H * TT;
     run_gemm(head_gemm(false, true, T, T, D, scale, q, ld, D, q + C, ld, D, s, T, TT, H));  // S = scale Q K^T
-    CUDA_CHECK(kernels::causal_softmax_bf16(s, reinterpret_cast<uint16_t*>(p), H * T, T, stream()));
+    CUDA_CHECK(kernels::causal_softmax_bf16(s, bits(p), H * T, T, stream()));
     run_gemm(head_gemm(false, false, T, D, T, 1.0f, static_cast<const BFloat16*>(p), T, TT, q + 2 * C, ld, D,
                        y + b * T * C, C, D, H));  // Y = P V
   }
@@ -516,14 +550,14 @@ void CudaBackend::attention_backward_bf16(const BFloat16* qkv, const BFloat16* p
   auto* dyh = reinterpret_cast<BFloat16*>(base);              // (B, T, C)
   auto* dp = reinterpret_cast<float*>(base + dy_bytes);         // (H, T, T) of one batch element
   auto* ds = reinterpret_cast<BFloat16*>(base + dy_bytes + dp_bytes);  // (H, T, T)
-  CUDA_CHECK(kernels::to_bf16(dy, reinterpret_cast<uint16_t*>(dyh), B * T * C, limits_, stream()));
+  CUDA_CHECK(kernels::to_bf16(dy, bits(dyh), B * T * C, limits_, stream()));
   for (int64_t b = 0; b < B; ++b) {
     const BFloat16 *q = qkv + b * T * ld, *p = probs + b * H * TT, *dyb = dyh + b * T * C;
     float* dq = dqkv + b * T * ld;
     run_gemm(head_gemm(true, false, T, D, T, 1.0f, p, T, TT, dyb, C, D, dq + 2 * C, ld, D, H));      // dV = P^T dY
     run_gemm(head_gemm(false, true, T, T, D, 1.0f, dyb, C, D, q + 2 * C, ld, D, dp, T, TT, H));      // dP = dY V^T
-    CUDA_CHECK(kernels::causal_softmax_backward_bf16(reinterpret_cast<const uint16_t*>(p), dp,
-                                                     reinterpret_cast<uint16_t*>(ds), H * T, T, scale, stream()));
+    CUDA_CHECK(kernels::causal_softmax_backward_bf16(bits(p), dp,
+                                                     bits(ds), H * T, T, scale, stream()));
     const BFloat16* dsc = ds;
     run_gemm(head_gemm(false, false, T, D, T, 1.0f, dsc, T, TT, q + C, ld, D, dq, ld, D, H));        // dQ = dS K
     run_gemm(head_gemm(true, false, T, D, T, 1.0f, dsc, T, TT, q, ld, D, dq + C, ld, D, H));         // dK = dS^T Q

@@ -15,9 +15,6 @@ namespace {
 
 using namespace device;
 
-__device__ __forceinline__ uint16_t bits_of(float x) { return __bfloat16_as_ushort(__float2bfloat16_rn(x)); }
-__device__ __forceinline__ float value_of(uint16_t b) { return __bfloat162float(__ushort_as_bfloat16(b)); }
-
 // y = bf16(x). Aligned pointers move four elements per thread and access (16 bytes in, 8 out).
 __global__ void to_bf16_kernel(const float* x, uint16_t* y, int64_t n, bool vectorized) {
   int64_t start = 0;
@@ -34,20 +31,30 @@ __global__ void to_bf16_kernel(const float* x, uint16_t* y, int64_t n, bool vect
   for (int64_t i = start + global_thread(); i < n; i += grid_threads()) y[i] = bits_of(x[i]);
 }
 
-// dx = bf16(gelu'(x) dy); aligned pointers move four elements per thread, as to_bf16_kernel.
-__global__ void gelu_backward_bf16_kernel(const float* x, const float* dy, uint16_t* dx, int64_t n, bool vectorized) {
+// dx = bf16(gelu'(x) dy), x fp32 or bf16 (its bits); aligned pointers move four elements per
+// thread, as to_bf16_kernel.
+__device__ __forceinline__ float4 load4(const float* x, int64_t q) { return reinterpret_cast<const float4*>(x)[q]; }
+__device__ __forceinline__ float4 load4(const uint16_t* x, int64_t q) {
+  const uint2 u = reinterpret_cast<const uint2*>(x)[q];
+  return {value_of(uint16_t(u.x)), value_of(uint16_t(u.x >> 16)), value_of(uint16_t(u.y)), value_of(uint16_t(u.y >> 16))};
+}
+__device__ __forceinline__ float load1(const float* x, int64_t i) { return x[i]; }
+__device__ __forceinline__ float load1(const uint16_t* x, int64_t i) { return value_of(x[i]); }
+
+template <class T>
+__global__ void gelu_backward_bf16_kernel(const T* x, const float* dy, uint16_t* dx, int64_t n, bool vectorized) {
   int64_t start = 0;
   if (vectorized) {
     const int64_t n4 = n / 4;
     for (int64_t q = global_thread(); q < n4; q += grid_threads()) {
-      const float4 v = reinterpret_cast<const float4*>(x)[q], d = reinterpret_cast<const float4*>(dy)[q];
+      const float4 v = load4(x, q), d = reinterpret_cast<const float4*>(dy)[q];
       const uint2 packed{uint32_t(bits_of(gelu_grad(v.x) * d.x)) | uint32_t(bits_of(gelu_grad(v.y) * d.y)) << 16,
                          uint32_t(bits_of(gelu_grad(v.z) * d.z)) | uint32_t(bits_of(gelu_grad(v.w) * d.w)) << 16};
       reinterpret_cast<uint2*>(dx)[q] = packed;
     }
     start = n4 * 4;
   }
-  for (int64_t i = start + global_thread(); i < n; i += grid_threads()) dx[i] = bits_of(gelu_grad(x[i]) * dy[i]);
+  for (int64_t i = start + global_thread(); i < n; i += grid_threads()) dx[i] = bits_of(gelu_grad(load1(x, i)) * dy[i]);
 }
 
 // Row r of the (T, T) score matrices holds query i = r mod T: probs over keys 0..i, zeros after.
@@ -77,6 +84,16 @@ __global__ void causal_softmax_backward_bf16_kernel(const uint16_t* probs, const
 
 bool aligned(const void* p, uintptr_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
 
+template <class T>
+cudaError_t gelu_backward_bf16_launch(const T* x, const float* dy, uint16_t* dx, int64_t n, const LaunchLimits& lim,
+                                      cudaStream_t stream) {
+  if (n <= 0) return cudaSuccess;
+  const bool vectorized = aligned(x, 4 * sizeof(T)) && aligned(dy, 16) && aligned(dx, 8);
+  gelu_backward_bf16_kernel<<<grid_for(vectorized ? (n + 3) / 4 : n, lim), kThreads, 0, stream>>>(x, dy, dx, n,
+                                                                                                  vectorized);
+  return cudaGetLastError();
+}
+
 }  // namespace
 
 // ================================================================================================
@@ -91,11 +108,11 @@ cudaError_t to_bf16(const float* x, uint16_t* y, int64_t n, const LaunchLimits& 
 
 cudaError_t gelu_backward_bf16(const float* x, const float* dy, uint16_t* dx, int64_t n, const LaunchLimits& lim,
                                cudaStream_t stream) {
-  if (n <= 0) return cudaSuccess;
-  const bool vectorized = aligned(x, 16) && aligned(dy, 16) && aligned(dx, 8);
-  gelu_backward_bf16_kernel<<<grid_for(vectorized ? (n + 3) / 4 : n, lim), kThreads, 0, stream>>>(x, dy, dx, n,
-                                                                                                  vectorized);
-  return cudaGetLastError();
+  return gelu_backward_bf16_launch(x, dy, dx, n, lim, stream);
+}
+cudaError_t gelu_backward_bf16(const uint16_t* x, const float* dy, uint16_t* dx, int64_t n, const LaunchLimits& lim,
+                               cudaStream_t stream) {
+  return gelu_backward_bf16_launch(x, dy, dx, n, lim, stream);
 }
 
 cudaError_t causal_softmax_bf16(const float* scores, uint16_t* probs, int64_t rows, int64_t T, cudaStream_t stream) {

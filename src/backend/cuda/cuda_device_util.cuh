@@ -1,7 +1,8 @@
-// Device-side helpers shared by tutti's kernel files (cuda_kernels.cu, cuda_bf16_kernels.cu):
-// grid sizing, grid-stride indices, block-wide reductions, a row's softmax statistics. CUDA
-// sources only (it needs nvcc); includes no tutti header.
+// Device-side helpers shared by tutti's kernel files (cuda_kernels.cu, cuda_bf16_kernels.cu,
+// cuda_layernorm.cu, ...): grid sizing, grid-stride indices, block-wide reductions, a row's softmax
+// statistics, bf16 rounding. CUDA sources only (it needs nvcc); includes no tutti header.
 #pragma once
+#include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -97,5 +98,10 @@ __device__ __forceinline__ float gelu_grad(float x) {
   const float t = tanhf(kGeluK * (x + kGeluC * x * x * x));
   return 0.5f * (1.0f + t) + 0.5f * x * (1.0f - t * t) * kGeluK * (1.0f + 3.0f * kGeluC * x * x);
 }
+
+// fp32 -> bf16 bits, rounded to nearest even (bit for bit the host's rounding: CudaBf16 tests), and
+// back. Every kernel that writes bf16 rounds through bits_of.
+__device__ __forceinline__ uint16_t bits_of(float x) { return __bfloat16_as_ushort(__float2bfloat16_rn(x)); }
+__device__ __forceinline__ float value_of(uint16_t b) { return __bfloat162float(__ushort_as_bfloat16(b)); }
 
 }  // namespace tutti::cuda::kernels::device

@@ -5,7 +5,9 @@
 // broadcasts, and the bias gradient of dW = x^T g (column sums of g over the k = N rows) is the sum
 // of the column-major A (= g) over k: CUBLASLT_EPILOGUE_BGRADA. GELU's input goes to the aux
 // matrix, laid out as D (fp32, leading dimension ldc, which cuBLASLt wants a multiple of 8).
-// Bias, bias gradient and aux are fp32, as D is (cuBLASLt's default types for an fp32 D).
+// Bias, bias gradient and aux are of D's type (cuBLASLt's default types): fp32, or bf16 where D is
+// (bias, bias + GELU; an fp32 bias beside a bf16 D was refused on an H200). A combination cuBLASLt
+// refuses at its first call is declined from then on, and runs unfused.
 #include "backend/cuda/cuda_gemm_lt.hpp"
 
 #include <algorithm>
@@ -96,8 +98,10 @@ bool LtGemm::dispatch(const EpilogueGemmOf<T>& e, cudaDataType_t ab_type) {
   const bool gelu = e.epilogue == GemmEpilogue::bias_gelu, grad = e.epilogue == GemmEpilogue::bias_grad;
   if (grad ? e.bias_grad == nullptr : e.bias == nullptr) return false;
   if (gelu && (e.aux == nullptr || g.ldc % 8 != 0)) return false;
-  Problem p{ab_type, g.trans_b, g.trans_a, g.n, g.m, g.k, g.ldb, g.lda, g.ldc, lt_epilogue(e.epilogue),
-            g.b,     g.a,       g.c,       e.bias, e.aux, e.bias_grad};
+  if (g.c_bf16 && grad) return false;
+  void* d = g.c_bf16 ? static_cast<void*>(g.c_bf16) : static_cast<void*>(g.c);
+  Problem p{ab_type, g.trans_b, g.trans_a, g.n,    g.m,   g.k,         g.ldb, g.lda, g.ldc, lt_epilogue(e.epilogue),
+            g.b,     g.a,       d,         g.c_bf16 ? CUDA_R_16BF : CUDA_R_32F, e.bias, e.aux, e.bias_grad};
   return run_problem(p);
 }
 
@@ -115,11 +119,12 @@ bool LtGemm::run_problem(const Problem& p) {
   }
   const Layout a(p.ab_type, p.trans_a ? p.k : p.m, p.trans_a ? p.m : p.k, p.lda);
   const Layout b(p.ab_type, p.trans_b ? p.n : p.k, p.trans_b ? p.k : p.n, p.ldb);
-  const Layout d(CUDA_R_32F, p.m, p.n, p.ldc);
+  const Layout d(p.d_type, p.m, p.n, p.ldc);
 
   const uint32_t align_a = alignment(p.a), align_b = alignment(p.b), align_d = alignment(p.d);
   const uint32_t align_e = std::min(alignment(bias), p.aux ? alignment(p.aux) : 16u);
-  const Key key{static_cast<int>(p.ab_type), p.trans_a, p.trans_b, p.m, p.n, p.k, p.lda, p.ldb, p.ldc,
+  const Key key{static_cast<int>(p.ab_type) | static_cast<int>(p.d_type) << 8, p.trans_a, p.trans_b, p.m, p.n, p.k,
+                p.lda, p.ldb, p.ldc,
                 static_cast<int>(p.epilogue), static_cast<int>(align_a | align_b << 5 | align_d << 10 | align_e << 15)};
   Found found;
   {
@@ -146,8 +151,16 @@ bool LtGemm::run_problem(const Problem& p) {
   }
   if (!found.ok) return false;
   const float alpha = 1.0f, beta = 0.0f;
-  CUBLAS_CHECK(cublasLtMatmul(handle_, desc.desc, &alpha, p.a, a.layout, p.b, b.layout, &beta, p.d, d.layout, p.d,
-                              d.layout, &found.algo, workspace_, workspace_bytes_, stream_));
+  const cublasStatus_t st = cublasLtMatmul(handle_, desc.desc, &alpha, p.a, a.layout, p.b, b.layout, &beta, p.d,
+                                           d.layout, p.d, d.layout, &found.algo, workspace_, workspace_bytes_, stream_);
+  if (!found.ran) {  // the first call decides: refused (nothing launched), the case runs unfused from now on
+    std::lock_guard lock(cache_mutex_);
+    Found& cached = cache_[key];
+    cached.ok = st == CUBLAS_STATUS_SUCCESS;
+    cached.ran = true;
+    if (!cached.ok) return false;
+  }
+  CUBLAS_CHECK(st);
   return true;
 }
 

@@ -23,7 +23,7 @@ class LtGemm {
 
   // Runs the product with its epilogue on the stream; false (nothing done) where cuBLASLt has no
   // algorithm for it or the case is outside what is fused (batch > 1, beta != 0, an empty size,
-  // GELU's aux leading dimension not a multiple of 8).
+  // GELU's aux leading dimension not a multiple of 8, a bf16 C with the bias gradient).
   bool run(const EpilogueGemmOf<float>& g);
   bool run(const EpilogueGemmOf<BFloat16>& g);
 
@@ -34,9 +34,10 @@ class LtGemm {
     int64_t m, n, k, lda, ldb, ldc;
     cublasLtEpilogue_t epilogue;
     const void *a, *b;
-    float* d;
-    const float* bias;
-    float* aux;
+    void* d;
+    cudaDataType_t d_type;  // fp32, or bf16 (then bias and aux are bf16 too)
+    const void* bias;
+    void* aux;
     float* bias_grad;
   };
   template <class T>
@@ -46,6 +47,7 @@ class LtGemm {
   using Key = std::tuple<int, bool, bool, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int, int>;
   struct Found {
     bool ok = false;
+    bool ran = false;  // cublasLtMatmul accepted it once (a type the heuristic offered may still be refused)
     cublasLtMatmulAlgo_t algo{};
   };
 

@@ -1,7 +1,8 @@
 // tutti's own CUDA kernels: element-wise loops, deterministic reductions and the row-wise fused ops
-// (softmax, cross-entropy, LayerNorm, the causal-attention softmax). Matrix products are not here:
-// they go through cuBLAS in cuda_backend.cpp. Every formula matches the CPU backend's
-// (src/backend/cpu/cpu_backend.cpp), which is the reference the tests compare against.
+// (softmax, cross-entropy, the causal-attention softmax; LayerNorm is in cuda_layernorm.cu).
+// Matrix products are not here: they go through cuBLAS in cuda_backend.cpp. Every formula matches
+// the CPU backend's (src/backend/cpu/cpu_backend.cpp), which is the reference the tests compare
+// against.
 // Letters: N rows, V vocabulary, T time, C channels.
 #include <cuda_runtime.h>
 
@@ -266,10 +267,10 @@ __global__ void sum_finish_kernel(const double* partials, unsigned count, double
 }
 
 // ------------------------------------------------------------------------------------------------
-// Column sums over rows (sum_rows, LayerNorm's dw and db). Blocks of 32 columns x 8 row-threads;
-// the rows are cut into `splits` ranges (grid.y) so that short, wide and tall, narrow inputs both
-// fill the GPU. With one split the block writes the result; with more, each writes its partial
-// and a second kernel adds the partials in a fixed order (deterministic, no atomics).
+// Column sums over rows (sum_rows). Blocks of 32 columns x 8 row-threads; the rows are cut into
+// `splits` ranges (grid.y) so that short, wide and tall, narrow inputs both fill the GPU. With one
+// split the block writes the result; with more, each writes its partial and a second kernel adds
+// the partials in a fixed order (deterministic, no atomics).
 
 constexpr int kColTile = 32, kRowThreads = 8;
 
@@ -295,15 +296,6 @@ struct RowsLoad {  // sum_rows: x (rows, cols)
   const float* x;
   __device__ void operator()(int64_t r, int64_t c, int64_t cols, float (&v)[1]) const { v[0] = x[r * cols + c]; }
 };
-struct LayerNormParamLoad {  // dw += dy xhat, db += dy
-  const float *x, *dy, *mean, *rstd;
-  __device__ void operator()(int64_t r, int64_t c, int64_t cols, float (&v)[2]) const {
-    const float g = dy[r * cols + c];
-    v[0] = g * (x[r * cols + c] - mean[r]) * rstd[r];
-    v[1] = g;
-  }
-};
-
 // direct: dst.out[k][c] (+)= column sum; else dst.out[k][split * cols + c] = partial.
 template <int K, class Load>
 __global__ void column_sum_kernel(Load load, int64_t rows, int64_t cols, int64_t rows_per_split,
@@ -416,46 +408,6 @@ __global__ void vocab_cross_entropy_stats_kernel(const float* logits, const int3
     stats[3 * row] = mx;
     stats[3 * row + 1] = total;
     stats[3 * row + 2] = (t >= 0 && t < V) ? xr[t] : 0.0f;
-  }
-}
-
-__global__ void layer_norm_forward_kernel(const float* x, const float* w, const float* b, float* y, float* mean,
-                                          float* rstd, int64_t cols, float eps) {
-  const int64_t row = blockIdx.x;
-  const float* xr = x + row * cols;
-  float* yr = y + row * cols;
-  float s = 0.0f;
-  for (int64_t c = threadIdx.x; c < cols; c += blockDim.x) s += xr[c];
-  const float m = block_sum(s) / static_cast<float>(cols);
-  float v = 0.0f;
-  for (int64_t c = threadIdx.x; c < cols; c += blockDim.x) v += (xr[c] - m) * (xr[c] - m);
-  const float rs = 1.0f / sqrtf(block_sum(v) / static_cast<float>(cols) + eps);
-  for (int64_t c = threadIdx.x; c < cols; c += blockDim.x) yr[c] = (xr[c] - m) * rs * w[c] + b[c];
-  if (threadIdx.x == 0) {
-    mean[row] = m;
-    rstd[row] = rs;
-  }
-}
-
-// dx = rstd (dy w - mean(dy w) - xhat mean(dy w xhat))
-__global__ void layer_norm_dx_kernel(const float* x, const float* w, const float* mean, const float* rstd,
-                                     const float* dy, float* dx, int64_t cols) {
-  const int64_t row = blockIdx.x;
-  const float* xr = x + row * cols;
-  const float* dyr = dy + row * cols;
-  float* dxr = dx + row * cols;
-  const float m = mean[row], rs = rstd[row];
-  float sum_g = 0.0f, sum_gx = 0.0f;
-  for (int64_t c = threadIdx.x; c < cols; c += blockDim.x) {
-    const float g = dyr[c] * w[c];
-    sum_g += g;
-    sum_gx += g * (xr[c] - m) * rs;
-  }
-  const float inv = 1.0f / static_cast<float>(cols);
-  const float mg = block_sum(sum_g) * inv, mgx = block_sum(sum_gx) * inv;
-  for (int64_t c = threadIdx.x; c < cols; c += blockDim.x) {
-    const float xhat = (xr[c] - m) * rs;
-    dxr[c] = rs * (dyr[c] * w[c] - mg - xhat * mgx);
   }
 }
 
@@ -604,31 +556,6 @@ cudaError_t vocab_cross_entropy_backward(const float* logits, const int32_t* tar
                                          cudaStream_t stream) {
   return launch_elementwise(N * V, lim, stream,
                             VocabCrossEntropyBackwardOp{logits, targets, first, lse, dloss, dlogits, V});
-}
-
-cudaError_t layer_norm_forward(const float* x, const float* w, const float* b, float* y, float* mean, float* rstd,
-                               int64_t rows, int64_t cols, float eps, cudaStream_t stream) {
-  if (rows <= 0 || cols <= 0) return cudaSuccess;
-  if (!rows_fit(rows)) return cudaErrorInvalidValue;
-  layer_norm_forward_kernel<<<static_cast<unsigned>(rows), row_threads(cols), 0, stream>>>(x, w, b, y, mean, rstd,
-                                                                                             cols, eps);
-  return cudaGetLastError();
-}
-
-size_t layer_norm_backward_workspace_bytes(int64_t rows, int64_t cols, const LaunchLimits& lim) {
-  return column_workspace_bytes(2, rows, cols, lim);
-}
-
-cudaError_t layer_norm_backward(const float* x, const float* w, const float* mean, const float* rstd, const float* dy,
-                                float* dx, float* dw, float* db, int64_t rows, int64_t cols, void* workspace,
-                                const LaunchLimits& lim, cudaStream_t stream) {
-  if (rows <= 0 || cols <= 0) return cudaSuccess;
-  if (!rows_fit(rows)) return cudaErrorInvalidValue;
-  layer_norm_dx_kernel<<<static_cast<unsigned>(rows), row_threads(cols), 0, stream>>>(x, w, mean, rstd, dy, dx, cols);
-  const cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess) return err;
-  return launch_column_sum<2>(LayerNormParamLoad{x, dy, mean, rstd}, rows, cols, ColumnOutputs<2>{{dw, db}}, true,
-                              workspace, lim, stream);
 }
 
 cudaError_t embedding_forward(const int32_t* idx, const float* table, float* out, int64_t n, int64_t C, int64_t V,

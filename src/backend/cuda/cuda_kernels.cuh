@@ -1,8 +1,8 @@
 // Launchers of tutti's own CUDA kernels, callable from host C++ (cuda_backend.cpp). Each enqueues
 // its kernel(s) on `stream` and returns the launch status (cudaGetLastError), which the caller
 // checks with CUDA_CHECK. Pointers are device pointers; sizes are element counts. Kernel bodies
-// are in cuda_kernels.cu, cuda_bf16_kernels.cu, cuda_xent_kernels.cu and cuda_flash_attention.cu,
-// which include no tutti header, so they build as C++17 under any nvcc.
+// are in cuda_kernels.cu, cuda_bf16_kernels.cu, cuda_xent_kernels.cu, cuda_layernorm.cu and
+// cuda_flash_attention.cu, which include no tutti header, so they build as C++17 under any nvcc.
 // Letters: N rows, V vocabulary, B batch, H heads, T time.
 #pragma once
 #include <cuda_runtime_api.h>
@@ -77,6 +77,12 @@ cudaError_t cross_entropy_stats(const float* logits, const int32_t* targets, flo
                                 int64_t V, cudaStream_t stream);
 cudaError_t cross_entropy_backward_from_stats(const float* logits, const int32_t* targets, const float* stats,
                                               float dloss, float* dlogits, int64_t N, int64_t V, cudaStream_t stream);
+// The same on bf16 logits (their bits), dlogits written in bf16.
+cudaError_t cross_entropy_stats_bf16(const uint16_t* logits, const int32_t* targets, float* stats, float* losses,
+                                     int64_t N, int64_t V, cudaStream_t stream);
+cudaError_t cross_entropy_backward_from_stats_bf16(const uint16_t* logits, const int32_t* targets, const float* stats,
+                                                   float dloss, uint16_t* dlogits, int64_t N, int64_t V,
+                                                   cudaStream_t stream);
 // Vocabulary-parallel cross-entropy, this rank's columns [first, first + V): stats (N, 3) = per row
 // max, sum of exp(x - max), the target's logit (0 when another rank's); backward as the CPU's.
 cudaError_t vocab_cross_entropy_stats(const float* logits, const int32_t* targets, int64_t first, float* stats,
@@ -84,10 +90,15 @@ cudaError_t vocab_cross_entropy_stats(const float* logits, const int32_t* target
 cudaError_t vocab_cross_entropy_backward(const float* logits, const int32_t* targets, int64_t first, const float* lse,
                                          float dloss, float* dlogits, int64_t N, int64_t V, const LaunchLimits& lim,
                                          cudaStream_t stream);
+// LayerNorm (cuda_layernorm.cu), x, y, dy, dx (N, C); w, b, dw, db (C); mean, rstd (N):
+// y = (x - mean) rstd w + b, rstd = 1 / sqrt(biased variance + eps).
 cudaError_t layer_norm_forward(const float* x, const float* w, const float* b, float* y, float* mean, float* rstd,
                                int64_t rows, int64_t cols, float eps, cudaStream_t stream);
+// The same with y rounded to bf16 (nearest even); mean and rstd bit for bit layer_norm_forward's.
+cudaError_t layer_norm_forward_bf16(const float* x, const float* w, const float* b, uint16_t* y, float* mean,
+                                    float* rstd, int64_t rows, int64_t cols, float eps, cudaStream_t stream);
 size_t layer_norm_backward_workspace_bytes(int64_t rows, int64_t cols, const LaunchLimits& lim);
-// dx written; dw and db accumulated (+=), as on the CPU.
+// dx written; dw and db accumulated (+=), as on the CPU; dw and db summed in a fixed order.
 cudaError_t layer_norm_backward(const float* x, const float* w, const float* mean, const float* rstd, const float* dy,
                                 float* dx, float* dw, float* db, int64_t rows, int64_t cols, void* workspace,
                                 const LaunchLimits& lim, cudaStream_t stream);
@@ -113,6 +124,8 @@ cudaError_t causal_softmax_backward(const float* probs, float* dprobs, int64_t r
 cudaError_t to_bf16(const float* x, uint16_t* y, int64_t n, const LaunchLimits& lim, cudaStream_t stream);
 // dx = bf16(gelu'(x) dy): gelu_backward and to_bf16 in one pass.
 cudaError_t gelu_backward_bf16(const float* x, const float* dy, uint16_t* dx, int64_t n, const LaunchLimits& lim,
+                               cudaStream_t stream);
+cudaError_t gelu_backward_bf16(const uint16_t* x, const float* dy, uint16_t* dx, int64_t n, const LaunchLimits& lim,
                                cudaStream_t stream);
 // causal_softmax of training (T, T) score rows, past = 0: fp32 scores in, bf16 probabilities out.
 cudaError_t causal_softmax_bf16(const float* scores, uint16_t* probs, int64_t rows, int64_t T, cudaStream_t stream);
