@@ -191,6 +191,35 @@ TEST(CudaEpilogue, Bf16OutputFusesBiasAndGelu) {
     }
 }
 
+// The MLP's backward product: C = (A B) * gelu'(aux), aux GELU's kept input, in bf16.
+double gelu_tanh_grad(double x) {
+  const double k = std::sqrt(2.0 / M_PI), c = 0.044715, t = std::tanh(k * (x + c * x * x * x));
+  return 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * k * (1.0 + 3.0 * c * x * x);
+}
+
+TEST(CudaEpilogue, Bf16Dgelu) {
+  if (!have_gpu()) GTEST_SKIP() << "no CUDA device";
+  if (!fusion_on()) GTEST_SKIP() << "fusion off (TUTTI_CUDA_LT=0)";
+  Rng rng(16);
+  for (const Sizes s : {Sizes{64, 256, 96}, Sizes{1024, 3072, 768}}) {
+    const std::string what = "m=" + std::to_string(s.m) + " n=" + std::to_string(s.n);
+    const Tensor a = rounded(random_tensor({s.m, s.k}, rng)), b = rounded(random_tensor({s.k, s.n}, rng, -0.1, 0.1));
+    const Tensor h = rounded(random_tensor({s.m, s.n}, rng, -3.0, 3.0));
+    const Tensor ag = bf16_tensor(a, kGpu), bg = bf16_tensor(b, kGpu), hg = bf16_tensor(h, kGpu);
+    Tensor c = poisoned_bf16({s.m, s.n});
+    EpilogueGemmOf<BFloat16> g;
+    g.gemm = row_major<BFloat16>(false, s.m, s.n, s.k, bf16(ag), bf16(bg), nullptr);
+    g.gemm.c_bf16 = bf16(c);
+    g.epilogue = GemmEpilogue::dgelu;
+    g.aux = hg.raw_data();
+    ASSERT_TRUE(gpu().gemm_epilogue_bf16(g)) << what << ": declined";
+    std::vector<float> p = ops::matmul(a, b).to_vector<float>();
+    const std::vector<float> hv = h.to_vector<float>();
+    for (size_t i = 0; i < p.size(); ++i) p[i] = static_cast<float>(p[i] * gelu_tanh_grad(hv[i]));
+    EXPECT_TRUE(within(relative_error(widened(c), Tensor::from_vector({s.m, s.n}, p)), kBf16Bound)) << what;
+  }
+}
+
 TEST(CudaEpilogue, DeclinesWhatItDoesNotFuse) {
   if (!have_gpu()) GTEST_SKIP() << "no CUDA device";
   Rng rng(12);
@@ -302,6 +331,9 @@ TEST(EpilogueOps, LinearGeluOnCpuIsGeluOfLinear) {
   const Tensor x = random_tensor({3, 7, 5}, rng), w = random_tensor({5, 16}, rng), b = random_tensor({16}, rng);
   const Tensor fused = ops::linear_gelu(x, w, b), plain = ops::gelu(ops::linear(x, w, b));
   EXPECT_EQ(fused.to_vector<float>(), plain.to_vector<float>()) << "the CPU path must not change";
+  const Tensor w2 = random_tensor({16, 4}, rng), b2 = random_tensor({4}, rng);
+  EXPECT_EQ(ops::mlp(x, w, b, w2, b2).to_vector<float>(), ops::linear(plain, w2, b2).to_vector<float>())
+      << "mlp on the CPU is its two ops";
 }
 
 // ================================================================================================
@@ -370,4 +402,38 @@ TEST(CudaEpilogueTiming, Gpt2Shapes) {
     print_row((std::string(l.name) + " dW + bias grad").c_str(), apart_b, fused_b, flops,
               2.0 * N * (l.in + l.out) + 4.0 * l.in * l.out);
   }
+  // The MLP in bf16 (ops::mlp): c_fc writing GELU's output and input in bf16, against fp32; and
+  // mlp.c_proj's dx product with GELU's gradient (DGELU, bf16 out) against the fp32 product then
+  // gelu_backward_bf16.
+  const double flops = 2.0 * N * C * 4 * C;
+  Tensor out16 = Tensor::empty({N * 4 * C}, DType::bf16, kGpu), aux16 = Tensor::empty({N * 4 * C}, DType::bf16, kGpu);
+  const Tensor bias16 = ops::to_bf16(bias);
+  EpilogueGemmOf<BFloat16> f32_out, f16_out;
+  f32_out.gemm = row_major<BFloat16>(false, N, 4 * C, C, bf16(x), bf16(w), f32(out));
+  f32_out.epilogue = GemmEpilogue::bias_gelu;
+  f32_out.bias = f32(bias);
+  f32_out.aux = f32(aux);
+  f16_out = f32_out;
+  f16_out.gemm.c = nullptr;
+  f16_out.gemm.c_bf16 = bf16(out16);
+  f16_out.bias = bias16.raw_data();
+  f16_out.aux = aux16.raw_data();
+  print_row("c_fc + GELU, bf16 out (vs fp32 out)", time_ms([&] { ASSERT_TRUE(run(f32_out)); }),
+            time_ms([&] { ASSERT_TRUE(run(f16_out)); }), flops, 2.0 * N * C + 2.0 * N * 4 * C * 2);
+  EpilogueGemmOf<BFloat16> dg;  // dh = (g W2^T) gelu'(h): (N, C) x (C, 4C) with W2 (4C, C) read transposed
+  dg.gemm = row_major<BFloat16>(false, N, 4 * C, C, bf16(x), bf16(w), nullptr);
+  dg.gemm.trans_b = true;
+  dg.gemm.ldb = C;
+  dg.gemm.c_bf16 = bf16(out16);
+  dg.epilogue = GemmEpilogue::dgelu;
+  dg.aux = aux16.raw_data();
+  GemmBf16 plain = dg.gemm;
+  plain.c_bf16 = nullptr;
+  plain.c = f32(out);
+  const double apart = time_ms([&] {
+    gpu().gemm_bf16(plain);
+    gpu().gelu_backward_bf16(bf16(aux16), f32(out), bf16(out16), N * 4 * C);
+  });
+  print_row("mlp.c_proj dx + DGELU (vs apart)", apart, time_ms([&] { ASSERT_TRUE(run(dg)); }), flops,
+            2.0 * N * C + 2.0 * N * 4 * C * 2);
 }

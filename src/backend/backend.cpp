@@ -46,11 +46,11 @@ void Backend::attention_backward_bf16(const BFloat16*, const BFloat16*, const fl
   missing(*this, "causal_attention_backward in bf16 (mixed precision)");
 }
 bool Backend::flash_attention_supports(int64_t, int64_t, int64_t) const { return false; }
-void Backend::flash_attention_forward(const BFloat16*, float*, float*, int64_t, int64_t, int64_t, int64_t) {
+void Backend::flash_attention_forward(const BFloat16*, BFloat16*, float*, int64_t, int64_t, int64_t, int64_t) {
   missing(*this, "flash attention");
 }
-void Backend::flash_attention_backward(const BFloat16*, const float*, const float*, const float*, float*, int64_t,
-                                       int64_t, int64_t, int64_t) {
+void Backend::flash_attention_backward(const BFloat16*, const BFloat16*, const float*, const float*, BFloat16*,
+                                       int64_t, int64_t, int64_t, int64_t) {
   missing(*this, "flash attention backward");
 }
 void Backend::layer_norm_forward(const float*, const float*, const float*, float*, float*, float*, int64_t, int64_t,

@@ -40,7 +40,9 @@ using GemmBf16 = GemmOf<BFloat16>;
 //   bias_gelu  aux = P + bias; C = gelu(aux)    GELU in the tanh form, aux (m, n) with ldc, of C's type
 //   bias_grad  C = P; bias_grad = the sums of op(B) over k (n): a linear layer's bias gradient
 //              from the dW product, dW = x^T g, bias_grad = column sums of g
-enum class GemmEpilogue { bias, bias_gelu, bias_grad };
+//   dgelu      C = P * gelu'(aux), aux GELU's input as bias_gelu kept it: the GELU MLP's backward,
+//              in the second layer's dx product
+enum class GemmEpilogue { bias, bias_gelu, bias_grad, dgelu };
 
 template <class T>
 struct EpilogueGemmOf {
@@ -160,14 +162,16 @@ class Backend {
                                       int64_t H);
   virtual void attention_backward_bf16(const BFloat16* qkv, const BFloat16* probs, const float* dy, float* dqkv,
                                        int64_t B, int64_t T, int64_t C, int64_t H);
-  // Flash attention in bf16: no (T, T) matrix in memory. Forward keeps lse (B, H, T), each row's
-  // log-sum-exp (in this backend's units), from which backward recomputes the probabilities; it
-  // also reads the forward's y. Only for shapes flash_attention_supports accepts.
+  // Flash attention in bf16: no (T, T) matrix in memory. Forward writes y (B, T, C) in bf16 and
+  // keeps lse (B, H, T), each row's log-sum-exp (in this backend's units), from which backward
+  // recomputes the probabilities; backward also reads the forward's y and an fp32 dy, and writes
+  // dqkv (B, T, 3C) in bf16. Only for shapes flash_attention_supports accepts; the backend may
+  // require aligned pointers (CUDA: those of the caching allocator are).
   virtual bool flash_attention_supports(int64_t B, int64_t C, int64_t H) const;
-  virtual void flash_attention_forward(const BFloat16* qkv, float* y, float* lse, int64_t B, int64_t T, int64_t C,
+  virtual void flash_attention_forward(const BFloat16* qkv, BFloat16* y, float* lse, int64_t B, int64_t T, int64_t C,
                                        int64_t H);
-  virtual void flash_attention_backward(const BFloat16* qkv, const float* y, const float* lse, const float* dy,
-                                        float* dqkv, int64_t B, int64_t T, int64_t C, int64_t H);
+  virtual void flash_attention_backward(const BFloat16* qkv, const BFloat16* y, const float* lse, const float* dy,
+                                        BFloat16* dqkv, int64_t B, int64_t T, int64_t C, int64_t H);
 };
 
 // The backend of a device (cpu always; cuda when built with it and a GPU is present).

@@ -86,14 +86,18 @@ struct GPT::Block : Module {
   Tensor forward(const Tensor& x) const {  // (B, T, C)
     // Attention in bf16 once the compute copies exist, as the linear layers (see Module): a model
     // never refreshed (an evaluating rank's, a sample's on the CPU) computes in fp32.
-    // The LayerNorms, c_attn and c_fc then write bf16: their outputs only feed products.
+    // The LayerNorms and c_attn then write bf16: their outputs only feed products.
     const DType compute = attn.c_attn.weight_bf16.defined() ? DType::bf16 : DType::f32;
     Tensor qkv = attn.c_attn.forward(parallel::copy_to_group(ln_1.forward(x, compute), tp),
                                      compute);  // (B, T, 3C / P)
     Tensor h = ops::add(x, row_parallel(attn.c_proj, ops::causal_attention(qkv, n_head, compute), tp));
-    Tensor hidden = mlp.c_fc.forward_gelu(parallel::copy_to_group(ln_2.forward(h, compute), tp),
-                                          compute);  // (B, T, 4C / P)
-    return ops::add(h, row_parallel(mlp.c_proj, hidden, tp));
+    // The MLP as one op (4C / P hidden units here); a row-parallel c_proj adds its bias after the sum.
+    const bool whole = tp.size() == 1;
+    Tensor m = ops::mlp(parallel::copy_to_group(ln_2.forward(h, compute), tp), mlp.c_fc.weight, mlp.c_fc.bias,
+                        mlp.c_proj.weight, whole ? mlp.c_proj.bias : Tensor(), mlp.c_fc.weight_bf16,
+                        mlp.c_proj.weight_bf16);
+    if (!whole) m = ops::add(parallel::reduce_from_group(m, tp), mlp.c_proj.bias);
+    return ops::add(h, m);
   }
   LayerNorm ln_1;
   Attention attn;

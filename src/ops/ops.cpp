@@ -211,21 +211,26 @@ Tensor bias_like(const Tensor& b, const Tensor& c) { return c.dtype() == DType::
 
 // Validates linear's operands; returns the rows N (the leading dimensions: not numel / in, which
 // fails when in == 0).
-int64_t check_linear(const Tensor& x_in, const Tensor& w, const Tensor& bias, const Tensor& w_bf16, const char* op) {
-  check_operand(x_in, w_bf16.defined(), op, "input");
+// A linear layer's weight (in, out) on `device`, its bias (out) or undefined, its bf16 copy or undefined.
+void check_weight(const Tensor& w, const Tensor& bias, const Tensor& w_bf16, int64_t in, Device device,
+                  const char* op) {
   check_f32(w, op, "weight");
-  check_same_device(x_in, w, op);
-  TUTTI_CHECK_AS(InvalidArgument, w.ndim() == 2 && w.is_contiguous(), op, ": weight must be contiguous (in, out), got ",
-                 w.str());
-  TUTTI_CHECK_AS(InvalidArgument, x_in.ndim() >= 1 && x_in.size(-1) == w.size(0), op, ": input ", x_in.str(),
-                 " does not match weight ", w.str());
+  TUTTI_CHECK_AS(InvalidArgument, w.device() == device, op, ": weight ", w.str(), " is not on ", device.str());
+  TUTTI_CHECK_AS(InvalidArgument, w.ndim() == 2 && w.is_contiguous() && w.size(0) == in, op, ": weight ", w.str(),
+                 " must be contiguous (", in, ", out)");
   if (bias.defined()) {
     check_f32(bias, op, "bias");
-    check_same_device(x_in, bias, op);
+    check_same_device(w, bias, op);
     TUTTI_CHECK_AS(InvalidArgument, bias.ndim() == 1 && bias.size(0) == w.size(1), op, ": bias ", bias.str(),
                    " does not match weight ", w.str());
   }
   checked_copy(w_bf16, w, op);
+}
+
+int64_t check_linear(const Tensor& x_in, const Tensor& w, const Tensor& bias, const Tensor& w_bf16, const char* op) {
+  check_operand(x_in, w_bf16.defined(), op, "input");
+  TUTTI_CHECK_AS(InvalidArgument, x_in.ndim() >= 1, op, ": input ", x_in.str(), " has no feature dimension");
+  check_weight(w, bias, w_bf16, x_in.size(-1), x_in.device(), op);
   int64_t n = 1;
   for (int i = 0; i + 1 < x_in.ndim(); ++i) n *= x_in.size(i);
   return n;
@@ -277,6 +282,25 @@ LinearBackward linear_backward(const Tensor& xc, const Tensor& wc, const Tensor&
           mixed, x_in.shape()};
 }
 
+// y = xc wc + bias (N, out) in `out`'s type, the bias fused into the product where the backend can.
+Tensor linear_product(const Tensor& xc, const Tensor& wc, const Tensor& bias, DType out) {
+  const int64_t n = xc.size(0), out_features = wc.size(1);
+  Tensor y = Tensor::empty({n, out_features}, out, xc.device());
+  const Tensor b = bias.defined() ? bias.contiguous() : bias;
+  if (b.defined() &&
+      gemm_epilogue_into(xc, false, wc, false, y, GemmEpilogue::bias, bias_like(b, y).raw_data(), nullptr, nullptr))
+    return y;
+  if (out == DType::bf16 && b.defined()) {  // the bias added in fp32, then rounded
+    Tensor y32 = new_like(xc, {n, out_features});
+    gemm_into(xc, false, wc, false, y32, 0.0f);
+    if (n > 0) backend_of(y32).add(f32(y32), f32(b), f32(y32), n, out_features);
+    return to_bf16(y32);
+  }
+  gemm_into(xc, false, wc, false, y, 0.0f);
+  if (b.defined() && n > 0) backend_of(y).add(f32(y), f32(b), f32(y), n, out_features);
+  return y;
+}
+
 }  // namespace
 
 Tensor linear(const Tensor& x_in, const Tensor& w, const Tensor& bias, const Tensor& w_bf16, DType out) {
@@ -289,20 +313,7 @@ Tensor linear(const Tensor& x_in, const Tensor& w, const Tensor& bias, const Ten
   const Tensor xc = mixed ? to_bf16(x) : x, wc = mixed ? w_bf16 : w;  // what the products read
   Shape out_shape = x_in.shape();
   out_shape[-1] = out_features;
-  Tensor y = Tensor::empty({n, out_features}, out, x.device());
-  const Tensor b = bias.defined() ? bias.contiguous() : bias;
-  const bool fused = b.defined() && gemm_epilogue_into(xc, false, wc, false, y, GemmEpilogue::bias,
-                                                       bias_like(b, y).raw_data(), nullptr, nullptr);
-  if (!fused && out == DType::bf16 && b.defined()) {  // the bias added in fp32, then rounded
-    Tensor y32 = new_like(x, {n, out_features});
-    gemm_into(xc, false, wc, false, y32, 0.0f);
-    if (n > 0) backend_of(y32).add(f32(y32), f32(b), f32(y32), n, out_features);
-    y = to_bf16(y32);
-  } else if (!fused) {
-    gemm_into(xc, false, wc, false, y, 0.0f);
-    if (b.defined() && n > 0) backend_of(y).add(f32(y), f32(b), f32(y), n, out_features);
-  }
-  y = y.view(out_shape);
+  const Tensor y = linear_product(xc, wc, bias, out).view(out_shape);
   if (!any_requires_grad({&x_in, &w, &bias})) return y;
   std::vector<Tensor> inputs{x_in, w};
   if (bias.defined()) inputs.push_back(bias);
@@ -346,6 +357,53 @@ Tensor linear_gelu(const Tensor& x_in, const Tensor& w, const Tensor& bias, cons
     if (h.dtype() == DType::bf16) be.gelu_backward_bf16(bf16(h), f32(g), bf16(dhc), h.numel());
     else be.gelu_backward_bf16(f32(h), f32(g), bf16(dhc), h.numel());
     return rest.run(dhc, dhc);
+  });
+}
+
+Tensor mlp(const Tensor& x_in, const Tensor& fc_w, const Tensor& fc_b, const Tensor& proj_w, const Tensor& proj_b,
+           const Tensor& fc_w_bf16, const Tensor& proj_w_bf16) {
+  const int64_t n = check_linear(x_in, fc_w, fc_b, fc_w_bf16, "mlp");
+  check_weight(proj_w, proj_b, proj_w_bf16, fc_w.size(1), x_in.device(), "mlp");
+  const bool mixed = fc_w_bf16.defined() && proj_w_bf16.defined();
+  const int64_t in = fc_w.size(0), hidden = fc_w.size(1), out_features = proj_w.size(1);
+  // The GELU MLP's own graph (two nodes) wherever the fused one is not: fp32, or no fc bias.
+  auto apart = [&] {
+    return linear(linear_gelu(x_in, fc_w, fc_b, fc_w_bf16, mixed ? DType::bf16 : DType::f32), proj_w, proj_b,
+                  proj_w_bf16);
+  };
+  if (!mixed || !fc_b.defined()) return apart();
+  const Tensor xc = to_bf16(x_in.contiguous().view({n, in}));
+  // a = gelu(h): what the second product reads; h = x W1 + b1: kept for the backward's GELU gradient.
+  Tensor a = Tensor::empty({n, hidden}, DType::bf16, xc.device());
+  Tensor h = Tensor::empty({n, hidden}, DType::bf16, xc.device());
+  if (!gemm_epilogue_into(xc, false, fc_w_bf16, false, a, GemmEpilogue::bias_gelu, to_bf16(fc_b).raw_data(),
+                          h.raw_data(), nullptr))
+    return apart();
+  Shape out_shape = x_in.shape();
+  out_shape[-1] = out_features;
+  const Tensor y = linear_product(a, proj_w_bf16, proj_b, DType::f32).view(out_shape);
+  if (!any_requires_grad({&x_in, &fc_w, &fc_b, &proj_w, &proj_b})) return y;
+  const LinearBackward fc = linear_backward(xc, fc_w_bf16, x_in, fc_w, fc_b, true);
+  const bool has_proj_b = proj_b.defined();  // proj's dx is the fused product below, not its own
+  const LinearBackward proj{a,        proj_w_bf16, false, proj_w.requires_grad(), has_proj_b,
+                            has_proj_b && proj_b.requires_grad(), true, Shape{}};
+  std::vector<Tensor> inputs{x_in, fc_w, fc_b, proj_w};
+  if (proj_b.defined()) inputs.push_back(proj_b);
+  return record_op(y, OpKind::mlp, inputs, [fc, proj, h](const Tensor& g_in) {
+    const Tensor g = g_in.contiguous().view({h.size(0), proj.wc.size(1)});
+    const Tensor gc = to_bf16(g);
+    const std::vector<Tensor> p = proj.run(gc, g);  // dW2 (, db2)
+    // dL/d(x W1 + b1) = (g W2^T) gelu'(h) in one product where it fuses (b1's gradient then comes
+    // from the dW1 product, as a linear layer's).
+    Tensor dh = Tensor::empty(h.shape(), DType::bf16, h.device());
+    if (!gemm_epilogue_into(gc, false, proj.wc, true, dh, GemmEpilogue::dgelu, nullptr, h.raw_data(), nullptr)) {
+      const Tensor da = gemm_new(gc, false, proj.wc, true);  // (N, hidden)
+      backend_of(h).gelu_backward_bf16(bf16(h), f32(da), bf16(dh), h.numel());
+    }
+    const std::vector<Tensor> f = fc.run(dh, dh);  // dx, dW1, db1
+    std::vector<Tensor> grads{f[0], f[1], f[2], p[1]};
+    if (p.size() == 3) grads.push_back(p[2]);
+    return grads;
   });
 }
 
@@ -459,17 +517,19 @@ Tensor layer_norm(const Tensor& x_in, const Tensor& w_in, const Tensor& b_in, fl
 namespace {
 // bf16 flash attention: no (B, H, T, T) probabilities; backward recomputes them from the bf16
 // qkv and each row's log-sum-exp, and reads y (kept detached: the node must not own its output).
+// y and dqkv are bf16: y feeds attn.c_proj's bf16 product, dqkv c_attn's backward products; the
+// incoming gradient is fp32.
 Tensor flash_attention(const Tensor& qkv_in, const Tensor& qkv, int64_t B, int64_t T, int64_t C, int n_head) {
   Backend& be = backend_of(qkv);
-  Tensor y = new_like(qkv, {B, T, C});
+  Tensor y = Tensor::empty({B, T, C}, DType::bf16, qkv.device());
   Tensor lse = new_like(qkv, {B, n_head, T});  // (B, H, T)
-  be.flash_attention_forward(bf16(qkv), f32(y), f32(lse), B, T, C, n_head);
+  be.flash_attention_forward(bf16(qkv), bf16(y), f32(lse), B, T, C, n_head);
   if (!any_requires_grad({&qkv_in})) return y;
   const Tensor y_kept = y.detach();
   return record_op(y, OpKind::causal_attention, {qkv_in}, [qkv, y_kept, lse, B, T, C, n_head](const Tensor& g_in) {
     const Tensor g = g_in.contiguous();
-    Tensor dqkv = new_like(qkv, qkv.shape());
-    backend_of(qkv).flash_attention_backward(bf16(qkv), f32(y_kept), f32(lse), f32(g), f32(dqkv), B, T, C, n_head);
+    Tensor dqkv = Tensor::empty(qkv.shape(), DType::bf16, qkv.device());
+    backend_of(qkv).flash_attention_backward(bf16(qkv), bf16(y_kept), f32(lse), f32(g), bf16(dqkv), B, T, C, n_head);
     return std::vector<Tensor>{dqkv};
   });
 }

@@ -32,6 +32,13 @@ Tensor linear(const Tensor& x, const Tensor& weight, const Tensor& bias = Tensor
 Tensor linear_gelu(const Tensor& x, const Tensor& weight, const Tensor& bias, const Tensor& weight_bf16 = Tensor(),
                    DType out = DType::f32);
 
+// The GELU MLP, linear(linear_gelu(x, fc_w, fc_b), proj_w, proj_b) (proj_b may be undefined), as
+// one op: under mixed precision (both bf16 copies) with a fused backend, the hidden activations
+// are bf16 (GELU's output and input, from one product) and the backward puts GELU's gradient into
+// the second layer's dx product (cuBLASLt's DGELU); elsewhere the two ops.
+Tensor mlp(const Tensor& x, const Tensor& fc_w, const Tensor& fc_b, const Tensor& proj_w, const Tensor& proj_b,
+           const Tensor& fc_w_bf16 = Tensor(), const Tensor& proj_w_bf16 = Tensor());
+
 // x rounded to bf16 (nearest even), no autograd: what the mixed-precision products read. A bf16 x
 // is returned as it is.
 Tensor to_bf16(const Tensor& x);
@@ -54,7 +61,10 @@ Tensor layer_norm(const Tensor& x, const Tensor& weight, const Tensor& bias, flo
 // (bf16 already, with compute bf16: read as it is),
 // each C split into n_head heads. Returns (B, T, C) with the heads side by side. compute bf16:
 // the four matrix products in bf16 (qkv rounded once and kept, the probabilities kept in bf16),
-// scores, softmax statistics and the result in fp32.
+// scores, softmax statistics and the result in fp32. Where the backend runs it as flash attention
+// (bf16, head size 64 on CUDA) the result is bf16 (for a mixed-precision product to read: a
+// linear with a bf16 weight copy) and qkv's gradient is bf16; the gradient coming back to the
+// result is fp32.
 Tensor causal_attention(const Tensor& qkv, int n_head, DType compute = DType::f32);
 
 // Inference only (no autograd): attention of n new positions past .. past+n-1, q (n, C), over

@@ -30,6 +30,14 @@ static_assert(kernels::kMaxDims == kMaxDims, "cuda_kernels.cuh must pass shapes 
 uint16_t* bits(BFloat16* p) { return reinterpret_cast<uint16_t*>(p); }
 const uint16_t* bits(const BFloat16* p) { return reinterpret_cast<const uint16_t*>(p); }
 
+// The flash kernels' base alignment (cuda_kernels.cuh): a tensor of the caching allocator has it;
+// a view that starts mid-block may not.
+void check_flash_aligned(const void* qkv, const void* y, const void* dy, const void* dqkv) {
+  TUTTI_CHECK_AS(InvalidArgument, kernels::flash_attention_aligned(qkv, y, dy, dqkv),
+                 "flash attention needs qkv and dqkv 16-byte aligned, dy 8 and y 4; got qkv ", qkv, ", y ", y,
+                 ", dy ", dy, ", dqkv ", dqkv);
+}
+
 // ------------------------------------------------------------------------------------------------
 // Owned CUDA resources
 
@@ -341,21 +349,24 @@ class CudaBackend final : public Backend {
   bool flash_attention_supports(int64_t B, int64_t C, int64_t H) const override {
     return use_flash_ && kernels::flash_attention_fits(B, C, H);
   }
-  void flash_attention_forward(const BFloat16* qkv, float* y, float* lse, int64_t B, int64_t T, int64_t C,
+  void flash_attention_forward(const BFloat16* qkv, BFloat16* y, float* lse, int64_t B, int64_t T, int64_t C,
                                int64_t H) override {
     activate();
-    CUDA_CHECK(kernels::flash_attention_forward(bits(qkv), y, lse, B, T, C, H, stream()));
+    check_flash_aligned(qkv, y, nullptr, nullptr);
+    CUDA_CHECK(kernels::flash_attention_forward(bits(qkv), bits(y), lse, B, T, C, H, stream()));
   }
-  void flash_attention_backward(const BFloat16* qkv, const float* y, const float* lse, const float* dy, float* dqkv,
-                                int64_t B, int64_t T, int64_t C, int64_t H) override {
+  void flash_attention_backward(const BFloat16* qkv, const BFloat16* y, const float* lse, const float* dy,
+                                BFloat16* dqkv, int64_t B, int64_t T, int64_t C, int64_t H) override {
     activate();
+    check_flash_aligned(qkv, y, dy, dqkv);
+    // dq_acc (B, H, T, 64) and dvec (B, H, T), fp32; pieces of 256-byte aligned scratch.
     const size_t dq_bytes = aligned_bytes(static_cast<size_t>(B * H * T * kernels::kFlashHeadDim) * sizeof(float));
     std::lock_guard lock(scratch_mutex_);
     auto* base = static_cast<char*>(scratch_.reserve(dq_bytes + static_cast<size_t>(B * H * T) * sizeof(float)));
     auto* dq_acc = reinterpret_cast<float*>(base);
     auto* dvec = reinterpret_cast<float*>(base + dq_bytes);
-    CUDA_CHECK(kernels::flash_attention_backward(bits(qkv), y, lse, dy, dqkv, dq_acc,
-                                                 dvec, B, T, C, H, limits_, stream()));
+    CUDA_CHECK(kernels::flash_attention_backward(bits(qkv), bits(y), lse, dy, bits(dqkv), dq_acc, dvec, B, T, C, H,
+                                                 limits_, stream()));
   }
 
  private:

@@ -23,7 +23,7 @@ class LtGemm {
 
   // Runs the product with its epilogue on the stream; false (nothing done) where cuBLASLt has no
   // algorithm for it or the case is outside what is fused (batch > 1, beta != 0, an empty size,
-  // GELU's aux leading dimension not a multiple of 8, a bf16 C with the bias gradient).
+  // GELU's aux leading dimension not a multiple of 8, a bf16 C with BGRADA).
   bool run(const EpilogueGemmOf<float>& g);
   bool run(const EpilogueGemmOf<BFloat16>& g);
 

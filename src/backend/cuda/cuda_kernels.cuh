@@ -134,19 +134,32 @@ cudaError_t causal_softmax_backward_bf16(const uint16_t* probs, const float* dpr
                                          int64_t T, float scale, cudaStream_t stream);
 
 // -- causal flash attention in bf16 (cuda_flash_attention.cu) -------------------------------------
-// qkv (B, T, 3C) bf16 with heads of kFlashHeadDim (C = H * 64), 16-byte aligned; B * H <= 65535.
-// Other shapes return cudaErrorInvalidValue (callers check flash_attention_fits first).
+// qkv (B, T, 3C) bf16 with heads of kFlashHeadDim (C = H * 64); B * H <= 65535. Every row of qkv,
+// y and dqkv is then a multiple of 16 bytes (3C and C bf16), so alignment is the base pointers':
+// flash_attention_aligned. Other shapes or pointers return cudaErrorInvalidValue (callers check
+// flash_attention_fits and flash_attention_aligned first).
 constexpr int kFlashHeadDim = 64;
+static_assert(kFlashHeadDim % 8 == 0, "the flash kernels copy rows of bf16 16 bytes at a time");
 inline bool flash_attention_fits(int64_t B, int64_t C, int64_t H) {
-  return H > 0 && C == H * kFlashHeadDim && B * H <= 65535;
+  return H > 0 && C == H * kFlashHeadDim && C % 8 == 0 && B * H <= 65535;
 }
-// y (B, T, C) fp32; lse (B, H, T) fp32: each row's log2-sum-exp2 of the scores times log2(e).
-cudaError_t flash_attention_forward(const uint16_t* qkv, float* y, float* lse, int64_t B, int64_t T, int64_t C,
+// The base alignment the kernels need: 16 bytes for qkv and dqkv (rows copied by cp.async), 8 for
+// dy (float2 loads), 4 for y (bf16 pairs). A null pointer passes (the forward has no dy, dqkv).
+// Tensors of tutti's caching allocator start 256-byte aligned (one cudaMalloc block each).
+inline bool flash_attention_aligned(const void* qkv, const void* y, const void* dy = nullptr,
+                                    const void* dqkv = nullptr) {
+  auto at = [](const void* p, uintptr_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; };
+  return at(qkv, 16) && at(y, 4) && at(dy, 8) && at(dqkv, 16);
+}
+// y (B, T, C) bf16, rounded once from fp32; lse (B, H, T) fp32: each row's log2-sum-exp2 of the
+// scores times log2(e).
+cudaError_t flash_attention_forward(const uint16_t* qkv, uint16_t* y, float* lse, int64_t B, int64_t T, int64_t C,
                                     int64_t H, cudaStream_t stream);
-// dqkv (B, T, 3C) fp32, every element written. Scratch: dq_acc (B, H, T, 64) and dvec (B, H, T)
-// fp32; the launcher zeroes dq_acc.
-cudaError_t flash_attention_backward(const uint16_t* qkv, const float* y, const float* lse, const float* dy,
-                                     float* dqkv, float* dq_acc, float* dvec, int64_t B, int64_t T, int64_t C,
+// From the forward's qkv, y (bf16) and lse, and dy (B, T, C) fp32: dqkv (B, T, 3C) bf16, every
+// element written (its q slots hold dy in bf16 between the kernels). Scratch: dq_acc (B, H, T, 64),
+// 16-byte aligned, and dvec (B, H, T), fp32; the launcher zeroes dq_acc.
+cudaError_t flash_attention_backward(const uint16_t* qkv, const uint16_t* y, const float* lse, const float* dy,
+                                     uint16_t* dqkv, float* dq_acc, float* dvec, int64_t B, int64_t T, int64_t C,
                                      int64_t H, const LaunchLimits& lim, cudaStream_t stream);
 
 }  // namespace tutti::cuda::kernels
