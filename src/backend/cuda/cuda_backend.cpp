@@ -118,9 +118,14 @@ class CudaBackend final : public Backend {
     const char* flash = std::getenv("TUTTI_CUDA_FLASH");
     use_flash_ = flash == nullptr || std::strcmp(flash, "0") != 0;
     // Linear layers' bias, GELU and bias gradient fused into cuBLASLt products; TUTTI_CUDA_LT=0
-    // runs them as separate kernels after cuBLAS products (to compare).
+    // runs them as separate kernels after cuBLAS products (to compare). Each product's algorithm
+    // is picked by timing the heuristic's candidates at its first call, the plain bf16 products
+    // included (LtGemm); TUTTI_CUDA_LT_TUNE=0 takes the heuristic's first, TUTTI_CUDA_LT_TUNE_LOG=1
+    // prints the choices.
     const char* lt = std::getenv("TUTTI_CUDA_LT");
-    if (lt == nullptr || std::strcmp(lt, "0") != 0) lt_ = std::make_unique<LtGemm>(stream_->get(), use_tf32);
+    const char* tune = std::getenv("TUTTI_CUDA_LT_TUNE");
+    if (lt == nullptr || std::strcmp(lt, "0") != 0)
+      lt_ = std::make_unique<LtGemm>(stream_->get(), use_tf32, tune == nullptr || std::strcmp(tune, "0") != 0);
     // cross_entropy keeps per-row statistics, not the (N, V) probabilities; TUTTI_CUDA_XENT=0 keeps
     // the probabilities (the unfused pair, to compare).
     const char* xent = std::getenv("TUTTI_CUDA_XENT");
@@ -405,6 +410,7 @@ class CudaBackend final : public Backend {
                                                g.stride_a, &g.beta, g.c, ldc, g.stride_c, batch));
     } else {
       static_assert(std::is_same_v<T, BFloat16> && sizeof(BFloat16) == 2, "fp32 or bf16 operands");
+      if (lt_ && lt_->tuning() && lt_->run_plain(g)) return;
       void* c = g.c_bf16 ? static_cast<void*>(g.c_bf16) : static_cast<void*>(g.c);
       const cudaDataType_t c_type = g.c_bf16 ? CUDA_R_16BF : CUDA_R_32F;
       if (batch == 1)

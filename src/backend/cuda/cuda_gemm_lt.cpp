@@ -14,6 +14,8 @@
 #include "backend/cuda/cuda_gemm_lt.hpp"
 
 #include <algorithm>
+#include <cstdio>
+#include <cstdlib>
 #include <type_traits>
 
 #include "backend/cuda/cuda_check.hpp"
@@ -77,7 +79,7 @@ cublasLtEpilogue_t lt_epilogue(GemmEpilogue e) {
 
 }  // namespace
 
-LtGemm::LtGemm(cudaStream_t stream, bool tf32) : stream_(stream), tf32_(tf32) {
+LtGemm::LtGemm(cudaStream_t stream, bool tf32, bool tune) : stream_(stream), tf32_(tf32), tune_(tune) {
   CUBLAS_CHECK(cublasLtCreate(&handle_));
   workspace_bytes_ = size_t{32} << 20;  // cuBLASLt's advice for Hopper
   const cudaError_t err = cudaMalloc(&workspace_, workspace_bytes_);
@@ -95,6 +97,13 @@ LtGemm::~LtGemm() {
 bool LtGemm::run(const EpilogueGemmOf<float>& g) { return dispatch(g, CUDA_R_32F); }
 bool LtGemm::run(const EpilogueGemmOf<BFloat16>& g) { return dispatch(g, CUDA_R_16BF); }
 
+bool LtGemm::run_plain(const GemmBf16& g) {
+  if (g.batch != 1 || g.beta != 0.0f || g.alpha != 1.0f || g.m <= 0 || g.n <= 0 || g.k <= 0) return false;
+  void* d = g.c_bf16 ? static_cast<void*>(g.c_bf16) : static_cast<void*>(g.c);
+  return run_problem({CUDA_R_16BF, g.trans_b, g.trans_a, g.n, g.m, g.k, g.ldb, g.lda, g.ldc, CUBLASLT_EPILOGUE_DEFAULT,
+                      g.b, g.a, d, g.c_bf16 ? CUDA_R_16BF : CUDA_R_32F, nullptr, nullptr, nullptr});
+}
+
 template <class T>
 bool LtGemm::dispatch(const EpilogueGemmOf<T>& e, cudaDataType_t ab_type) {
   const GemmOf<T>& g = e.gemm;
@@ -109,6 +118,43 @@ bool LtGemm::dispatch(const EpilogueGemmOf<T>& e, cudaDataType_t ab_type) {
   Problem p{ab_type, g.trans_b, g.trans_a, g.n,    g.m,   g.k,         g.ldb, g.lda, g.ldc, lt_epilogue(e.epilogue),
             g.b,     g.a,       d,         g.c_bf16 ? CUDA_R_16BF : CUDA_R_32F, e.bias, e.aux, e.bias_grad};
   return run_problem(p);
+}
+
+// The fastest of the heuristic's candidates on p's operands (the first, untimed, unless tuning):
+// each runs once to warm up, then three times between events. Candidates the library refuses
+// are skipped.
+cublasLtMatmulAlgo_t LtGemm::fastest(const cublasLtMatmulHeuristicResult_t* results, int count,
+                                     cublasLtMatmulDesc_t desc, const Problem& p, cublasLtMatrixLayout_t a,
+                                     cublasLtMatrixLayout_t b, cublasLtMatrixLayout_t d) {
+  if (count == 1) return results[0].algo;
+  const float alpha = 1.0f, beta = 0.0f;
+  auto launch = [&](const cublasLtMatmulAlgo_t& algo) {
+    return cublasLtMatmul(handle_, desc, &alpha, p.a, a, p.b, b, &beta, p.d, d, p.d, d, &algo, workspace_,
+                          workspace_bytes_, stream_);
+  };
+  cudaEvent_t start, stop;
+  CUDA_CHECK(cudaEventCreate(&start));
+  CUDA_CHECK(cudaEventCreate(&stop));
+  int best = 0;
+  float best_ms = -1.0f, first_ms = -1.0f;
+  for (int i = 0; i < count; ++i) {
+    if (launch(results[i].algo) != CUBLAS_STATUS_SUCCESS) continue;
+    CUDA_CHECK(cudaEventRecord(start, stream_));
+    for (int r = 0; r < 3; ++r) CUBLAS_CHECK(launch(results[i].algo));
+    CUDA_CHECK(cudaEventRecord(stop, stream_));
+    CUDA_CHECK(cudaEventSynchronize(stop));
+    float ms = 0.0f;
+    CUDA_CHECK(cudaEventElapsedTime(&ms, start, stop));
+    if (i == 0) first_ms = ms;
+    if (best_ms < 0.0f || ms < best_ms) best = i, best_ms = ms;
+  }
+  cudaEventDestroy(start);
+  cudaEventDestroy(stop);
+  if (std::getenv("TUTTI_CUDA_LT_TUNE_LOG") != nullptr)
+    std::fprintf(stderr, "lt tune: m %lld n %lld k %lld epilogue %d: heuristic's first %.4f ms, best (#%d of %d) "
+                 "%.4f ms\n", static_cast<long long>(p.m), static_cast<long long>(p.n), static_cast<long long>(p.k),
+                 static_cast<int>(p.epilogue), first_ms / 3, best, count, best_ms / 3);
+  return results[best].algo;
 }
 
 bool LtGemm::run_problem(const Problem& p) {
@@ -145,13 +191,13 @@ bool LtGemm::run_problem(const Problem& p) {
       pref.set(CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, align_b);
       pref.set(CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, align_d);
       pref.set(CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, align_d);
-      cublasLtMatmulHeuristicResult_t result{};
+      cublasLtMatmulHeuristicResult_t results[kTuneCandidates]{};
       int returned = 0;
       const cublasStatus_t st =
-          cublasLtMatmulAlgoGetHeuristic(handle_, desc.desc, a.layout, b.layout, d.layout, d.layout, pref.pref, 1,
-                                         &result, &returned);
+          cublasLtMatmulAlgoGetHeuristic(handle_, desc.desc, a.layout, b.layout, d.layout, d.layout, pref.pref,
+                                         tune_ ? kTuneCandidates : 1, results, &returned);
       found.ok = st == CUBLAS_STATUS_SUCCESS && returned > 0;  // unsupported: the caller runs it unfused
-      if (found.ok) found.algo = result.algo;
+      if (found.ok) found.algo = fastest(results, returned, desc.desc, p, a.layout, b.layout, d.layout);
       cache_.emplace(key, found);
     }
   }

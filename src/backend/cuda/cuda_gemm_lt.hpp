@@ -16,7 +16,10 @@ namespace tutti::cuda {
 class LtGemm {
  public:
   // tf32: the fp32 products on the tensor cores' tf32 mode, as cuBLAS's TUTTI_CUDA_TF32 setting.
-  LtGemm(cudaStream_t stream, bool tf32);
+  // tune: the first call of each problem times up to kTuneCandidates of the heuristic's algorithms
+  // on the call's own operands (every output is overwritten, so any run leaves the right result)
+  // and keeps the fastest, instead of the heuristic's first; the choice then depends on timing.
+  LtGemm(cudaStream_t stream, bool tf32, bool tune);
   ~LtGemm();
   LtGemm(const LtGemm&) = delete;
   LtGemm& operator=(const LtGemm&) = delete;
@@ -26,13 +29,16 @@ class LtGemm {
   // GELU's aux leading dimension not a multiple of 8, a bf16 C with BGRADA).
   bool run(const EpilogueGemmOf<float>& g);
   bool run(const EpilogueGemmOf<BFloat16>& g);
+  // A product with no epilogue (bf16 A and B, batch 1, beta 0), as cublasGemmEx would: for tuning.
+  bool run_plain(const GemmBf16& g);
+  bool tuning() const { return tune_; }
 
  private:
   struct Problem {  // column-major, after the row-major swap (see cuda_gemm_lt.cpp)
     cudaDataType_t ab_type;
     bool trans_a, trans_b;
     int64_t m, n, k, lda, ldb, ldc;
-    cublasLtEpilogue_t epilogue;
+    cublasLtEpilogue_t epilogue;  // CUBLASLT_EPILOGUE_DEFAULT: none
     const void *a, *b;
     void* d;
     cudaDataType_t d_type;  // fp32, or bf16 (then bias and aux are bf16 too)
@@ -43,6 +49,10 @@ class LtGemm {
   template <class T>
   bool dispatch(const EpilogueGemmOf<T>& g, cudaDataType_t ab_type);
   bool run_problem(const Problem& p);
+  cublasLtMatmulAlgo_t fastest(const cublasLtMatmulHeuristicResult_t* results, int count, cublasLtMatmulDesc_t desc,
+                               const Problem& p, cublasLtMatrixLayout_t a, cublasLtMatrixLayout_t b,
+                               cublasLtMatrixLayout_t d);
+  static constexpr int kTuneCandidates = 8;
 
   using Key = std::tuple<int, bool, bool, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int, int>;
   struct Found {
@@ -52,7 +62,7 @@ class LtGemm {
   };
 
   cudaStream_t stream_;
-  bool tf32_;
+  bool tf32_, tune_;
   cublasLtHandle_t handle_ = nullptr;
   void* workspace_ = nullptr;
   size_t workspace_bytes_ = 0;

@@ -129,17 +129,35 @@ struct ReluBackward {  // (x, dy) -> dx
   __device__ float operator()(float x, float dy) const { return x > 0.0f ? dy : 0.0f; }
 };
 // AdamW as in PyTorch: p *= 1 - lr wd; m, v updated; p -= lr/bc1 * m / (sqrt(v)/sqrt(bc2) + eps).
+// With `vec` (every pointer 16-byte aligned) index i < n / 4 moves the float4 at 4i, and the
+// indices after it the tail's elements one by one; otherwise every index is one element.
 struct AdamWOp {
   float *param, *m, *v;
   const float* grad;
   AdamWFolded s;
+  int64_t n4;  // float4s, 0 when not `vec`
+  __device__ void update(float& p, float& mi, float& vi, float g) const {
+    g *= s.grad_scale;
+    mi = s.beta1 * mi + (1.0f - s.beta1) * g;
+    vi = s.beta2 * vi + (1.0f - s.beta2) * g * g;
+    p = p * s.decay - s.step * mi / (sqrtf(vi) * s.inv_sqrt_bc2 + s.eps);
+  }
   __device__ void operator()(int64_t i) const {
-    const float g = grad[i] * s.grad_scale;
-    const float mi = s.beta1 * m[i] + (1.0f - s.beta1) * g;
-    const float vi = s.beta2 * v[i] + (1.0f - s.beta2) * g * g;
-    m[i] = mi;
-    v[i] = vi;
-    param[i] = param[i] * s.decay - s.step * mi / (sqrtf(vi) * s.inv_sqrt_bc2 + s.eps);
+    if (i >= n4) {
+      const int64_t j = 4 * n4 + (i - n4);
+      update(param[j], m[j], v[j], grad[j]);
+      return;
+    }
+    float4 p = reinterpret_cast<float4*>(param)[i], mi = reinterpret_cast<float4*>(m)[i];
+    float4 vi = reinterpret_cast<float4*>(v)[i];
+    const float4 g = reinterpret_cast<const float4*>(grad)[i];
+    update(p.x, mi.x, vi.x, g.x);
+    update(p.y, mi.y, vi.y, g.y);
+    update(p.z, mi.z, vi.z, g.z);
+    update(p.w, mi.w, vi.w, g.w);
+    reinterpret_cast<float4*>(param)[i] = p;
+    reinterpret_cast<float4*>(m)[i] = mi;
+    reinterpret_cast<float4*>(v)[i] = vi;
   }
 };
 struct ScaleMatricesOp {  // C (m, n) with row stride ldc, batch matrices stride_c apart
@@ -491,7 +509,9 @@ cudaError_t relu_backward(const float* x, const float* dy, float* dx, int64_t n,
 
 cudaError_t adamw(float* param, const float* grad, float* m, float* v, int64_t n, const AdamWFolded& s,
                   const LaunchLimits& lim, cudaStream_t stream) {
-  return launch_elementwise(n, lim, stream, AdamWOp{param, m, v, grad, s});
+  const bool vec = aligned16(param) && aligned16(grad) && aligned16(m) && aligned16(v);
+  const int64_t n4 = vec ? n / 4 : 0;
+  return launch_elementwise(n - 3 * n4, lim, stream, AdamWOp{param, m, v, grad, s, n4});
 }
 
 cudaError_t scale_matrices(float* c, int64_t m, int64_t n, int64_t ldc, int64_t stride_c, int64_t batch, float beta,
