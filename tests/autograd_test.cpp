@@ -122,6 +122,25 @@ TEST(Autograd, DiamondThroughIntermediate) {
   EXPECT_TRUE(all_close(x.grad(), to_f64(x2.grad()), 1e-6, 1e-7));
 }
 
+// The residual stream: h feeds a LayerNorm branch and the next add. The add's gradient for h is
+// pending when the LayerNorm's backward runs, which adds its part into it in place
+// (Node::backward_into) instead of the engine adding it after: the same sums, to float rounding (the
+// kernel may fuse the multiply and the add), as a graph where the LayerNorm reads a copy of h (no
+// pending gradient to add into).
+TEST(Autograd, LayerNormAddsIntoThePendingGradient) {
+  Rng rng(4);
+  const Tensor w = rand_tensor(rng, {8}), b = rand_tensor(rng, {8}), r = rand_tensor(rng, {3, 8});
+  Tensor x = leaf(rng, {3, 8}), x2 = x.detach().clone();
+  x2.set_requires_grad(true);
+  auto block = [&](const Tensor& h, const Tensor& ln_input) {
+    return ops::add(h, ops::gelu(ops::layer_norm(ln_input, w, b)));
+  };
+  const Tensor h = ops::scale(x, 1.5f), h2 = ops::scale(x2, 1.5f);
+  weighted_sum(block(h, h), r).backward();
+  weighted_sum(block(h2, ops::scale(h2, 1.0f)), r).backward();
+  EXPECT_TRUE(all_close(x.grad(), to_f64(x2.grad()), 1e-6, 1e-7));
+}
+
 // GPT's tied embedding: one (V, C) table read by embedding() and by matmul(.., trans_b = true).
 TEST(Autograd, TiedEmbeddingWeight) {
   Rng rng(4);

@@ -547,7 +547,7 @@ void check_layer_norm(int64_t rows, int64_t cols, Rng& rng) {
   Tensor y = Tensor::empty({rows, cols}), mean = Tensor::empty({rows}), rstd = Tensor::empty({rows});
   cpu().layer_norm_forward(f32(x), f32(w), f32(b), f32(y), f32(mean), f32(rstd), rows, cols, eps);
   Tensor dx = Tensor::empty({rows, cols}), dw = dw0.clone(), db = db0.clone();
-  cpu().layer_norm_backward(f32(x), f32(w), f32(mean), f32(rstd), f32(dy), f32(dx), f32(dw), f32(db), rows, cols);
+  cpu().layer_norm_backward(f32(x), f32(w), f32(mean), f32(rstd), f32(dy), f32(dx), f32(dw), f32(db), rows, cols, false);
   // dx = rstd (dy w - mean(dy w) - xhat mean(dy w xhat)) cancels to 0 at cols = 1 (to rounding
   // residue, which may differ between the backends): its error is relative to the larger of
   // ||dx|| and ||rstd dy w||, the size of its terms.
@@ -598,7 +598,7 @@ void check_layer_norm(int64_t rows, int64_t cols, Rng& rng) {
     const Tensor mg = placed(mean, o.param), rg = placed(rstd, o.param);
     Tensor dxg = placed_poison(n, o.out), dwg = placed(dw0, o.param), dbg = placed(db0, o.param);
     gpu().layer_norm_backward(f32(xg) + o.in, f32(wg) + o.param, f32(mg) + o.param, f32(rg) + o.param,
-                              f32(dyg) + o.in, f32(dxg) + o.out, f32(dwg) + o.param, f32(dbg) + o.param, rows, cols);
+                              f32(dyg) + o.in, f32(dxg) + o.out, f32(dwg) + o.param, f32(dbg) + o.param, rows, cols, false);
     EXPECT_TRUE(within(dx_error(taken(dxg, o.out, {rows, cols})), 1e-5)) << "dx " << what;
     EXPECT_TRUE(within(relative_error(taken(dwg, o.param, {cols}), dw), 1e-5)) << "dw " << what;
     EXPECT_TRUE(within(relative_error(taken(dbg, o.param, {cols}), db), 1e-5)) << "db " << what;
@@ -633,7 +633,7 @@ TEST(CudaBackend, LayerNormBackwardIsDeterministic) {
     std::vector<float> first;
     for (int run = 0; run < 3; ++run) {
       Tensor dw = Tensor::zeros({cols}, DType::f32, kGpu), db = Tensor::zeros({cols}, DType::f32, kGpu);
-      gpu().layer_norm_backward(f32(x), f32(w), f32(mean), f32(rstd), f32(dy), f32(dx), f32(dw), f32(db), rows, cols);
+      gpu().layer_norm_backward(f32(x), f32(w), f32(mean), f32(rstd), f32(dy), f32(dx), f32(dw), f32(db), rows, cols, false);
       std::vector<float> got = dw.to_vector<float>();
       const std::vector<float> dbv = db.to_vector<float>();
       got.insert(got.end(), dbv.begin(), dbv.end());
@@ -930,7 +930,7 @@ TEST(CudaBackendTiming, PrintsRates) {
                6.0 * elems + stats);
   versus_floor("backward, dx dw db (r 8 + w 4 B)", time_ms([&] {
                  gpu().layer_norm_backward(f32(lx), f32(lw), f32(lmean), f32(lrstd), f32(ldy), f32(ldx), f32(ldw),
-                                           f32(ldb), N, C);
+                                           f32(ldb), N, C, false);
                }),
                12.0 * elems + stats);
 }

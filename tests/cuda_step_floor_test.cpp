@@ -173,7 +173,7 @@ std::vector<Piece> other_pieces(const Buffers& buf) {
                     0, 8.0 * nc});
   pieces.push_back({"layer_norm backward", 2 * layers + 1, time_ms([&] {
                       gpu().layer_norm_backward(f32(x), f32(w), f32(mean), f32(rstd), f32(y), f32(out), f32(aux),
-                                                f32(aux) + C, N, C);
+                                                f32(aux) + C, N, C, false);
                     }),
                     0, 12.0 * nc});
   pieces.push_back({"gelu backward, bf16 out (N, 4C)", layers,

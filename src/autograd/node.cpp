@@ -92,7 +92,21 @@ void run_backward(const Tensor& root, const Tensor& gradient) {
     std::shared_ptr<Node> node = std::move(it->second.first);
     Tensor grad_out = std::move(it->second.second);
     pending.erase(it);
-    std::vector<Tensor> grads = node->backward(grad_out);
+    std::vector<Tensor*> into;
+    if (node->accumulates_into()) {
+      into.assign(node->inputs().size(), nullptr);
+      for (size_t i = 0; i < into.size(); ++i) {
+        const Tensor& in = node->inputs()[i];
+        if (!in.defined() || !in.requires_grad() || !in.grad_fn()) continue;
+        auto it = pending.find(in.grad_fn()->sequence());
+        if (it == pending.end()) continue;
+        Tensor& acc = it->second.second;
+        if (acc.impl_ptr().use_count() == 1 && acc.impl().storage.use_count() == 1 && acc.is_contiguous() &&
+            acc.dtype() == DType::f32 && acc.shape() == in.shape())
+          into[i] = &acc;
+      }
+    }
+    std::vector<Tensor> grads = into.empty() ? node->backward(grad_out) : node->backward_into(grad_out, into);
     TUTTI_CHECK(grads.size() == node->inputs().size(), "op ", node->name(), " returned ", grads.size(),
                 " gradients for ", node->inputs().size(), " inputs");
     for (size_t i = 0; i < grads.size(); ++i) {
@@ -105,6 +119,7 @@ void run_backward(const Tensor& root, const Tensor& gradient) {
       TUTTI_CHECK(grads[i].shape() == input.shape(), "op ", node->name(), ": gradient ", grads[i].str(),
                   " for input ", input.str());
       if (const auto& fn = input.grad_fn()) {
+        if (!into.empty() && into[i] != nullptr && grads[i].impl_ptr() == into[i]->impl_ptr()) continue;  // added
         auto [slot, inserted] = pending.try_emplace(fn->sequence(), fn, grads[i]);
         if (!inserted) {
           Tensor& acc = slot->second.second;

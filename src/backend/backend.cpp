@@ -69,7 +69,7 @@ void Backend::layer_norm_forward_bf16(const float*, const float*, const float*, 
   missing(*this, "layer_norm_forward_bf16 (mixed precision)");
 }
 void Backend::layer_norm_backward(const float*, const float*, const float*, const float*, const float*, float*, float*,
-                                  float*, int64_t, int64_t) {
+                                  float*, int64_t, int64_t, bool) {
   missing(*this, "layer_norm_backward");
 }
 void Backend::attention_forward(const float*, float*, float*, int64_t, int64_t, int64_t, int64_t) {

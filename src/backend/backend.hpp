@@ -100,8 +100,11 @@ class Backend {
   // -- fused ops ------------------------------------------------------------------------------
   virtual void layer_norm_forward(const float* x, const float* w, const float* b, float* y, float* mean,
                                   float* rstd, int64_t rows, int64_t cols, float eps);
+  // dx written, or added to with accumulate_dx (the gradient of x already holds another
+  // consumer's part); dw and db added to.
   virtual void layer_norm_backward(const float* x, const float* w, const float* mean, const float* rstd,
-                                   const float* dy, float* dx, float* dw, float* db, int64_t rows, int64_t cols);
+                                   const float* dy, float* dx, float* dw, float* db, int64_t rows, int64_t cols,
+                                   bool accumulate_dx);
   // qkv (B, T, 3C) -> y (B, T, C); probs (B, H, T, T) kept for backward.
   virtual void attention_forward(const float* qkv, float* y, float* probs, int64_t B, int64_t T, int64_t C, int64_t H);
   virtual void attention_backward(const float* qkv, const float* probs, const float* dy, float* dqkv, int64_t B,

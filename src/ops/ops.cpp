@@ -11,18 +11,23 @@
 namespace tutti::ops {
 namespace {
 
-// A tape node whose backward rule is a closure over what the forward saved.
+// A tape node whose backward rule is a closure over what the forward saved; a RuleInto may add
+// into other consumers' pending gradients (Node::backward_into).
 class FnNode final : public Node {
  public:
   using Rule = std::function<std::vector<Tensor>(const Tensor&)>;
+  using RuleInto = std::function<std::vector<Tensor>(const Tensor&, const std::vector<Tensor*>&)>;
   FnNode(OpKind kind, std::vector<Tensor> inputs, Rule rule)
       : Node(std::move(inputs)), kind_(kind), rule_(std::move(rule)) {}
+  FnNode(OpKind kind, std::vector<Tensor> inputs, RuleInto rule)
+      : Node(std::move(inputs)), kind_(kind), rule_into_(std::move(rule)) {}
   // Freeing a graph frees node -> input tensor -> its node -> ... recursively, several stack
   // frames per op: a chain of ~20k ops (debug build) or ~200k (release) overflowed the stack.
   // Nodes that only this one still reaches go to the outermost teardown's list, freed in a loop.
   ~FnNode() override {
     thread_local std::vector<std::shared_ptr<Node>>* outer_list = nullptr;
     rule_ = nullptr;  // drop the saved tensors first: they may hold the inputs a second time
+    rule_into_ = nullptr;
     std::vector<std::shared_ptr<Node>> orphans;
     std::vector<std::shared_ptr<Node>>& list = outer_list ? *outer_list : orphans;
     for (const Tensor& t : inputs())
@@ -38,14 +43,24 @@ class FnNode final : public Node {
     outer_list = nullptr;
   }
   const char* name() const override { return op_name(kind_); }
-  std::vector<Tensor> backward(const Tensor& grad_output) override { return rule_(grad_output); }
+  std::vector<Tensor> backward(const Tensor& grad_output) override {
+    return rule_ ? rule_(grad_output) : rule_into_(grad_output, std::vector<Tensor*>(inputs().size(), nullptr));
+  }
+  bool accumulates_into() const override { return static_cast<bool>(rule_into_); }
+  std::vector<Tensor> backward_into(const Tensor& grad_output, const std::vector<Tensor*>& into) override {
+    return rule_into_(grad_output, into);
+  }
 
  private:
   OpKind kind_;
   Rule rule_;
+  RuleInto rule_into_;
 };
 
 Tensor record_op(Tensor out, OpKind kind, std::vector<Tensor> inputs, FnNode::Rule rule) {
+  return record(std::move(out), std::make_shared<FnNode>(kind, std::move(inputs), std::move(rule)));
+}
+Tensor record_op_into(Tensor out, OpKind kind, std::vector<Tensor> inputs, FnNode::RuleInto rule) {
   return record(std::move(out), std::make_shared<FnNode>(kind, std::move(inputs), std::move(rule)));
 }
 
@@ -502,13 +517,20 @@ Tensor layer_norm(const Tensor& x_in, const Tensor& w_in, const Tensor& b_in, fl
   else
     backend_of(x).layer_norm_forward(f32(x), f32(w), f32(b), f32(y), f32(mean), f32(rstd), rows, C, eps);
   if (!any_requires_grad({&x_in, &w_in, &b_in})) return y;
-  return record_op(y, OpKind::layer_norm, {x_in, w_in, b_in}, [x, w, mean, rstd, rows, C](const Tensor& g_in) {
-    const Tensor g = g_in.contiguous();
-    Tensor dx = new_like(x, x.shape());
-    Tensor dw = Tensor::zeros({C}, DType::f32, x.device()), db = Tensor::zeros({C}, DType::f32, x.device());
-    backend_of(x).layer_norm_backward(f32(x), f32(w), f32(mean), f32(rstd), f32(g), f32(dx), f32(dw), f32(db), rows, C);
-    return std::vector<Tensor>{dx, dw, db};
-  });
+  // dx is added into x's pending gradient where it can be (the residual stream's: the add after
+  // this block's branch delivered it first), saving the engine's separate addition.
+  const Shape x_shape = x_in.shape();
+  return record_op_into(y, OpKind::layer_norm, {x_in, w_in, b_in},
+                        [x, w, mean, rstd, rows, C, x_shape](const Tensor& g_in, const std::vector<Tensor*>& into) {
+                          const Tensor g = g_in.contiguous();
+                          const bool add = into[0] != nullptr;
+                          Tensor dx = add ? *into[0] : new_like(x, x_shape);
+                          Tensor dw = Tensor::zeros({C}, DType::f32, x.device());
+                          Tensor db = Tensor::zeros({C}, DType::f32, x.device());
+                          backend_of(x).layer_norm_backward(f32(x), f32(w), f32(mean), f32(rstd), f32(g), f32(dx),
+                                                            f32(dw), f32(db), rows, C, add);
+                          return std::vector<Tensor>{dx, dw, db};
+                        });
 }
 
 // ------------------------------------------------------------------------------------------

@@ -17,6 +17,15 @@ class Node {
   virtual const char* name() const = 0;
   // Returns one gradient per input (undefined where the input needs none).
   virtual std::vector<Tensor> backward(const Tensor& grad_output) = 0;
+  // Nodes that can add their gradient into another's: where input i (not a leaf) already has a
+  // gradient pending from another consumer that nothing else holds, into[i] points at it; the node
+  // may add its part there in place and return that same tensor for i, which the engine then does
+  // not add again (saving a pass; the residual stream's LayerNorms do). Others get backward().
+  virtual bool accumulates_into() const { return false; }
+  virtual std::vector<Tensor> backward_into(const Tensor& grad_output, const std::vector<Tensor*>& into) {
+    (void)into;
+    return backward(grad_output);
+  }
 
   const std::vector<Tensor>& inputs() const { return inputs_; }
   uint64_t sequence() const { return sequence_; }

@@ -286,7 +286,8 @@ void CpuBackend::layer_norm_forward(const float* x, const float* w, const float*
 }
 
 void CpuBackend::layer_norm_backward(const float* x, const float* w, const float* mean, const float* rstd,
-                                     const float* dy, float* dx, float* dw, float* db, int64_t rows, int64_t cols) {
+                                     const float* dy, float* dx, float* dw, float* db, int64_t rows, int64_t cols,
+                                     bool accumulate_dx) {
   const bool parallel = rows * cols > kParallelGrain;
   ThreadPartials<float> dw_parts(parallel, cols), db_parts(parallel, cols);
 #pragma omp parallel num_threads(dw_parts.threads())
@@ -314,7 +315,7 @@ void CpuBackend::layer_norm_backward(const float* x, const float* w, const float
 #pragma omp simd
       for (int64_t c = 0; c < cols; ++c) {
         const float xhat = (xr[c] - m) * rs;
-        dxr[c] = rs * (dyr[c] * w[c] - mg - xhat * mgx);
+        dxr[c] = (accumulate_dx ? dxr[c] : 0.0f) + rs * (dyr[c] * w[c] - mg - xhat * mgx);
       }
     }
   }

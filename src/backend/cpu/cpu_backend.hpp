@@ -30,7 +30,7 @@ class CpuBackend final : public Backend {
   void layer_norm_forward(const float* x, const float* w, const float* b, float* y, float* mean, float* rstd,
                           int64_t rows, int64_t cols, float eps) override;
   void layer_norm_backward(const float* x, const float* w, const float* mean, const float* rstd, const float* dy,
-                           float* dx, float* dw, float* db, int64_t rows, int64_t cols) override;
+                           float* dx, float* dw, float* db, int64_t rows, int64_t cols, bool accumulate_dx) override;
   void attention_forward(const float* qkv, float* y, float* probs, int64_t B, int64_t T, int64_t C,
                          int64_t H) override;
   void attention_backward(const float* qkv, const float* probs, const float* dy, float* dqkv, int64_t B, int64_t T,

@@ -254,11 +254,12 @@ class CudaBackend final : public Backend {
     CUDA_CHECK(kernels::layer_norm_forward_bf16(x, w, b, bits(y), mean, rstd, rows, cols, eps, stream()));
   }
   void layer_norm_backward(const float* x, const float* w, const float* mean, const float* rstd, const float* dy,
-                           float* dx, float* dw, float* db, int64_t rows, int64_t cols) override {
+                           float* dx, float* dw, float* db, int64_t rows, int64_t cols, bool accumulate_dx) override {
     activate();
     std::lock_guard lock(scratch_mutex_);
     void* ws = scratch_.reserve(kernels::layer_norm_backward_workspace_bytes(rows, cols, limits_));
-    CUDA_CHECK(kernels::layer_norm_backward(x, w, mean, rstd, dy, dx, dw, db, rows, cols, ws, limits_, stream()));
+    CUDA_CHECK(kernels::layer_norm_backward(x, w, mean, rstd, dy, dx, dw, db, rows, cols, accumulate_dx, ws, limits_,
+                                            stream()));
   }
   void attention_forward(const float* qkv, float* y, float* probs, int64_t B, int64_t T, int64_t C,
                          int64_t H) override;

@@ -226,7 +226,7 @@ __global__ void __launch_bounds__(kSlots * 32, backward_groups_per_sm(N, kVec))
     layer_norm_backward_kernel(const float* __restrict__ x, const float* __restrict__ w,
                                const float* __restrict__ mean, const float* __restrict__ rstd,
                                const float* __restrict__ dy, float* __restrict__ dx, float* __restrict__ partials,
-                               int64_t rows, int cols, int warps) {
+                               int64_t rows, int cols, int warps, bool accumulate) {
   extern __shared__ float4 shared_sums[];  // (slots, 2, C), 16-byte aligned for the float4 items
   const int G = 32 * warps, t = threadIdx.x % G, slot = threadIdx.x / G, slots = blockDim.x / G;
   float* dw_sum = reinterpret_cast<float*>(shared_sums) + slot * 2 * cols;
@@ -275,9 +275,9 @@ __global__ void __launch_bounds__(kSlots * 32, backward_groups_per_sm(N, kVec))
     const float mg = slot_sum(sum_g, warps) * inv_cols, mgx = slot_sum(sum_gx, warps) * inv_cols;
 #pragma unroll
     for (int k = 0; k < N; ++k) {
-      Item out;
+      Item out = accumulate ? load_item<kVec>(dx + row * cols, k, cols, t, G) : Item{};
 #pragma unroll
-      for (int j = 0; j < 4; ++j) out.v[j] = rs * (g[4 * k + j] - mg - xh[4 * k + j] * mgx);
+      for (int j = 0; j < 4; ++j) out.v[j] += rs * (g[4 * k + j] - mg - xh[4 * k + j] * mgx);
       store_item<kVec>(dx + row * cols, k, cols, t, G, out);
     }
   }
@@ -350,7 +350,7 @@ __global__ void layer_norm_forward_stream_kernel(const float* x, const float* w,
 }
 
 __global__ void layer_norm_dx_stream_kernel(const float* x, const float* w, const float* mean, const float* rstd,
-                                            const float* dy, float* dx, int64_t cols) {
+                                            const float* dy, float* dx, int64_t cols, bool accumulate) {
   const int64_t row = blockIdx.x;
   const float* xr = x + row * cols;
   const float* dyr = dy + row * cols;
@@ -366,7 +366,7 @@ __global__ void layer_norm_dx_stream_kernel(const float* x, const float* w, cons
   const float mg = block_sum(sum_g) * inv, mgx = block_sum(sum_gx) * inv;
   for (int64_t c = threadIdx.x; c < cols; c += blockDim.x) {
     const float xhat = (xr[c] - m) * rs;
-    dxr[c] = rs * (dyr[c] * w[c] - mg - xhat * mgx);
+    dxr[c] = (accumulate ? dxr[c] : 0.0f) + rs * (dyr[c] * w[c] - mg - xhat * mgx);
   }
 }
 
@@ -463,8 +463,8 @@ size_t layer_norm_backward_workspace_bytes(int64_t rows, int64_t cols, const Lau
 }
 
 cudaError_t layer_norm_backward(const float* x, const float* w, const float* mean, const float* rstd, const float* dy,
-                                float* dx, float* dw, float* db, int64_t rows, int64_t cols, void* workspace,
-                                const LaunchLimits& lim, cudaStream_t stream) {
+                                float* dx, float* dw, float* db, int64_t rows, int64_t cols, bool accumulate_dx,
+                                void* workspace, const LaunchLimits& lim, cudaStream_t stream) {
   if (rows <= 0 || cols <= 0) return cudaSuccess;
   const bool vec = cols % 4 == 0 && aligned(x, 16) && aligned(w, 16) && aligned(dy, 16) && aligned(dx, 16);
   const BackwardPlan plan = backward_plan(rows, cols, vec, lim);
@@ -472,7 +472,7 @@ cudaError_t layer_norm_backward(const float* x, const float* w, const float* mea
   if (plan.shape.warps == 0) {
     if (!rows_fit(rows)) return cudaErrorInvalidValue;
     layer_norm_dx_stream_kernel<<<static_cast<unsigned>(rows), kStreamThreads, 0, stream>>>(x, w, mean, rstd, dy, dx,
-                                                                                            cols);
+                                                                                            cols, accumulate_dx);
     const cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return err;
     layer_norm_param_stream_kernel<<<dim3(static_cast<unsigned>(plan.blocks), plan.col_blocks), kStreamThreads, 0,
@@ -485,11 +485,11 @@ cudaError_t layer_norm_backward(const float* x, const float* w, const float* mea
     with_items<kMaxItems>(shape.items, [&](auto n) {
       constexpr int N = decltype(n)::value;
       if (vec) {
-        layer_norm_backward_kernel<N, true><<<blocks, shape.threads(), smem, stream>>>(x, w, mean, rstd, dy, dx,
-                                                                                       partials, rows, c, shape.warps);
+        layer_norm_backward_kernel<N, true><<<blocks, shape.threads(), smem, stream>>>(
+            x, w, mean, rstd, dy, dx, partials, rows, c, shape.warps, accumulate_dx);
       } else {
-        layer_norm_backward_kernel<N, false><<<blocks, shape.threads(), smem, stream>>>(x, w, mean, rstd, dy, dx,
-                                                                                        partials, rows, c, shape.warps);
+        layer_norm_backward_kernel<N, false><<<blocks, shape.threads(), smem, stream>>>(
+            x, w, mean, rstd, dy, dx, partials, rows, c, shape.warps, accumulate_dx);
       }
     });
   }
