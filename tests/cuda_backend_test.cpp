@@ -547,7 +547,8 @@ void check_layer_norm(int64_t rows, int64_t cols, Rng& rng) {
   Tensor y = Tensor::empty({rows, cols}), mean = Tensor::empty({rows}), rstd = Tensor::empty({rows});
   cpu().layer_norm_forward(f32(x), f32(w), f32(b), f32(y), f32(mean), f32(rstd), rows, cols, eps);
   Tensor dx = Tensor::empty({rows, cols}), dw = dw0.clone(), db = db0.clone();
-  cpu().layer_norm_backward(f32(x), f32(w), f32(mean), f32(rstd), f32(dy), f32(dx), f32(dw), f32(db), rows, cols, false);
+  cpu().layer_norm_backward(f32(x), f32(w), f32(mean), f32(rstd), f32(dy), f32(dx), f32(dw), f32(db), rows, cols,
+                            false);
   // dx = rstd (dy w - mean(dy w) - xhat mean(dy w xhat)) cancels to 0 at cols = 1 (to rounding
   // residue, which may differ between the backends): its error is relative to the larger of
   // ||dx|| and ||rstd dy w||, the size of its terms.
@@ -598,7 +599,8 @@ void check_layer_norm(int64_t rows, int64_t cols, Rng& rng) {
     const Tensor mg = placed(mean, o.param), rg = placed(rstd, o.param);
     Tensor dxg = placed_poison(n, o.out), dwg = placed(dw0, o.param), dbg = placed(db0, o.param);
     gpu().layer_norm_backward(f32(xg) + o.in, f32(wg) + o.param, f32(mg) + o.param, f32(rg) + o.param,
-                              f32(dyg) + o.in, f32(dxg) + o.out, f32(dwg) + o.param, f32(dbg) + o.param, rows, cols, false);
+                              f32(dyg) + o.in, f32(dxg) + o.out, f32(dwg) + o.param, f32(dbg) + o.param, rows, cols,
+                              false);
     EXPECT_TRUE(within(dx_error(taken(dxg, o.out, {rows, cols})), 1e-5)) << "dx " << what;
     EXPECT_TRUE(within(relative_error(taken(dwg, o.param, {cols}), dw), 1e-5)) << "dw " << what;
     EXPECT_TRUE(within(relative_error(taken(dbg, o.param, {cols}), db), 1e-5)) << "db " << what;
@@ -633,7 +635,8 @@ TEST(CudaBackend, LayerNormBackwardIsDeterministic) {
     std::vector<float> first;
     for (int run = 0; run < 3; ++run) {
       Tensor dw = Tensor::zeros({cols}, DType::f32, kGpu), db = Tensor::zeros({cols}, DType::f32, kGpu);
-      gpu().layer_norm_backward(f32(x), f32(w), f32(mean), f32(rstd), f32(dy), f32(dx), f32(dw), f32(db), rows, cols, false);
+      gpu().layer_norm_backward(f32(x), f32(w), f32(mean), f32(rstd), f32(dy), f32(dx), f32(dw), f32(db), rows, cols,
+                                false);
       std::vector<float> got = dw.to_vector<float>();
       const std::vector<float> dbv = db.to_vector<float>();
       got.insert(got.end(), dbv.begin(), dbv.end());
@@ -643,6 +646,35 @@ TEST(CudaBackend, LayerNormBackwardIsDeterministic) {
         EXPECT_EQ(std::memcmp(got.data(), first.data(), got.size() * sizeof(float)), 0) << "cols " << cols;
       }
     }
+  }
+}
+
+// accumulate_dx: dx added to what the buffer holds (the residual stream's pending gradient), on the
+// float4 path (768), the scalar one (37) and the wide rows' (8200), against the plain dx plus it.
+TEST(CudaBackend, LayerNormBackwardAddsIntoDx) {
+  if (!tutti::device_available(tutti::Device::cuda(0))) GTEST_SKIP() << "no CUDA device";
+  Rng rng(32);
+  for (const int64_t cols : {int64_t{768}, int64_t{37}, int64_t{8200}}) {
+    const int64_t rows = 257;
+    const Tensor x = random_tensor({rows, cols}, rng).to(kGpu), dy = random_tensor({rows, cols}, rng).to(kGpu),
+                 w = random_tensor({cols}, rng).to(kGpu), b = random_tensor({cols}, rng).to(kGpu);
+    const Tensor before = random_tensor({rows, cols}, rng);
+    Tensor y = Tensor::empty({rows, cols}, DType::f32, kGpu), mean = Tensor::empty({rows}, DType::f32, kGpu);
+    Tensor rstd = Tensor::empty({rows}, DType::f32, kGpu);
+    gpu().layer_norm_forward(f32(x), f32(w), f32(b), f32(y), f32(mean), f32(rstd), rows, cols, 1e-5f);
+    Tensor plain = poisoned({rows, cols}), added = before.to(kGpu);
+    for (Tensor* dx : {&plain, &added}) {
+      Tensor dw = Tensor::zeros({cols}, DType::f32, kGpu), db = Tensor::zeros({cols}, DType::f32, kGpu);
+      gpu().layer_norm_backward(f32(x), f32(w), f32(mean), f32(rstd), f32(dy), f32(*dx), f32(dw), f32(db), rows, cols,
+                                dx == &added);
+    }
+    const std::vector<float> p = plain.to_vector<float>(), a = added.to_vector<float>(), o = before.to_vector<float>();
+    double worst = 0.0;
+    for (size_t i = 0; i < p.size(); ++i) {  // a NaN (an element not written) stays the worst
+      const double diff = std::abs(double(a[i]) - (double(p[i]) + o[i]));
+      if (!(diff <= worst)) worst = diff;
+    }
+    EXPECT_LE(worst, 1e-5) << "cols " << cols;  // |values| ~1: one rounding apart at most
   }
 }
 
