@@ -90,7 +90,6 @@ Linear::Linear(int64_t in_features, int64_t out_features, bool with_bias) {
   register_compute_copy(weight, weight_bf16);
 }
 Tensor Linear::forward(const Tensor& x, DType out) const { return ops::linear(x, weight, bias, weight_bf16, out); }
-Tensor Linear::forward_gelu(const Tensor& x) const { return ops::linear_gelu(x, weight, bias, weight_bf16); }
 
 LayerNorm::LayerNorm(int64_t features, float eps_) : eps(eps_) {
   TUTTI_CHECK_AS(InvalidArgument, features > 0, "LayerNorm(", features, "): size must be positive");

@@ -60,7 +60,6 @@ class Linear : public Module {
   Linear(int64_t in_features, int64_t out_features, bool bias = true);
   // out bf16: y rounded to bf16 for the product that reads it next (mixed precision only).
   Tensor forward(const Tensor& x, DType out = DType::f32) const;
-  Tensor forward_gelu(const Tensor& x) const;  // gelu(forward(x)), fused where the device can
   Tensor weight, bias;
   Tensor weight_bf16;  // compute copy under mixed precision (see Module), else undefined
 };
