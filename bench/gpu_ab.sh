@@ -22,14 +22,14 @@ step() {  # step NAME COMMAND...: runs, logs, records the exit code and seconds
   echo "$name rc=$? $((SECONDS - t0))s" | tee -a "$LOGS/steps.txt"
 }
 tar -xf "$OLD_TAR" -C /tmp/old-tree && cp -r .gpu-debs /tmp/old-tree/
-TUTTI_TARGETS="tutti_cli cuda_backend_test cuda_bf16_test cuda_xent_test cuda_epilogue_test" \
+TUTTI_TARGETS="tutti_cli cuda_backend_test cuda_layernorm_test cuda_bf16_test cuda_xent_test cuda_epilogue_test" \
   step build bash scripts/gpu_build.sh -DTUTTI_MPI=OFF -DTUTTI_BUILD_EXAMPLES=OFF &
 (cd /tmp/old-tree && TUTTI_TARGETS=tutti_cli bash scripts/gpu_build.sh -DTUTTI_MPI=OFF -DTUTTI_BUILD_EXAMPLES=OFF \
   > "$LOGS/build_old.log" 2>&1; echo "build_old rc=$?" | tee -a "$LOGS/steps.txt")
 wait
 source scripts/gpu_env.sh
 T=build-gpu/tests
-for t in cuda_backend_test cuda_bf16_test cuda_xent_test cuda_epilogue_test; do step "$t" timeout 150 "$T/$t"; done
+for t in cuda_backend_test cuda_layernorm_test cuda_bf16_test cuda_xent_test cuda_epilogue_test; do step "$t" timeout 150 "$T/$t"; done
 gpt2() {  # gpt2 NAME TUTTI BATCH
   local name=$1 tutti=$2 batch=$3
   rm -rf "/tmp/$name"

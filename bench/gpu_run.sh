@@ -21,6 +21,7 @@ step() {  # step NAME COMMAND...: runs, logs, records the exit code and seconds
 step build bash scripts/gpu_build.sh -DTUTTI_MPI=OFF -DTUTTI_BUILD_EXAMPLES=OFF
 source scripts/gpu_env.sh
 step cuda_backend_test build-gpu/tests/cuda_backend_test
+step cuda_layernorm_test build-gpu/tests/cuda_layernorm_test
 step cuda_bf16_test build-gpu/tests/cuda_bf16_test
 step cuda_epilogue_test build-gpu/tests/cuda_epilogue_test
 step cuda_bf16_materialised_test env TUTTI_CUDA_FLASH=0 build-gpu/tests/cuda_bf16_test

@@ -97,6 +97,28 @@ inline double relative_error(const Tensor& actual, const Tensor& expected) {
   return ref > 0 ? std::sqrt(diff / ref) : std::sqrt(diff);
 }
 
+// |actual - expected| <= atol + rtol |expected| for every element; NaN never passes.
+inline ::testing::AssertionResult all_close(const Tensor& actual, const Tensor& expected, double rtol, double atol) {
+  if (!(actual.shape() == expected.shape()))
+    return ::testing::AssertionFailure() << "shapes differ: " << actual.str() << " vs " << expected.str();
+  const std::vector<float> a = actual.to_vector<float>(), e = expected.to_vector<float>();
+  int64_t bad = 0, first = -1;
+  double worst = 0.0;
+  for (size_t i = 0; i < a.size(); ++i) {
+    const double diff = std::abs(static_cast<double>(a[i]) - e[i]);
+    const bool ok = diff <= atol + rtol * std::abs(static_cast<double>(e[i]));  // false for NaN
+    if (!ok) {
+      if (first < 0) first = static_cast<int64_t>(i);
+      ++bad;
+    }
+    if (!(diff <= worst)) worst = diff;
+  }
+  if (bad == 0) return ::testing::AssertionSuccess();
+  return ::testing::AssertionFailure() << bad << " of " << a.size() << " elements differ; first at " << first
+                                       << ": " << a[static_cast<size_t>(first)] << " vs "
+                                       << e[static_cast<size_t>(first)] << "; worst |diff| " << worst;
+}
+
 inline ::testing::AssertionResult within(double error, double bound) {
   if (error <= bound) return ::testing::AssertionSuccess() << "relative error " << error;  // false for NaN
   return ::testing::AssertionFailure() << "relative error " << error << " over " << bound;
