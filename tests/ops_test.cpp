@@ -553,6 +553,18 @@ TEST(OpsBadInput, ShapesAndDtypes) {
   EXPECT_THROW(ops::cross_entropy(rand_tensor(rng, {1, 3, 4}), rand_ints(rng, {1}, 4)), InvalidArgument);
   EXPECT_THROW(ops::cross_entropy(rand_tensor(rng, {0, 4}), rand_ints(rng, {0}, 4)), InvalidArgument);
   EXPECT_THROW(ops::cross_entropy(rand_ints(rng, {3, 4}, 2), rand_ints(rng, {3}, 4)), InvalidArgument);
+  // mixed precision's bf16 results: they need a bf16 weight copy, and the CPU has no bf16 kernels
+  const Tensor v4 = rand_tensor(rng, {4}), half = Tensor::empty({3, 4}, DType::bf16, Device::cpu());
+  EXPECT_THROW(ops::matmul(m23, m34, false, false, none, DType::bf16), InvalidArgument);  // no copy of b
+  EXPECT_THROW(ops::linear(m23, m34, none, none, DType::bf16), InvalidArgument);
+  EXPECT_THROW(ops::linear_gelu(m23, m34, v4, none, DType::bf16), InvalidArgument);
+  EXPECT_THROW(ops::layer_norm(m23, v3, v3, 1e-5f, DType::i32), InvalidArgument);
+  EXPECT_THROW(ops::layer_norm(m23, v3, v3, 1e-5f, DType::bf16), InvalidArgument);  // not on the CPU
+  EXPECT_THROW(ops::cross_entropy(half, rand_ints(rng, {3}, 4)), InvalidArgument);   // not on the CPU
+  EXPECT_THROW(ops::linear(half, rand_tensor(rng, {4, 2})), InvalidArgument);       // bf16 x, fp32 product
+  // mlp: the second layer's weight must take the first's outputs
+  EXPECT_THROW(ops::mlp(m23, m34, v4, rand_tensor(rng, {5, 2}), none), InvalidArgument);
+  EXPECT_THROW(ops::mlp(m23, m34, v4, rand_tensor(rng, {4, 2}), v3), InvalidArgument);  // bias 3 vs 2
   // reductions, reshape, softmax
   EXPECT_THROW(ops::sum(ints), InvalidArgument);
   EXPECT_THROW(ops::mean(rand_tensor(rng, {0, 3})), InvalidArgument);
