@@ -671,8 +671,7 @@ double time_ms(const std::function<void()>& f, int reps = 20) { return median_ti
 
 TEST(CudaBackendTiming, PrintsRates) {
   if (!tutti::device_available(tutti::Device::cuda(0))) GTEST_SKIP() << "no CUDA device";
-  const char* on = std::getenv("TUTTI_CUDA_TIMING");
-  if (on == nullptr || std::string(on) != "1") GTEST_SKIP() << "set TUTTI_CUDA_TIMING=1 to time the kernels";
+  if (!timing_requested()) GTEST_SKIP() << "set TUTTI_CUDA_TIMING=1 to time the kernels";
   Rng rng(30);
   const int64_t n = int64_t{1} << 26;  // 256 MiB of f32
   Tensor x = random_tensor({n}, rng).to(kGpu), y = random_tensor({n}, rng).to(kGpu), z = Tensor::empty({n}, DType::f32, kGpu);

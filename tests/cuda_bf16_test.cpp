@@ -536,8 +536,7 @@ double time_ms(const std::function<void()>& f, int reps = 10) { return median_ti
 
 TEST(CudaBf16Timing, Gpt2Shapes) {
   if (!have_gpu()) GTEST_SKIP() << "no CUDA device";
-  const char* on = std::getenv("TUTTI_CUDA_TIMING");
-  if (on == nullptr || std::string(on) != "1") GTEST_SKIP() << "set TUTTI_CUDA_TIMING=1 to time the kernels";
+  if (!timing_requested()) GTEST_SKIP() << "set TUTTI_CUDA_TIMING=1 to time the kernels";
   const char* tf32 = std::getenv("TUTTI_CUDA_TF32");
   const std::string fp32 = tf32 && std::string(tf32) == "1" ? "tf32" : "fp32";
   const int64_t B = 16, T = 1024, C = 768, H = 12, N = B * T, V = 50304;

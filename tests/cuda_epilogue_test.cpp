@@ -356,8 +356,7 @@ double time_ms(const std::function<void()>& f, int reps = 20) { return median_ti
 
 TEST(CudaEpilogueTiming, Gpt2Shapes) {
   if (!have_gpu()) GTEST_SKIP() << "no CUDA device";
-  const char* on = std::getenv("TUTTI_CUDA_TIMING");
-  if (on == nullptr || std::string(on) != "1") GTEST_SKIP() << "set TUTTI_CUDA_TIMING=1 to time the kernels";
+  if (!timing_requested()) GTEST_SKIP() << "set TUTTI_CUDA_TIMING=1 to time the kernels";
   if (!fusion_on()) GTEST_SKIP() << "fusion off (TUTTI_CUDA_LT=0)";
   const int64_t N = 16 * 1024, C = 768;
   Rng rng(15);

@@ -210,8 +210,7 @@ std::vector<Piece> other_pieces(const Buffers& buf) {
 
 TEST(CudaStepFloor, Gpt2B16Bf16) {
   if (!device_available(kGpu)) GTEST_SKIP() << "no CUDA device";
-  const char* on = std::getenv("TUTTI_CUDA_TIMING");
-  if (on == nullptr || std::string(on) != "1") GTEST_SKIP() << "set TUTTI_CUDA_TIMING=1 to time the pieces";
+  if (!timing_requested()) GTEST_SKIP() << "set TUTTI_CUDA_TIMING=1 to time the pieces";
   Buffers buf;
   buf.x = random_gpu(N * V, 1), buf.y = random_gpu(N * V, 2), buf.w = random_gpu(V * C, 3);
   buf.xh = ops::to_bf16(buf.x), buf.wh = ops::to_bf16(buf.w);

@@ -7,9 +7,11 @@
 #include <chrono>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <functional>
 #include <limits>
+#include <string>
 #include <vector>
 
 #include "backend/backend.hpp"
@@ -122,6 +124,12 @@ inline ::testing::AssertionResult all_close(const Tensor& actual, const Tensor& 
 inline ::testing::AssertionResult within(double error, double bound) {
   if (error <= bound) return ::testing::AssertionSuccess() << "relative error " << error;  // false for NaN
   return ::testing::AssertionFailure() << "relative error " << error << " over " << bound;
+}
+
+// The opt-in timing tables (not tests) run under TUTTI_CUDA_TIMING=1 only.
+inline bool timing_requested() {
+  const char* on = std::getenv("TUTTI_CUDA_TIMING");
+  return on != nullptr && std::string(on) == "1";
 }
 
 // The median over `rounds` rounds of the mean time of `reps` back-to-back calls, in milliseconds.

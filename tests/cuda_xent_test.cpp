@@ -221,8 +221,7 @@ double time_ms(const std::function<void()>& f) { return median_time_ms(f, 5, 7);
 
 TEST(CudaXent, Timing) {
   if (!have_gpu()) GTEST_SKIP() << "no CUDA device";
-  const char* on = std::getenv("TUTTI_CUDA_TIMING");
-  if (on == nullptr || std::string(on) != "1") GTEST_SKIP() << "set TUTTI_CUDA_TIMING=1 to time the kernels";
+  if (!timing_requested()) GTEST_SKIP() << "set TUTTI_CUDA_TIMING=1 to time the kernels";
   const int64_t N = 16 * 1024, V = 50304;
   const double nv = double(N) * V;
   Rng rng(3);
