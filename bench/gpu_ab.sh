@@ -15,12 +15,8 @@ LOGS=$(mktemp -d)/logs
 mkdir -p "$LOGS" "$OUT" /tmp/old-tree
 export NCCL_NVLS_ENABLE=0
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$LOGS/gpu.txt"
-step() {  # step NAME COMMAND...: runs, logs, records the exit code and seconds
-  local name=$1; shift
-  local t0=$SECONDS
-  "$@" > "$LOGS/$name.log" 2>&1
-  echo "$name rc=$? $((SECONDS - t0))s" | tee -a "$LOGS/steps.txt"
-}
+STEP_DIR=$LOGS
+source bench/gpu_common.sh
 tar -xf "$OLD_TAR" -C /tmp/old-tree && cp -r .gpu-debs /tmp/old-tree/
 TUTTI_TARGETS="tutti_cli cuda_backend_test cuda_layernorm_test cuda_bf16_test cuda_xent_test cuda_epilogue_test" \
   step build bash scripts/gpu_build.sh -DTUTTI_MPI=OFF -DTUTTI_BUILD_EXAMPLES=OFF &
@@ -33,9 +29,8 @@ for t in cuda_backend_test cuda_layernorm_test cuda_bf16_test cuda_xent_test cud
 gpt2() {  # gpt2 NAME TUTTI BATCH
   local name=$1 tutti=$2 batch=$3
   rm -rf "/tmp/$name"
-  step "$name" timeout 150 "$tutti" train --device cuda --dtype bf16 --data synthetic --vocab 50304 --layers 12 \
-    --heads 12 --dim 768 --context 1024 --batch "$batch" --steps 20 --warmup 0 --eval-interval 100000 \
-    --eval-batches 1 --checkpoint-interval 100000 --log-interval 1 --out "/tmp/$name"
+  step "$name" timeout 150 "$tutti" train "${GPT2_FLAGS[@]}" --dtype bf16 --batch "$batch" --steps 20 \
+    --out "/tmp/$name"
   cp "/tmp/$name/metrics.jsonl" "$LOGS/$name.metrics.jsonl" 2>/dev/null
 }
 for r in $(seq "$ROUNDS"); do

@@ -14,13 +14,8 @@ OUT=${1:?usage: bench/gpu_epilogue_run.sh OUT_DIR}
 LOGS=$(mktemp -d)/logs
 mkdir -p "$LOGS" "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$LOGS/gpu.txt" 2>&1
-step() {  # step NAME COMMAND...: runs, logs, records the exit code and seconds
-  local name=$1; shift
-  local t0=$SECONDS
-  "$@" > "$LOGS/$name.log" 2>&1
-  local rc=$?
-  echo "$name rc=$rc $((SECONDS - t0))s" | tee -a "$LOGS/steps.txt"
-}
+STEP_DIR=$LOGS
+source bench/gpu_common.sh
 step build bash scripts/gpu_build.sh -DTUTTI_MPI=OFF -DTUTTI_BUILD_EXAMPLES=OFF
 source scripts/gpu_env.sh
 step cuda_epilogue_test build-gpu/tests/cuda_epilogue_test
@@ -35,9 +30,8 @@ step timing_floors env TUTTI_CUDA_TIMING=1 build-gpu/tests/cuda_step_floor_test
 gpt2() {  # gpt2 NAME BATCH STEPS [ENV=...]
   local name=$1 batch=$2 steps=$3; shift 3
   rm -rf "/tmp/$name"
-  step "$name" timeout 150 env "$@" build-gpu/tutti train --device cuda --dtype bf16 --data synthetic --vocab 50304 \
-    --layers 12 --heads 12 --dim 768 --context 1024 --batch "$batch" --steps "$steps" --warmup 0 \
-    --eval-interval 100000 --eval-batches 1 --checkpoint-interval 100000 --log-interval 1 --out "/tmp/$name"
+  step "$name" timeout 150 env "$@" build-gpu/tutti train "${GPT2_FLAGS[@]}" --dtype bf16 --batch "$batch" \
+    --steps "$steps" --out "/tmp/$name"
   cp "/tmp/$name/metrics.jsonl" "$LOGS/$name.metrics.jsonl" 2>/dev/null
 }
 # Fused and apart alternate, twice, so that a drift of the card shows as a difference between the

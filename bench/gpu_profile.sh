@@ -12,12 +12,11 @@ OUT=${1:?usage: bench/gpu_profile.sh OUT_DIR [BATCH]}
 B=${2:-16}
 mkdir -p "$OUT"
 source scripts/gpu_env.sh
+source bench/gpu_common.sh
 train() {  # train NAME STEPS [flags...]
   local name=$1 steps=$2; shift 2
   rm -rf "/tmp/$name"
-  build-gpu/tutti train --device cuda --dtype bf16 --data synthetic --vocab 50304 --layers 12 --heads 12 --dim 768 \
-    --context 1024 --batch "$B" --steps "$steps" --warmup 0 --eval-interval 100000 --eval-batches 1 \
-    --checkpoint-interval 100000 --log-interval 1 --out "/tmp/$name" "$@"
+  build-gpu/tutti train "${GPT2_FLAGS[@]}" --dtype bf16 --batch "$B" --steps "$steps" --out "/tmp/$name" "$@"
 }
 train profile_wall 20 > "$OUT/wall.log" 2>&1
 cp /tmp/profile_wall/metrics.jsonl "$OUT/wall.metrics.jsonl"

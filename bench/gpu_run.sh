@@ -11,13 +11,8 @@ cd "$(dirname "$0")/.."
 OUT=${1:?usage: bench/gpu_run.sh OUT_DIR}
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$OUT/gpu.txt" 2>&1
-step() {  # step NAME COMMAND...: runs, logs, records the exit code and seconds
-  local name=$1; shift
-  local t0=$SECONDS
-  "$@" > "$OUT/$name.log" 2>&1
-  local rc=$?
-  echo "$name rc=$rc $((SECONDS - t0))s" | tee -a "$OUT/steps.txt"
-}
+STEP_DIR=$OUT
+source bench/gpu_common.sh
 step build bash scripts/gpu_build.sh -DTUTTI_MPI=OFF -DTUTTI_BUILD_EXAMPLES=OFF
 source scripts/gpu_env.sh
 step cuda_backend_test build-gpu/tests/cuda_backend_test
@@ -41,9 +36,8 @@ CKPT=$(ls -d .gpu-ckpt/run/checkpoints/step_* 2>/dev/null | tail -1)
 gpt2() {  # gpt2 NAME DTYPE [ENV=...]
   local name=$1 dtype=$2; shift 2
   rm -rf "/tmp/$name"
-  step "$name" env "$@" build-gpu/tutti train --device cuda --dtype "$dtype" --data synthetic --vocab 50304 \
-    --layers 12 --heads 12 --dim 768 --context 1024 --batch 16 --steps 8 --warmup 0 --eval-interval 100000 \
-    --eval-batches 1 --checkpoint-interval 100000 --log-interval 1 --out "/tmp/$name"
+  step "$name" env "$@" build-gpu/tutti train "${GPT2_FLAGS[@]}" --dtype "$dtype" --batch 16 --steps 8 \
+    --out "/tmp/$name"
   cp "/tmp/$name/metrics.jsonl" "$OUT/$name.metrics.jsonl" 2>/dev/null
 }
 gpt2 tutti_fp32_b16 fp32 TUTTI_CUDA_TF32=0

@@ -13,25 +13,10 @@ LOGS=$(mktemp -d)/logs
 mkdir -p "$LOGS" "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$LOGS/gpu.txt"
 git log -1 --format='%H %s' > "$LOGS/commit.txt" 2>&1
-step() {  # step NAME COMMAND...: runs, logs, records the exit code and seconds
-  local name=$1; shift
-  local t0=$SECONDS
-  "$@" > "$LOGS/$name.log" 2>&1
-  local rc=$?
-  echo "$name rc=$rc $((SECONDS - t0))s" | tee -a "$LOGS/steps.txt"
-}
-build() {
-  local deps=/tmp/tutti-deps
-  mkdir -p "$deps"
-  for f in .gpu-debs/*.deb; do dpkg -x "$f" "$deps"; done
-  source scripts/gpu_env.sh
-  cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DTUTTI_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 \
-    -DTUTTI_BUILD_BENCH=OFF -DTUTTI_MPI=OFF -DTUTTI_BUILD_EXAMPLES=OFF \
-    -DCMAKE_PREFIX_PATH="$deps/usr;$deps/usr/lib/x86_64-linux-gnu/cmake" \
-    -DCMAKE_INCLUDE_PATH="$deps/usr/include" -DCMAKE_LIBRARY_PATH="$deps/usr/lib/x86_64-linux-gnu" &&
-    cmake --build build-gpu -j "$(nproc)" --target cuda_xent_test cuda_backend_test cuda_bf16_test tutti_cli
-}
-step build build
+STEP_DIR=$LOGS
+source bench/gpu_common.sh
+TUTTI_TARGETS="cuda_xent_test cuda_backend_test cuda_bf16_test tutti_cli" \
+  step build bash scripts/gpu_build.sh -DTUTTI_MPI=OFF -DTUTTI_BUILD_EXAMPLES=OFF
 source scripts/gpu_env.sh
 T=build-gpu/tests
 step xent_fused timeout 120 $T/cuda_xent_test
@@ -44,10 +29,8 @@ step timing_xent env TUTTI_CUDA_TIMING=1 timeout 120 $T/cuda_xent_test --gtest_f
 gpt2() {  # gpt2 NAME TUTTI_CUDA_XENT: GPT-2 124M bf16 B16, 20 steps, synthetic tokens
   local name=$1
   rm -rf "/tmp/$name"
-  step "$name" timeout 120 env TUTTI_CUDA_XENT="$2" build-gpu/tutti train --device cuda --dtype bf16 \
-    --data synthetic --vocab 50304 --layers 12 --heads 12 --dim 768 --context 1024 --batch 16 --steps 20 \
-    --warmup 0 --eval-interval 100000 --eval-batches 1 --checkpoint-interval 100000 --log-interval 1 \
-    --out "/tmp/$name"
+  step "$name" timeout 120 env TUTTI_CUDA_XENT="$2" build-gpu/tutti train "${GPT2_FLAGS[@]}" --dtype bf16 \
+    --batch 16 --steps 20 --out "/tmp/$name"
   cp "/tmp/$name/metrics.jsonl" "$LOGS/$name.metrics.jsonl" 2>/dev/null
 }
 gpt2 b16_fused_1 1
