@@ -45,20 +45,13 @@ const int32_t* i32(const Tensor& t) { return t.data<int32_t>(); }
 // GELU (tanh form) and its derivative in double, rounded to f32 at the end.
 Tensor gelu_f64(const Tensor& x) {
   std::vector<float> v = x.to_vector<float>();
-  for (float& e : v) {
-    const double d = e, t = std::tanh(0.7978845608028654 * (d + 0.044715 * d * d * d));
-    e = static_cast<float>(0.5 * d * (1.0 + t));
-  }
+  for (float& e : v) e = static_cast<float>(gelu_tanh(e));
   return Tensor::from_vector(x.shape(), v);
 }
 Tensor gelu_backward_f64(const Tensor& x, const Tensor& dy) {
   std::vector<float> v = x.to_vector<float>();
   const std::vector<float> g = dy.to_vector<float>();
-  for (size_t i = 0; i < v.size(); ++i) {
-    const double d = v[i], k = 0.7978845608028654, t = std::tanh(k * (d + 0.044715 * d * d * d));
-    const double grad = 0.5 * (1.0 + t) + 0.5 * d * (1.0 - t * t) * k * (1.0 + 3.0 * 0.044715 * d * d);
-    v[i] = static_cast<float>(grad * g[i]);
-  }
+  for (size_t i = 0; i < v.size(); ++i) v[i] = static_cast<float>(gelu_tanh_grad(v[i]) * g[i]);
   return Tensor::from_vector(x.shape(), v);
 }
 

@@ -47,7 +47,6 @@ bool all_nan(const Tensor& t) {
   return true;
 }
 
-double gelu_tanh(double x) { return 0.5 * x * (1.0 + std::tanh(std::sqrt(2.0 / M_PI) * (x + 0.044715 * x * x * x))); }
 double gelu_erf(double x) { return 0.5 * x * (1.0 + std::erf(x / std::sqrt(2.0))); }
 Tensor map(const Tensor& x, double (*f)(double)) {
   std::vector<float> v = x.to_vector<float>();
@@ -192,11 +191,6 @@ TEST(CudaEpilogue, Bf16OutputFusesBiasAndGelu) {
 }
 
 // The MLP's backward product: C = (A B) * gelu'(aux), aux GELU's kept input, in bf16.
-double gelu_tanh_grad(double x) {
-  const double k = std::sqrt(2.0 / M_PI), c = 0.044715, t = std::tanh(k * (x + c * x * x * x));
-  return 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * k * (1.0 + 3.0 * c * x * x);
-}
-
 TEST(CudaEpilogue, Bf16Dgelu) {
   if (!have_gpu()) GTEST_SKIP() << "no CUDA device";
   if (!fusion_on()) GTEST_SKIP() << "fusion off (TUTTI_CUDA_LT=0)";

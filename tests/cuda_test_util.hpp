@@ -126,6 +126,15 @@ inline ::testing::AssertionResult within(double error, double bound) {
   return ::testing::AssertionFailure() << "relative error " << error << " over " << bound;
 }
 
+// GELU in the tanh form (GPT-2's "gelu_new", what ops::gelu computes) and its derivative, in double.
+inline double gelu_tanh(double x) {
+  return 0.5 * x * (1.0 + std::tanh(std::sqrt(2.0 / M_PI) * (x + 0.044715 * x * x * x)));
+}
+inline double gelu_tanh_grad(double x) {
+  const double k = std::sqrt(2.0 / M_PI), c = 0.044715, t = std::tanh(k * (x + c * x * x * x));
+  return 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * k * (1.0 + 3.0 * c * x * x);
+}
+
 // The opt-in timing tables (not tests) run under TUTTI_CUDA_TIMING=1 only.
 inline bool timing_requested() {
   const char* on = std::getenv("TUTTI_CUDA_TIMING");
