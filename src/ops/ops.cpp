@@ -297,6 +297,15 @@ LinearBackward linear_backward(const Tensor& xc, const Tensor& wc, const Tensor&
           mixed, x_in.shape()};
 }
 
+// y = gelu(h), h = xc wc + bias, both (N, out) in `type`, from one product with the bias and GELU in
+// its epilogue; false (nothing written) where the backend cannot fuse it, or there is no bias.
+bool gelu_product(const Tensor& xc, const Tensor& wc, const Tensor& bias, DType type, Tensor& y, Tensor& h) {
+  y = Tensor::empty({xc.size(0), wc.size(1)}, type, xc.device());
+  h = Tensor::empty({xc.size(0), wc.size(1)}, type, xc.device());
+  return bias.defined() && gemm_epilogue_into(xc, false, wc, false, y, GemmEpilogue::bias_gelu,
+                                              bias_like(bias.contiguous(), y).raw_data(), h.raw_data(), nullptr);
+}
+
 // y = xc wc + bias (N, out) in `out`'s type, the bias fused into the product where the backend can.
 Tensor linear_product(const Tensor& xc, const Tensor& wc, const Tensor& bias, DType out) {
   const int64_t n = xc.size(0), out_features = wc.size(1);
@@ -346,14 +355,8 @@ Tensor linear_gelu(const Tensor& x_in, const Tensor& w, const Tensor& bias, cons
   const Tensor b = bias.defined() ? bias.contiguous() : bias;
   // y and h (GELU's input, kept for backward) in out's type where the product can write it so,
   // else in fp32 (the next product reads either).
-  auto fused = [&](DType type, Tensor& y, Tensor& h) {
-    y = Tensor::empty({n, out_features}, type, x.device());
-    h = Tensor::empty({n, out_features}, type, x.device());
-    return b.defined() && gemm_epilogue_into(xc, false, wc, false, y, GemmEpilogue::bias_gelu,
-                                             bias_like(b, y).raw_data(), h.raw_data(), nullptr);
-  };
   Tensor y, h;
-  if (!fused(out, y, h) && (out == DType::f32 || !fused(DType::f32, y, h)))
+  if (!gelu_product(xc, wc, b, out, y, h) && (out == DType::f32 || !gelu_product(xc, wc, b, DType::f32, y, h)))
     return gelu(linear(x_in, w, bias, w_bf16));  // no fused path: the two ops, exactly as before
   Shape out_shape = x_in.shape();
   out_shape[-1] = out_features;
@@ -380,7 +383,7 @@ Tensor mlp(const Tensor& x_in, const Tensor& fc_w, const Tensor& fc_b, const Ten
   const int64_t n = check_linear(x_in, fc_w, fc_b, fc_w_bf16, "mlp");
   check_weight(proj_w, proj_b, proj_w_bf16, fc_w.size(1), x_in.device(), "mlp");
   const bool mixed = fc_w_bf16.defined() && proj_w_bf16.defined();
-  const int64_t in = fc_w.size(0), hidden = fc_w.size(1), out_features = proj_w.size(1);
+  const int64_t in = fc_w.size(0), out_features = proj_w.size(1);
   // The GELU MLP's own graph (two nodes) wherever the fused one is not: fp32, or no fc bias.
   auto apart = [&] {
     return linear(linear_gelu(x_in, fc_w, fc_b, fc_w_bf16, mixed ? DType::bf16 : DType::f32), proj_w, proj_b,
@@ -389,11 +392,8 @@ Tensor mlp(const Tensor& x_in, const Tensor& fc_w, const Tensor& fc_b, const Ten
   if (!mixed || !fc_b.defined()) return apart();
   const Tensor xc = to_bf16(x_in.contiguous().view({n, in}));
   // a = gelu(h): what the second product reads; h = x W1 + b1: kept for the backward's GELU gradient.
-  Tensor a = Tensor::empty({n, hidden}, DType::bf16, xc.device());
-  Tensor h = Tensor::empty({n, hidden}, DType::bf16, xc.device());
-  if (!gemm_epilogue_into(xc, false, fc_w_bf16, false, a, GemmEpilogue::bias_gelu, to_bf16(fc_b).raw_data(),
-                          h.raw_data(), nullptr))
-    return apart();
+  Tensor a, h;
+  if (!gelu_product(xc, fc_w_bf16, fc_b, DType::bf16, a, h)) return apart();
   Shape out_shape = x_in.shape();
   out_shape[-1] = out_features;
   const Tensor y = linear_product(a, proj_w_bf16, proj_b, DType::f32).view(out_shape);
