@@ -76,6 +76,9 @@ def parse_args():
     p.add_argument("--smoke", action="store_true",
                    help="tiny model on whatever device there is: checks the script, measures nothing")
     p.add_argument("--json", metavar="PATH", help="also write the result here")
+    p.add_argument("--kernels", metavar="PATH",
+                   help="after the timed steps, profile 3 more (torch.profiler) and write the GPU "
+                        "time of each kernel per step here (bench/gpu_kernels.sh)")
     a = p.parse_args()
     if a.batch < 1 or a.context < 1 or a.steps < 1 or a.warmup < 0:
         p.error("--batch, --context and --steps must be >= 1, --warmup >= 0")
@@ -266,6 +269,9 @@ def run(a):
         losses.append(loss.item())  # after the clock: the step has finished on the device already
         (warmup_seconds if step < a.warmup else step_seconds).append(dt)
 
+    if a.kernels and cuda:
+        write_kernel_table(a, step_model, opt, batches, autocast_bf16, sync)
+
     tokens = a.batch * a.context
     fpt = flops_per_token(a.n_layer, a.n_embd, a.context, a.vocab)
     med, best = statistics.median(step_seconds), min(step_seconds)
@@ -299,6 +305,26 @@ def run(a):
         "loss_first": losses[0],
         "loss_last": losses[-1],
     }, losses
+
+
+def write_kernel_table(a, step_model, opt, batches, autocast_bf16, sync, steps=3):
+    """GPU time per kernel name, per step (mean of `steps` profiled steps), slowest first."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for step in range(steps):
+            x, y = batches[step % len(batches)]
+            train_step(step_model, opt, x, y, autocast_bf16)
+        sync()
+    totals, counts = {}, {}
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA and e.name and not e.name.startswith("Memcpy"):
+            totals[e.name] = totals.get(e.name, 0.0) + getattr(e, "device_time", getattr(e, "cuda_time", 0.0)) / steps
+            counts[e.name] = counts.get(e.name, 0) + 1
+    with open(a.kernels, "w") as f:
+        f.write(f"# PyTorch B{a.batch}: GPU us per step by kernel ({steps} steps), total "
+                f"{sum(totals.values()) / 1e3:.2f} ms\n")
+        for name, us in sorted(totals.items(), key=lambda kv: -kv[1]):
+            f.write(f"{us:10.1f} {counts[name] // steps:5d}  {name[:160]}\n")
 
 
 def markdown_row(r):
