@@ -214,19 +214,45 @@ TEST(CudaBackend, ElementwiseOnUnalignedPointers) {
   }
 }
 
+// All sizes in one call (one launch on CUDA), decay on every other tensor, a bf16 copy of every
+// tensor but the first, and one tensor starting a float past an aligned address (the scalar path):
+// the moments and parameters as the CPU's, each copy the GPU's parameter rounded.
 TEST(CudaBackend, AdamW) {
   if (!tutti::device_available(tutti::Device::cuda(0))) GTEST_SKIP() << "no CUDA device";
   Rng rng(6);
   const AdamWStep step{1e-3f, 0.9f, 0.95f, 1e-8f, 0.1f, 1.0f - 0.9f * 0.9f * 0.9f, 1.0f - 0.95f * 0.95f * 0.95f, 0.5f};
-  for (int64_t n : kSizes) {
-    Tensor p = random_tensor({n}, rng), g = random_tensor({n}, rng), m = random_tensor({n}, rng, -0.1, 0.1),
-           v = random_tensor({n}, rng, 0.0, 0.01);
-    Tensor pg = p.to(kGpu), gg = g.to(kGpu), mg = m.to(kGpu), vg = v.to(kGpu);
-    cpu().adamw(f32(p), f32(g), f32(m), f32(v), n, step);
-    gpu().adamw(f32(pg), f32(gg), f32(mg), f32(vg), n, step);
-    EXPECT_TRUE(all_close(pg, p, 1e-5, 1e-7)) << "param n=" << n;
-    EXPECT_TRUE(all_close(mg, m, 1e-5, 1e-8)) << "m n=" << n;
-    EXPECT_TRUE(all_close(vg, v, 1e-5, 1e-10)) << "v n=" << n;
+  std::vector<int64_t> sizes(std::begin(kSizes), std::end(kSizes));
+  sizes.push_back(1001);  // read from offset 1 below
+  const size_t count = sizes.size();
+  std::vector<Tensor> cpu_t, gpu_t, copies;  // per tensor: p, g, m, v
+  std::vector<AdamWTensor> on_cpu, on_gpu;
+  for (size_t i = 0; i < count; ++i) {
+    const int64_t n = sizes[i], skip = i + 1 == count ? 1 : 0;
+    for (auto [lo, hi] : {std::pair{-1.0, 1.0}, {-1.0, 1.0}, {-0.1, 0.1}, {0.0, 0.01}}) {
+      cpu_t.push_back(random_tensor({n + skip}, rng, lo, hi));
+      gpu_t.push_back(cpu_t.back().to(kGpu));
+    }
+    copies.push_back(poisoned_bf16({n}));
+    auto args = [&](std::vector<Tensor>& t, BFloat16* copy) {
+      float* p[4];
+      for (int k = 0; k < 4; ++k) p[k] = f32(t[4 * i + size_t(k)]) + skip;
+      return AdamWTensor{p[0], p[1], p[2], p[3], n, i % 2 == 0, copy};
+    };
+    on_cpu.push_back(args(cpu_t, nullptr));
+    on_gpu.push_back(args(gpu_t, i == 0 ? nullptr : bf16(copies.back())));
+  }
+  cpu().adamw(on_cpu, step);
+  gpu().adamw(on_gpu, step);
+  for (size_t i = 0; i < count; ++i) {
+    const std::string what = "n=" + std::to_string(sizes[i]);
+    EXPECT_TRUE(all_close(gpu_t[4 * i], cpu_t[4 * i], 1e-5, 1e-7)) << "param " << what;
+    EXPECT_TRUE(all_close(gpu_t[4 * i + 2], cpu_t[4 * i + 2], 1e-5, 1e-8)) << "m " << what;
+    EXPECT_TRUE(all_close(gpu_t[4 * i + 3], cpu_t[4 * i + 3], 1e-5, 1e-10)) << "v " << what;
+    EXPECT_TRUE(all_close(gpu_t[4 * i + 1], cpu_t[4 * i + 1], 0.0, 0.0)) << "grad unchanged " << what;
+    if (i == 0) continue;
+    const int64_t skip = i + 1 == count ? 1 : 0;
+    const Tensor p = gpu_t[4 * i].to(kCpu).slice(0, skip, skip + sizes[i]).contiguous();
+    EXPECT_TRUE(all_close(widened(copies[i]), rounded(p), 0.0, 0.0)) << "copy " << what;
   }
 }
 

@@ -200,7 +200,8 @@ std::vector<Piece> other_pieces(const Buffers& buf) {
                     0, 8.0 * N * V});
   const AdamWStep s{1e-4f, 0.9f, 0.95f, 1e-8f, 0.1f, 0.1f, 0.05f, 1.0f};
   pieces.push_back(
-      {"AdamW (P)", 1, time_ms([&] { gpu().adamw(f32(out), f32(x), f32(y), f32(y) + P, P, s); }), 0, 28.0 * P});
+      {"AdamW (P)", 1, time_ms([&] { gpu().adamw({{AdamWTensor{f32(out), f32(x), f32(y), f32(y) + P, P, true}}}, s); }),
+       0, 28.0 * P});
   pieces.push_back(
       {"gradient norm, sum of squares (P)", 1, time_ms([&] { gpu().sum_squares(f32(x), P); }), 0, 4.0 * P});
   return pieces;

@@ -109,7 +109,7 @@ void Backend::vocab_cross_entropy_backward(const float*, const int32_t*, int64_t
   missing(*this, "vocab_cross_entropy_backward");
 }
 void Backend::softmax(const float*, float*, int64_t, int64_t) { missing(*this, "softmax"); }
-void Backend::adamw(float*, const float*, float*, float*, int64_t, const AdamWStep&) { missing(*this, "adamw"); }
+void Backend::adamw(std::span<const AdamWTensor>, const AdamWStep&) { missing(*this, "adamw"); }
 
 Backend& backend_for(Device device) {
   if (device.is_cpu()) {

@@ -5,6 +5,7 @@
 #pragma once
 #include <cstddef>
 #include <cstdint>
+#include <span>
 
 #include "tutti/core/device.hpp"
 #include "tutti/core/shape.hpp"
@@ -42,6 +43,8 @@ using GemmBf16 = GemmOf<BFloat16>;
 //              from the dW product, dW = x^T g, bias_grad = column sums of g
 //   dgelu      C = P * gelu'(aux), aux GELU's input as bias_gelu kept it: the GELU MLP's backward,
 //              in the second layer's dx product
+// With bias, `residual` (m, n, with ldc, fp32 like C, not C itself) may be added too:
+// C = residual + P + bias, a residual block's output in the product that ends the branch.
 enum class GemmEpilogue { bias, bias_gelu, bias_grad, dgelu };
 
 template <class T>
@@ -52,12 +55,25 @@ struct EpilogueGemmOf {
   const void* bias = nullptr;
   void* aux = nullptr;
   float* bias_grad = nullptr;
+  const float* residual = nullptr;
 };
 
 struct AdamWStep {
   float lr, beta1, beta2, eps, weight_decay;
   float bias_correction1, bias_correction2;  // 1 - beta^t
   float grad_scale;                          // multiplies the gradient first (clipping)
+};
+
+// One tensor of an AdamW step: n floats of the parameter, its gradient and moments m and v; weight
+// decay (AdamWStep's) on or off; copy, where set: the updated parameter is also written there
+// rounded to bf16 (its mixed-precision compute copy, refreshed in the same pass).
+struct AdamWTensor {
+  float* param;
+  const float* grad;
+  float *m, *v;
+  int64_t n;
+  bool decay;
+  BFloat16* copy = nullptr;
 };
 
 class Backend {
@@ -147,7 +163,8 @@ class Backend {
   virtual void vocab_cross_entropy_backward(const float* logits, const int32_t* targets, int64_t first,
                                             const float* lse, float dloss, float* dlogits, int64_t N, int64_t V);
   virtual void softmax(const float* x, float* y, int64_t rows, int64_t cols);
-  virtual void adamw(float* param, const float* grad, float* m, float* v, int64_t n, const AdamWStep& s);
+  // AdamW as PyTorch's over every tensor (CUDA: in one launch).
+  virtual void adamw(std::span<const AdamWTensor> tensors, const AdamWStep& s);
 
   // -- mixed precision: bf16 operands, fp32 accumulation and results -------------------------
   virtual void to_bf16(const float* x, BFloat16* y, int64_t n);  // round to nearest even

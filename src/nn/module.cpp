@@ -1,5 +1,7 @@
 #include "tutti/nn/module.hpp"
 
+#include "backend/backend.hpp"
+
 #include "tutti/autograd/node.hpp"
 #include "tutti/ops/ops.hpp"
 
@@ -54,10 +56,25 @@ void Module::refresh_compute_copies() {
   NoGradGuard no_grad;
   if (compute_dtype_ == DType::bf16) {
     for (auto& [weight, copy] : compute_copies_) {
-      *copy = ops::to_bf16(weight);  // on the weight's device, wherever to() has moved it
+      if (copy->defined() && copy->shape() == weight.shape() && copy->device() == weight.device())
+        backend_for(weight.device())
+            .to_bf16(weight.contiguous().data<float>(), static_cast<BFloat16*>(copy->raw_data()), weight.numel());
+      else
+        *copy = ops::to_bf16(weight);  // on the weight's device, wherever to() has moved it
     }
   }
   for (auto& [name, child] : children_) child->refresh_compute_copies();
+}
+
+std::vector<std::pair<Tensor, Tensor>> Module::compute_copies() const {
+  std::vector<std::pair<Tensor, Tensor>> out;
+  if (compute_dtype_ == DType::bf16)
+    for (const auto& [weight, copy] : compute_copies_) out.emplace_back(weight, *copy);
+  for (const auto& [name, child] : children_) {
+    std::vector<std::pair<Tensor, Tensor>> more = child->compute_copies();
+    out.insert(out.end(), more.begin(), more.end());
+  }
+  return out;
 }
 
 void Module::register_compute_copy(const Tensor& weight, Tensor& copy) { compute_copies_.emplace_back(weight, &copy); }

@@ -1,5 +1,6 @@
 #include "tutti/optim/adamw.hpp"
 
+#include <algorithm>
 #include <cmath>
 
 #include "backend/backend.hpp"
@@ -25,15 +26,21 @@ AdamW::AdamW(std::vector<std::pair<std::string, Tensor>> named_params, const Ada
 void AdamW::step(float lr, float grad_scale) {
   NoGradGuard no_grad;
   ++t_;
-  AdamWStep s = adamw_step(options_, t_, lr, grad_scale);
+  const AdamWStep s = adamw_step(options_, t_, lr, grad_scale);
+  // One call per device (the parameters may live on several); gradients kept alive until then.
+  std::vector<Tensor> grads;
+  std::vector<std::pair<Device, std::vector<AdamWTensor>>> per_device;
   for (Slot& slot : slots_) {
     Tensor g = slot.param.grad();
     if (!g.defined()) continue;  // a parameter that took no part in this step keeps its value
-    s.weight_decay = slot.decay ? options_.weight_decay : 0.0f;
-    backend_for(slot.param.device())
-        .adamw(slot.param.data<float>(), g.contiguous().data<float>(), slot.exp_avg.data<float>(),
-               slot.exp_avg_sq.data<float>(), slot.param.numel(), s);
+    grads.push_back(g.contiguous());
+    const Device d = slot.param.device();
+    auto it = std::find_if(per_device.begin(), per_device.end(), [&](const auto& e) { return e.first == d; });
+    if (it == per_device.end()) it = per_device.insert(per_device.end(), {d, {}});
+    it->second.push_back({slot.param.data<float>(), grads.back().data<float>(), slot.exp_avg.data<float>(),
+                          slot.exp_avg_sq.data<float>(), slot.param.numel(), slot.decay});
   }
+  for (const auto& [device, tensors] : per_device) backend_for(device).adamw(tensors, s);
 }
 
 void AdamW::zero_grad() {

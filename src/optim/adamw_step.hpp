@@ -1,5 +1,6 @@
 // The kernel arguments of AdamW update number t (1-based), shared by optim::AdamW and the sharded
-// update of data parallelism so both run the very same arithmetic. weight_decay is set per tensor.
+// update of data parallelism so both run the very same arithmetic. Each tensor says whether its
+// weight decay applies (AdamWTensor::decay).
 #pragma once
 #include <cmath>
 
@@ -14,7 +15,7 @@ inline AdamWStep adamw_step(const AdamWOptions& o, int64_t t, float lr, float gr
   s.beta1 = o.beta1;
   s.beta2 = o.beta2;
   s.eps = o.eps;
-  s.weight_decay = 0.0f;
+  s.weight_decay = o.weight_decay;
   s.bias_correction1 = 1.0f - static_cast<float>(std::pow(double(o.beta1), double(t)));
   s.bias_correction2 = 1.0f - static_cast<float>(std::pow(double(o.beta2), double(t)));
   s.grad_scale = grad_scale;

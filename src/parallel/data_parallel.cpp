@@ -5,6 +5,7 @@
 
 #include <chrono>
 #include <cmath>
+#include <unordered_map>
 
 #include "backend/backend.hpp"
 #include "optim/adamw_step.hpp"
@@ -211,17 +212,32 @@ struct DataParallel::Impl {
   void step(float lr, float grad_scale) {
     NoGradGuard no_grad;
     ++t;
-    AdamWStep s = optim::adamw_step(adamw, t, lr, grad_scale / static_cast<float>(world));  // sum -> mean
+    const AdamWStep s = optim::adamw_step(adamw, t, lr, grad_scale / static_cast<float>(world));  // sum -> mean
     const float* g = shard_grads();
+    // Where this rank updates every parameter, the bf16 compute copies are written in the same pass
+    // (one launch on CUDA); otherwise they are refreshed after the shards are gathered.
+    const bool whole = lo == 0 && hi == n;
+    std::unordered_map<const void*, BFloat16*> copy_of;
+    bool copies_written = whole;
+    if (whole)
+      for (const auto& [weight, copy] : model.compute_copies()) {
+        copies_written = copies_written && copy.defined();
+        if (copy.defined()) copy_of[weight.raw_data()] = static_cast<BFloat16*>(copy.raw_data());
+      }
+    std::vector<AdamWTensor> tensors;
     for (const Segment& seg : segments) {
       const int64_t b = std::max(seg.offset, lo), e = std::min(seg.offset + seg.numel, hi);
       if (b >= e) continue;
-      s.weight_decay = seg.decay ? adamw.weight_decay : 0.0f;
-      backend().adamw(params.data<float>() + b, g + (b - lo), exp_avg.data<float>() + (b - lo),
-                      exp_avg_sq.data<float>() + (b - lo), e - b, s);
+      auto copy = copy_of.find(seg.param.raw_data());
+      tensors.push_back({params.data<float>() + b, g + (b - lo), exp_avg.data<float>() + (b - lo),
+                         exp_avg_sq.data<float>() + (b - lo), e - b, seg.decay,
+                         copy == copy_of.end() ? nullptr : copy->second});
+      if (copy != copy_of.end()) copy_of.erase(copy);
     }
+    backend().adamw(tensors, s);
     if (options.zero > 0 && world > 1) gather_shards(params);
-    model.refresh_compute_copies();  // once per step, not once per use
+    // once per step, not once per use; not at all where the update wrote every copy
+    if (!copies_written || !copy_of.empty()) model.refresh_compute_copies();
   }
 
   // Every rank's shard of `full` (N) to every rank.

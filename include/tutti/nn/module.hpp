@@ -35,6 +35,11 @@ class Module {
   void set_compute_dtype(DType dtype);  // f32 or bf16
   DType compute_dtype() const { return compute_dtype_; }
   void refresh_compute_copies();
+  // Under bf16, each (fp32 weight, compute copy) pair, children included; a copy is undefined until
+  // the first refresh. An optimizer may write the copies in the pass that updates the weights
+  // (AdamWTensor::copy) instead of calling refresh_compute_copies after it: a refresh rounds into
+  // the copies in place once they exist, so the tensors stay the same.
+  std::vector<std::pair<Tensor, Tensor>> compute_copies() const;
 
  protected:
   Tensor& register_parameter(const std::string& name, Tensor value);

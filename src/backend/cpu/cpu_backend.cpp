@@ -509,16 +509,22 @@ void CpuBackend::softmax(const float* x, float* y, int64_t rows, int64_t cols) {
 }
 
 // AdamW as in PyTorch: p *= 1 - lr wd; m, v updated; p -= lr/bc1 * m / (sqrt(v)/sqrt(bc2) + eps).
-void CpuBackend::adamw(float* param, const float* grad, float* m, float* v, int64_t n, const AdamWStep& s) {
-  const float decay = 1.0f - s.lr * s.weight_decay;
+void CpuBackend::adamw(std::span<const AdamWTensor> tensors, const AdamWStep& s) {
   const float step = s.lr / s.bias_correction1;
   const float inv_sqrt_bc2 = 1.0f / std::sqrt(s.bias_correction2);
+  for (const AdamWTensor& t : tensors) {
+    const float decay = t.decay ? 1.0f - s.lr * s.weight_decay : 1.0f;
+    float *param = t.param, *m = t.m, *v = t.v;
+    const float* grad = t.grad;
+    const int64_t n = t.n;
 #pragma omp parallel for simd schedule(static) if (n > kParallelGrain)
-  for (int64_t i = 0; i < n; ++i) {
-    const float g = grad[i] * s.grad_scale;
-    m[i] = s.beta1 * m[i] + (1.0f - s.beta1) * g;
-    v[i] = s.beta2 * v[i] + (1.0f - s.beta2) * g * g;
-    param[i] = param[i] * decay - step * m[i] / (std::sqrt(v[i]) * inv_sqrt_bc2 + s.eps);
+    for (int64_t i = 0; i < n; ++i) {
+      const float g = grad[i] * s.grad_scale;
+      m[i] = s.beta1 * m[i] + (1.0f - s.beta1) * g;
+      v[i] = s.beta2 * v[i] + (1.0f - s.beta2) * g * g;
+      param[i] = param[i] * decay - step * m[i] / (std::sqrt(v[i]) * inv_sqrt_bc2 + s.eps);
+    }
+    if (t.copy) to_bf16(t.param, t.copy, n);
   }
 }
 

@@ -49,7 +49,7 @@ class CpuBackend final : public Backend {
   void vocab_cross_entropy_backward(const float* logits, const int32_t* targets, int64_t first, const float* lse,
                                     float dloss, float* dlogits, int64_t N, int64_t V) override;
   void softmax(const float* x, float* y, int64_t rows, int64_t cols) override;
-  void adamw(float* param, const float* grad, float* m, float* v, int64_t n, const AdamWStep& s) override;
+  void adamw(std::span<const AdamWTensor> tensors, const AdamWStep& s) override;
 };
 
 }  // namespace tutti::cpu

@@ -7,6 +7,7 @@
 #include <cublas_v2.h>
 #include <cuda_runtime_api.h>
 
+#include <algorithm>
 #include <climits>
 #include <cmath>
 #include <cstdlib>
@@ -323,7 +324,9 @@ class CudaBackend final : public Backend {
     activate();
     CUDA_CHECK(kernels::softmax(x, y, rows, cols, stream()));
   }
-  void adamw(float* param, const float* grad, float* m, float* v, int64_t n, const AdamWStep& s) override {
+  // One launch for every tensor. Its table stays in device memory and is uploaded again only when
+  // the tensors change (an optimizer passes the same ones every step).
+  void adamw(std::span<const AdamWTensor> tensors, const AdamWStep& s) override {
     activate();
     const kernels::AdamWFolded folded{s.beta1,
                                       s.beta2,
@@ -332,7 +335,29 @@ class CudaBackend final : public Backend {
                                       s.lr / s.bias_correction1,
                                       1.0f / std::sqrt(s.bias_correction2),
                                       s.grad_scale};
-    CUDA_CHECK(kernels::adamw(param, grad, m, v, n, folded, limits_, stream()));
+    auto aligned = [](const void* p, uintptr_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; };
+    std::vector<kernels::AdamWSlice> table;
+    int64_t blocks = 0;
+    for (const AdamWTensor& t : tensors) {
+      if (t.n <= 0) continue;
+      const bool vec = aligned(t.param, 16) && aligned(t.grad, 16) && aligned(t.m, 16) && aligned(t.v, 16) &&
+                       aligned(t.copy, 8);
+      table.push_back({t.param, t.grad, t.m, t.v, bits(t.copy), t.n, blocks, t.decay, vec});
+      blocks += (t.n + kernels::kAdamWChunk - 1) / kernels::kAdamWChunk;
+    }
+    std::lock_guard lock(adamw_mutex_);
+    const size_t bytes = table.size() * sizeof(kernels::AdamWSlice);
+    auto same = [](const kernels::AdamWSlice& a, const kernels::AdamWSlice& b) {
+      return a.param == b.param && a.grad == b.grad && a.m == b.m && a.v == b.v && a.copy == b.copy && a.n == b.n &&
+             a.first_block == b.first_block && a.decay == b.decay && a.vec == b.vec;
+    };
+    if (!std::equal(table.begin(), table.end(), adamw_table_.begin(), adamw_table_.end(), same)) {
+      CUDA_CHECK(cudaMemcpyAsync(adamw_device_.reserve(bytes), table.data(), bytes, cudaMemcpyHostToDevice, stream()));
+      CUDA_CHECK(cudaStreamSynchronize(stream()));  // `table` is freed on return
+      adamw_table_ = std::move(table);
+    }
+    CUDA_CHECK(kernels::adamw(static_cast<const kernels::AdamWSlice*>(adamw_device_.reserve(bytes)),
+                              static_cast<int>(adamw_table_.size()), blocks, folded, stream()));
   }
 
   // -- mixed precision -----------------------------------------------------------------------------
@@ -450,6 +475,9 @@ class CudaBackend final : public Backend {
   kernels::LaunchLimits limits_{};
   std::mutex scratch_mutex_;  // scratch_ is shared by the reductions and attention
   DeviceBuffer scratch_;
+  std::mutex adamw_mutex_;
+  std::vector<kernels::AdamWSlice> adamw_table_;  // what adamw_device_ holds
+  DeviceBuffer adamw_device_;
 };
 
 // ------------------------------------------------------------------------------------------------

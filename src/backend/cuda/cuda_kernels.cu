@@ -129,37 +129,79 @@ struct ReluBackward {  // (x, dy) -> dx
   __device__ float operator()(float x, float dy) const { return x > 0.0f ? dy : 0.0f; }
 };
 // AdamW as in PyTorch: p *= 1 - lr wd; m, v updated; p -= lr/bc1 * m / (sqrt(v)/sqrt(bc2) + eps).
-// With `vec` (every pointer 16-byte aligned) index i < n / 4 moves the float4 at 4i, and the
-// indices after it the tail's elements one by one; otherwise every index is one element.
-struct AdamWOp {
-  float *param, *m, *v;
-  const float* grad;
-  AdamWFolded s;
-  int64_t n4;  // float4s, 0 when not `vec`
-  __device__ void update(float& p, float& mi, float& vi, float g) const {
-    g *= s.grad_scale;
-    mi = s.beta1 * mi + (1.0f - s.beta1) * g;
-    vi = s.beta2 * vi + (1.0f - s.beta2) * g * g;
-    p = p * s.decay - s.step * mi / (sqrtf(vi) * s.inv_sqrt_bc2 + s.eps);
-  }
-  __device__ void operator()(int64_t i) const {
-    if (i >= n4) {
-      const int64_t j = 4 * n4 + (i - n4);
-      update(param[j], m[j], v[j], grad[j]);
-      return;
+// Many tensors in one launch (AdamWSlice): block b finds its tensor by binary search of the
+// table's first blocks and updates kAdamWChunk elements of it; with `vec`, 4 float4s per thread,
+// every load issued before the arithmetic (bandwidth, not latency); the tail of a tensor whose
+// size is not a multiple of 4 by its last block, element by element.
+__device__ __forceinline__ void adamw_update(float& p, float& m, float& v, float g, float decay, const AdamWFolded& s) {
+  g *= s.grad_scale;
+  m = s.beta1 * m + (1.0f - s.beta1) * g;
+  v = s.beta2 * v + (1.0f - s.beta2) * g * g;
+  p = p * decay - s.step * m / (sqrtf(v) * s.inv_sqrt_bc2 + s.eps);
+}
+
+constexpr int kAdamWThreads = 256;
+constexpr int kAdamWVecs = kAdamWChunk / 4 / kAdamWThreads;  // float4s per thread
+
+__global__ void __launch_bounds__(kAdamWThreads) adamw_kernel(const AdamWSlice* table, int count, AdamWFolded s) {
+  __shared__ int slot;
+  if (threadIdx.x == 0) {  // the last entry whose first block is at most this one
+    int lo = 0, hi = count - 1;
+    while (lo < hi) {
+      const int mid = (lo + hi + 1) / 2;
+      if (table[mid].first_block <= int64_t{blockIdx.x}) lo = mid;
+      else hi = mid - 1;
     }
-    float4 p = reinterpret_cast<float4*>(param)[i], mi = reinterpret_cast<float4*>(m)[i];
-    float4 vi = reinterpret_cast<float4*>(v)[i];
-    const float4 g = reinterpret_cast<const float4*>(grad)[i];
-    update(p.x, mi.x, vi.x, g.x);
-    update(p.y, mi.y, vi.y, g.y);
-    update(p.z, mi.z, vi.z, g.z);
-    update(p.w, mi.w, vi.w, g.w);
-    reinterpret_cast<float4*>(param)[i] = p;
-    reinterpret_cast<float4*>(m)[i] = mi;
-    reinterpret_cast<float4*>(v)[i] = vi;
+    slot = lo;
   }
-};
+  __syncthreads();
+  const AdamWSlice t = table[slot];
+  const float decay = t.decay ? s.decay : 1.0f;
+  const int64_t begin = (int64_t{blockIdx.x} - t.first_block) * kAdamWChunk;
+  if (!t.vec) {
+    for (int64_t i = begin + threadIdx.x; i < begin + kAdamWChunk && i < t.n; i += kAdamWThreads) {
+      float p = t.param[i], m = t.m[i], v = t.v[i];
+      adamw_update(p, m, v, t.grad[i], decay, s);
+      t.param[i] = p, t.m[i] = m, t.v[i] = v;
+      if (t.copy) t.copy[i] = bits_of(p);
+    }
+    return;
+  }
+  const int64_t n4 = t.n / 4;
+  float4 p[kAdamWVecs], g[kAdamWVecs], m[kAdamWVecs], v[kAdamWVecs];
+#pragma unroll
+  for (int k = 0; k < kAdamWVecs; ++k) {
+    const int64_t u = begin / 4 + threadIdx.x + k * kAdamWThreads;
+    if (u >= n4) continue;
+    p[k] = reinterpret_cast<const float4*>(t.param)[u];
+    g[k] = reinterpret_cast<const float4*>(t.grad)[u];
+    m[k] = reinterpret_cast<const float4*>(t.m)[u];
+    v[k] = reinterpret_cast<const float4*>(t.v)[u];
+  }
+#pragma unroll
+  for (int k = 0; k < kAdamWVecs; ++k) {
+    const int64_t u = begin / 4 + threadIdx.x + k * kAdamWThreads;
+    if (u >= n4) continue;
+    adamw_update(p[k].x, m[k].x, v[k].x, g[k].x, decay, s);
+    adamw_update(p[k].y, m[k].y, v[k].y, g[k].y, decay, s);
+    adamw_update(p[k].z, m[k].z, v[k].z, g[k].z, decay, s);
+    adamw_update(p[k].w, m[k].w, v[k].w, g[k].w, decay, s);
+    reinterpret_cast<float4*>(t.param)[u] = p[k];
+    reinterpret_cast<float4*>(t.m)[u] = m[k];
+    reinterpret_cast<float4*>(t.v)[u] = v[k];
+    if (t.copy)
+      reinterpret_cast<uint2*>(t.copy)[u] = make_uint2(bits_of(p[k].x) | uint32_t{bits_of(p[k].y)} << 16,
+                                                       bits_of(p[k].z) | uint32_t{bits_of(p[k].w)} << 16);
+  }
+  const int64_t i = 4 * n4 + threadIdx.x;  // the tail, by the block that holds element 4 n4
+  if (i < t.n && 4 * n4 >= begin && 4 * n4 < begin + kAdamWChunk) {
+    float pi = t.param[i], mi = t.m[i], vi = t.v[i];
+    adamw_update(pi, mi, vi, t.grad[i], decay, s);
+    t.param[i] = pi, t.m[i] = mi, t.v[i] = vi;
+    if (t.copy) t.copy[i] = bits_of(pi);
+  }
+}
+
 struct ScaleMatricesOp {  // C (m, n) with row stride ldc, batch matrices stride_c apart
   float* c;
   int64_t m, n, ldc, stride_c;
@@ -507,11 +549,11 @@ cudaError_t relu_backward(const float* x, const float* dy, float* dx, int64_t n,
   return launch_map<2>(ReluBackward{}, MapArgs<2>{{x, dy}, dx}, n, lim, stream);
 }
 
-cudaError_t adamw(float* param, const float* grad, float* m, float* v, int64_t n, const AdamWFolded& s,
-                  const LaunchLimits& lim, cudaStream_t stream) {
-  const bool vec = aligned16(param) && aligned16(grad) && aligned16(m) && aligned16(v);
-  const int64_t n4 = vec ? n / 4 : 0;
-  return launch_elementwise(n - 3 * n4, lim, stream, AdamWOp{param, m, v, grad, s, n4});
+cudaError_t adamw(const AdamWSlice* table, int count, int64_t blocks, const AdamWFolded& s, cudaStream_t stream) {
+  if (count <= 0 || blocks <= 0) return cudaSuccess;
+  if (blocks > 0x7fffffff) return cudaErrorInvalidValue;
+  adamw_kernel<<<static_cast<unsigned>(blocks), kAdamWThreads, 0, stream>>>(table, count, s);
+  return cudaGetLastError();
 }
 
 cudaError_t scale_matrices(float* c, int64_t m, int64_t n, int64_t ldc, int64_t stride_c, int64_t batch, float beta,

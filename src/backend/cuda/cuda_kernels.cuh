@@ -45,8 +45,20 @@ cudaError_t gelu_backward(const float* x, const float* dy, float* dx, int64_t n,
 cudaError_t relu_forward(const float* x, float* y, int64_t n, const LaunchLimits& lim, cudaStream_t stream);
 cudaError_t relu_backward(const float* x, const float* dy, float* dx, int64_t n, const LaunchLimits& lim,
                           cudaStream_t stream);
-cudaError_t adamw(float* param, const float* grad, float* m, float* v, int64_t n, const AdamWFolded& s,
-                  const LaunchLimits& lim, cudaStream_t stream);
+// One tensor of a multi-tensor AdamW launch, in a table in device memory. Blocks first_block ..
+// first_block + ceil(n / kAdamWChunk) - 1 update it; decay: AdamWFolded::decay applies; vec: the
+// four float pointers 16-byte aligned and copy (or null) 8-byte aligned (float4 accesses).
+struct AdamWSlice {
+  float* param;
+  const float* grad;
+  float *m, *v;
+  uint16_t* copy;  // bf16 bits of the updated parameter, or null
+  int64_t n, first_block;
+  bool decay, vec;
+};
+constexpr int64_t kAdamWChunk = 4096;  // elements per block
+// Every tensor of `table` (count entries, device memory), `blocks` blocks in all.
+cudaError_t adamw(const AdamWSlice* table, int count, int64_t blocks, const AdamWFolded& s, cudaStream_t stream);
 // C (m, n), row stride ldc, `batch` matrices stride_c apart: C *= beta (C = 0 when beta == 0).
 // The k == 0 case of a GEMM, which cuBLAS rejects through its leading-dimension checks.
 cudaError_t scale_matrices(float* c, int64_t m, int64_t n, int64_t ldc, int64_t stride_c, int64_t batch, float beta,
