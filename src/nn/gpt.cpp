@@ -68,7 +68,6 @@ struct Mlp : Module {
 namespace {
 // A row-parallel linear layer: partial products summed over the group, then the bias.
 Tensor row_parallel(const Linear& lin, const Tensor& x, comm::Communicator& tp) {
-  if (tp.size() == 1) return lin.forward(x);
   return ops::add(parallel::reduce_from_group(ops::linear(x, lin.weight, Tensor(), lin.weight_bf16), tp), lin.bias);
 }
 }  // namespace
@@ -90,14 +89,18 @@ struct GPT::Block : Module {
     const DType compute = attn.c_attn.weight_bf16.defined() ? DType::bf16 : DType::f32;
     Tensor qkv = attn.c_attn.forward(parallel::copy_to_group(ln_1.forward(x, compute), tp),
                                      compute);  // (B, T, 3C / P)
-    Tensor h = ops::add(x, row_parallel(attn.c_proj, ops::causal_attention(qkv, n_head, compute), tp));
-    // The MLP as one op (4C / P hidden units here); a row-parallel c_proj adds its bias after the sum.
+    const Tensor y = ops::causal_attention(qkv, n_head, compute);
+    // Unsplit, each branch's last product adds the residual stream itself (in its epilogue on
+    // CUDA); a row-parallel product is summed over the group first, then the bias and the residual.
     const bool whole = tp.size() == 1;
+    Tensor h = whole ? ops::linear(y, attn.c_proj.weight, attn.c_proj.bias, attn.c_proj.weight_bf16, DType::f32, x)
+                     : ops::add(x, row_parallel(attn.c_proj, y, tp));
+    // The MLP as one op (4C / P hidden units here).
     Tensor m = ops::mlp(parallel::copy_to_group(ln_2.forward(h, compute), tp), mlp.c_fc.weight, mlp.c_fc.bias,
                         mlp.c_proj.weight, whole ? mlp.c_proj.bias : Tensor(), mlp.c_fc.weight_bf16,
-                        mlp.c_proj.weight_bf16);
-    if (!whole) m = ops::add(parallel::reduce_from_group(m, tp), mlp.c_proj.bias);
-    return ops::add(h, m);
+                        mlp.c_proj.weight_bf16, whole ? h : Tensor());
+    if (whole) return m;
+    return ops::add(h, ops::add(parallel::reduce_from_group(m, tp), mlp.c_proj.bias));
   }
   LayerNorm ln_1;
   Attention attn;

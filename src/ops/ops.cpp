@@ -212,12 +212,21 @@ namespace {
 
 // C = op(A) op(B) with epilogue `e` fused in, if the backend can; false: nothing was done.
 bool gemm_epilogue_into(const Tensor& a, bool ta, const Tensor& b, bool tb, const Tensor& c, GemmEpilogue e,
-                        const void* bias, void* aux, float* bias_grad) {
+                        const void* bias, void* aux, float* bias_grad, const float* residual = nullptr) {
   if (a.dtype() == DType::bf16)
     return backend_of(c).gemm_epilogue_bf16({gemm_of(a, ta, b, tb, c, 0.0f, bf16(a), bf16(b)), e, bias, aux,
-                                             bias_grad});
+                                             bias_grad, residual});
   return backend_of(c).gemm_epilogue({gemm_of<float>(a, ta, b, tb, c, 0.0f, f32(a), f32(b)), e, bias, aux,
-                                      bias_grad});
+                                      bias_grad, residual});
+}
+
+// A residual added to a product's result: undefined, or fp32 of the result's shape on its device.
+void check_residual(const Tensor& r, const Shape& shape, DType out, Device device, const char* op) {
+  if (!r.defined()) return;
+  check_f32(r, op, "residual");
+  TUTTI_CHECK_AS(InvalidArgument, out == DType::f32, op, ": a residual needs an f32 result, not ", dtype_name(out));
+  TUTTI_CHECK_AS(InvalidArgument, r.device() == device && r.shape() == shape, op, ": residual ", r.str(),
+                 " does not match the result ", shape.str(), " on ", device.str());
 }
 
 // A fused epilogue's bias in the type of its product's C: a product written in bf16 adds the bias
@@ -307,10 +316,23 @@ bool gelu_product(const Tensor& xc, const Tensor& wc, const Tensor& bias, DType 
 }
 
 // y = xc wc + bias (N, out) in `out`'s type, the bias fused into the product where the backend can.
-Tensor linear_product(const Tensor& xc, const Tensor& wc, const Tensor& bias, DType out) {
+// residual (N, out) fp32 or undefined: added too, in the product's epilogue where it fuses, else
+// as the product's C (beta 1) before the bias.
+Tensor linear_product(const Tensor& xc, const Tensor& wc, const Tensor& bias, DType out,
+                      const Tensor& residual = Tensor()) {
   const int64_t n = xc.size(0), out_features = wc.size(1);
   Tensor y = Tensor::empty({n, out_features}, out, xc.device());
   const Tensor b = bias.defined() ? bias.contiguous() : bias;
+  if (residual.defined()) {
+    const Tensor r = residual.contiguous().view({n, out_features});
+    if (b.defined() && gemm_epilogue_into(xc, false, wc, false, y, GemmEpilogue::bias, b.raw_data(), nullptr, nullptr,
+                                          f32(r)))
+      return y;
+    y.copy_(r);
+    gemm_into(xc, false, wc, false, y, 1.0f);
+    if (b.defined() && n > 0) backend_of(y).add(f32(y), f32(b), f32(y), n, out_features);
+    return y;
+  }
   if (b.defined() &&
       gemm_epilogue_into(xc, false, wc, false, y, GemmEpilogue::bias, bias_like(b, y).raw_data(), nullptr, nullptr))
     return y;
@@ -327,21 +349,29 @@ Tensor linear_product(const Tensor& xc, const Tensor& wc, const Tensor& bias, DT
 
 }  // namespace
 
-Tensor linear(const Tensor& x_in, const Tensor& w, const Tensor& bias, const Tensor& w_bf16, DType out) {
+Tensor linear(const Tensor& x_in, const Tensor& w, const Tensor& bias, const Tensor& w_bf16, DType out,
+              const Tensor& residual) {
   const int64_t n = check_linear(x_in, w, bias, w_bf16, "linear");
   const int64_t in = w.size(0), out_features = w.size(1);
   const bool mixed = w_bf16.defined();
   TUTTI_CHECK_AS(InvalidArgument, out == DType::f32 || (out == DType::bf16 && mixed), "linear: a ", dtype_name(out),
                  " result needs a bf16 copy of the weight");
-  const Tensor x = x_in.contiguous().view({n, in});                     // (N, in)
-  const Tensor xc = mixed ? to_bf16(x) : x, wc = mixed ? w_bf16 : w;  // what the products read
   Shape out_shape = x_in.shape();
   out_shape[-1] = out_features;
-  const Tensor y = linear_product(xc, wc, bias, out).view(out_shape);
-  if (!any_requires_grad({&x_in, &w, &bias})) return y;
+  check_residual(residual, out_shape, out, x_in.device(), "linear");
+  const Tensor x = x_in.contiguous().view({n, in});                     // (N, in)
+  const Tensor xc = mixed ? to_bf16(x) : x, wc = mixed ? w_bf16 : w;  // what the products read
+  const Tensor y = linear_product(xc, wc, bias, out, residual).view(out_shape);
+  if (!any_requires_grad({&x_in, &w, &bias, &residual})) return y;
   std::vector<Tensor> inputs{x_in, w};
   if (bias.defined()) inputs.push_back(bias);
-  return record_op(y, OpKind::linear, inputs, linear_backward(xc, wc, x_in, w, bias, mixed));
+  if (!residual.defined()) return record_op(y, OpKind::linear, inputs, linear_backward(xc, wc, x_in, w, bias, mixed));
+  inputs.push_back(residual);
+  return record_op(y, OpKind::linear, inputs, [rest = linear_backward(xc, wc, x_in, w, bias, mixed)](const Tensor& g) {
+    std::vector<Tensor> grads = rest(g);
+    grads.push_back(g);  // the residual's gradient is the output's
+    return grads;
+  });
 }
 
 Tensor linear_gelu(const Tensor& x_in, const Tensor& w, const Tensor& bias, const Tensor& w_bf16, DType out) {
@@ -379,32 +409,35 @@ Tensor linear_gelu(const Tensor& x_in, const Tensor& w, const Tensor& bias, cons
 }
 
 Tensor mlp(const Tensor& x_in, const Tensor& fc_w, const Tensor& fc_b, const Tensor& proj_w, const Tensor& proj_b,
-           const Tensor& fc_w_bf16, const Tensor& proj_w_bf16) {
+           const Tensor& fc_w_bf16, const Tensor& proj_w_bf16, const Tensor& residual) {
   const int64_t n = check_linear(x_in, fc_w, fc_b, fc_w_bf16, "mlp");
   check_weight(proj_w, proj_b, proj_w_bf16, fc_w.size(1), x_in.device(), "mlp");
   const bool mixed = fc_w_bf16.defined() && proj_w_bf16.defined();
   const int64_t in = fc_w.size(0), out_features = proj_w.size(1);
+  Shape out_shape = x_in.shape();
+  out_shape[-1] = out_features;
+  check_residual(residual, out_shape, DType::f32, x_in.device(), "mlp");
   // The GELU MLP's own graph (two nodes) wherever the fused one is not: fp32, or no fc bias.
   auto apart = [&] {
     return linear(linear_gelu(x_in, fc_w, fc_b, fc_w_bf16, mixed ? DType::bf16 : DType::f32), proj_w, proj_b,
-                  proj_w_bf16);
+                  proj_w_bf16, DType::f32, residual);
   };
   if (!mixed || !fc_b.defined()) return apart();
   const Tensor xc = to_bf16(x_in.contiguous().view({n, in}));
   // a = gelu(h): what the second product reads; h = x W1 + b1: kept for the backward's GELU gradient.
   Tensor a, h;
   if (!gelu_product(xc, fc_w_bf16, fc_b, DType::bf16, a, h)) return apart();
-  Shape out_shape = x_in.shape();
-  out_shape[-1] = out_features;
-  const Tensor y = linear_product(a, proj_w_bf16, proj_b, DType::f32).view(out_shape);
-  if (!any_requires_grad({&x_in, &fc_w, &fc_b, &proj_w, &proj_b})) return y;
+  const Tensor y = linear_product(a, proj_w_bf16, proj_b, DType::f32, residual).view(out_shape);
+  if (!any_requires_grad({&x_in, &fc_w, &fc_b, &proj_w, &proj_b, &residual})) return y;
   const LinearBackward fc = linear_backward(xc, fc_w_bf16, x_in, fc_w, fc_b, true);
   const bool has_proj_b = proj_b.defined();  // proj's dx is the fused product below, not its own
   const LinearBackward proj{a,        proj_w_bf16, false, proj_w.requires_grad(), has_proj_b,
                             has_proj_b && proj_b.requires_grad(), true, Shape{}};
   std::vector<Tensor> inputs{x_in, fc_w, fc_b, proj_w};
   if (proj_b.defined()) inputs.push_back(proj_b);
-  return record_op(y, OpKind::mlp, inputs, [fc, proj, h](const Tensor& g_in) {
+  const bool has_residual = residual.defined();
+  if (has_residual) inputs.push_back(residual);
+  return record_op(y, OpKind::mlp, inputs, [fc, proj, h, has_residual](const Tensor& g_in) {
     const Tensor g = g_in.contiguous().view({h.size(0), proj.wc.size(1)});
     const Tensor gc = to_bf16(g);
     const std::vector<Tensor> p = proj.run(gc, g);  // dW2 (, db2)
@@ -418,6 +451,7 @@ Tensor mlp(const Tensor& x_in, const Tensor& fc_w, const Tensor& fc_b, const Ten
     const std::vector<Tensor> f = fc.run(dh, dh);  // dx, dW1, db1
     std::vector<Tensor> grads{f[0], f[1], f[2], p[1]};
     if (p.size() == 3) grads.push_back(p[2]);
+    if (has_residual) grads.push_back(g_in);  // the residual's gradient is the output's
     return grads;
   });
 }

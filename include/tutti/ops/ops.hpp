@@ -23,8 +23,10 @@ Tensor matmul(const Tensor& a, const Tensor& b, bool trans_a = false, bool trans
 
 // y = x W + b with x (..., in), W (in, out) (Hugging Face Conv1D layout), b (out) or undefined.
 // out bf16 (with weight_bf16 only): y written rounded to bf16, for a product that reads it next.
+// residual (fp32, y's shape) or undefined: y = residual + x W + b, the end of a residual branch in
+// the product itself (on CUDA in its epilogue) instead of an add after it.
 Tensor linear(const Tensor& x, const Tensor& weight, const Tensor& bias = Tensor(),
-              const Tensor& weight_bf16 = Tensor(), DType out = DType::f32);
+              const Tensor& weight_bf16 = Tensor(), DType out = DType::f32, const Tensor& residual = Tensor());
 // gelu(linear(x, weight, bias, weight_bf16)) as one op: on CUDA one cuBLASLt product with the
 // bias and GELU (tanh form) in its epilogue, keeping GELU's input for backward; elsewhere, or
 // without a bias, the two ops. out bf16 (mixed only): the result and the kept input in bf16 where
@@ -35,9 +37,11 @@ Tensor linear_gelu(const Tensor& x, const Tensor& weight, const Tensor& bias, co
 // The GELU MLP, linear(linear_gelu(x, fc_w, fc_b), proj_w, proj_b) (proj_b may be undefined), as
 // one op: under mixed precision (both bf16 copies) with a fused backend, the hidden activations
 // are bf16 (GELU's output and input, from one product) and the backward puts GELU's gradient into
-// the second layer's dx product (cuBLASLt's DGELU); elsewhere the two ops.
+// the second layer's dx product (cuBLASLt's DGELU); elsewhere the two ops. residual: added to the
+// result in the second product, as linear's.
 Tensor mlp(const Tensor& x, const Tensor& fc_w, const Tensor& fc_b, const Tensor& proj_w, const Tensor& proj_b,
-           const Tensor& fc_w_bf16 = Tensor(), const Tensor& proj_w_bf16 = Tensor());
+           const Tensor& fc_w_bf16 = Tensor(), const Tensor& proj_w_bf16 = Tensor(),
+           const Tensor& residual = Tensor());
 
 // x rounded to bf16 (nearest even), no autograd: what the mixed-precision products read. A bf16 x
 // is returned as it is.

@@ -17,6 +17,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <type_traits>
+#include <vector>
 
 #include "backend/cuda/cuda_check.hpp"
 
@@ -114,47 +115,55 @@ bool LtGemm::dispatch(const EpilogueGemmOf<T>& e, cudaDataType_t ab_type) {
   if (!dgelu && (grad ? e.bias_grad == nullptr : e.bias == nullptr)) return false;
   if (gelu && (e.aux == nullptr || g.ldc % 8 != 0)) return false;
   if (g.c_bf16 && e.epilogue == GemmEpilogue::bias_grad) return false;
+  if (e.residual && (e.epilogue != GemmEpilogue::bias || g.c_bf16 || e.residual == g.c)) return false;
   void* d = g.c_bf16 ? static_cast<void*>(g.c_bf16) : static_cast<void*>(g.c);
   Problem p{ab_type, g.trans_b, g.trans_a, g.n,    g.m,   g.k,         g.ldb, g.lda, g.ldc, lt_epilogue(e.epilogue),
-            g.b,     g.a,       d,         g.c_bf16 ? CUDA_R_16BF : CUDA_R_32F, e.bias, e.aux, e.bias_grad};
+            g.b,     g.a,       d,         g.c_bf16 ? CUDA_R_16BF : CUDA_R_32F, e.bias, e.aux, e.bias_grad,
+            e.residual};
   return run_problem(p);
 }
 
 // The fastest of the heuristic's candidates on p's operands (the first, untimed, unless tuning):
-// each runs once to warm up, then three times between events. Candidates the library refuses
-// are skipped.
+// each runs once to warm up (candidates the library refuses are dropped there), then in
+// kTuneRounds rounds over all of them, two launches between events each; a candidate's time is its
+// fastest round (clocks and power drift between rounds: the rounds interleave the candidates, and
+// the minimum is the least disturbed).
 cublasLtMatmulAlgo_t LtGemm::fastest(const cublasLtMatmulHeuristicResult_t* results, int count,
                                      cublasLtMatmulDesc_t desc, const Problem& p, cublasLtMatrixLayout_t a,
                                      cublasLtMatrixLayout_t b, cublasLtMatrixLayout_t d) {
   if (count == 1) return results[0].algo;
-  const float alpha = 1.0f, beta = 0.0f;
-  auto launch = [&](const cublasLtMatmulAlgo_t& algo) {
-    return cublasLtMatmul(handle_, desc, &alpha, p.a, a, p.b, b, &beta, p.d, d, p.d, d, &algo, workspace_,
+  const float alpha = 1.0f, beta = p.c ? 1.0f : 0.0f;
+  auto launch = [&](const cublasLtMatmulAlgo_t& algo) {  // C is not D: every run writes the same D
+    return cublasLtMatmul(handle_, desc, &alpha, p.a, a, p.b, b, &beta, p.c ? p.c : p.d, d, p.d, d, &algo, workspace_,
                           workspace_bytes_, stream_);
   };
+  std::vector<int> usable;
+  for (int i = 0; i < count; ++i)
+    if (launch(results[i].algo) == CUBLAS_STATUS_SUCCESS) usable.push_back(i);
+  if (usable.empty()) return results[0].algo;
   cudaEvent_t start, stop;
   CUDA_CHECK(cudaEventCreate(&start));
   CUDA_CHECK(cudaEventCreate(&stop));
-  int best = 0;
-  float best_ms = -1.0f, first_ms = -1.0f;
-  for (int i = 0; i < count; ++i) {
-    if (launch(results[i].algo) != CUBLAS_STATUS_SUCCESS) continue;
-    CUDA_CHECK(cudaEventRecord(start, stream_));
-    for (int r = 0; r < 3; ++r) CUBLAS_CHECK(launch(results[i].algo));
-    CUDA_CHECK(cudaEventRecord(stop, stream_));
-    CUDA_CHECK(cudaEventSynchronize(stop));
-    float ms = 0.0f;
-    CUDA_CHECK(cudaEventElapsedTime(&ms, start, stop));
-    if (i == 0) first_ms = ms;
-    if (best_ms < 0.0f || ms < best_ms) best = i, best_ms = ms;
-  }
+  std::vector<float> best_ms(usable.size(), -1.0f);
+  for (int round = 0; round < kTuneRounds; ++round)
+    for (size_t c = 0; c < usable.size(); ++c) {
+      CUDA_CHECK(cudaEventRecord(start, stream_));
+      for (int r = 0; r < 2; ++r) CUBLAS_CHECK(launch(results[usable[c]].algo));
+      CUDA_CHECK(cudaEventRecord(stop, stream_));
+      CUDA_CHECK(cudaEventSynchronize(stop));
+      float ms = 0.0f;
+      CUDA_CHECK(cudaEventElapsedTime(&ms, start, stop));
+      if (best_ms[c] < 0.0f || ms < best_ms[c]) best_ms[c] = ms;
+    }
   cudaEventDestroy(start);
   cudaEventDestroy(stop);
+  const size_t best = std::min_element(best_ms.begin(), best_ms.end()) - best_ms.begin();
   if (std::getenv("TUTTI_CUDA_LT_TUNE_LOG") != nullptr)
-    std::fprintf(stderr, "lt tune: m %lld n %lld k %lld epilogue %d: heuristic's first %.4f ms, best (#%d of %d) "
+    std::fprintf(stderr, "lt tune: m %lld n %lld k %lld epilogue %d%s: heuristic's first %.4f ms, best (#%d of %d) "
                  "%.4f ms\n", static_cast<long long>(p.m), static_cast<long long>(p.n), static_cast<long long>(p.k),
-                 static_cast<int>(p.epilogue), first_ms / 3, best, count, best_ms / 3);
-  return results[best].algo;
+                 static_cast<int>(p.epilogue), p.c ? " + C" : "", usable[0] == 0 ? best_ms[0] / 2 : -1.0f,
+                 usable[best], count, best_ms[best] / 2);
+  return results[usable[best]].algo;
 }
 
 bool LtGemm::run_problem(const Problem& p) {
@@ -173,11 +182,13 @@ bool LtGemm::run_problem(const Problem& p) {
   const Layout b(p.ab_type, p.trans_b ? p.n : p.k, p.trans_b ? p.k : p.n, p.ldb);
   const Layout d(p.d_type, p.m, p.n, p.ldc);
 
-  const uint32_t align_a = alignment(p.a), align_b = alignment(p.b), align_d = alignment(p.d);
+  const uint32_t align_a = alignment(p.a), align_b = alignment(p.b);
+  const uint32_t align_d = std::min(alignment(p.d), alignment(p.c ? p.c : p.d));
   const uint32_t align_e = std::min(alignment(bias), p.aux ? alignment(p.aux) : 16u);
   const Key key{static_cast<int>(p.ab_type) | static_cast<int>(p.d_type) << 8, p.trans_a, p.trans_b, p.m, p.n, p.k,
                 p.lda, p.ldb, p.ldc,
-                static_cast<int>(p.epilogue), static_cast<int>(align_a | align_b << 5 | align_d << 10 | align_e << 15)};
+                static_cast<int>(p.epilogue) | (p.c ? 1 << 16 : 0),
+                static_cast<int>(align_a | align_b << 5 | align_d << 10 | align_e << 15)};
   Found found;
   {
     std::lock_guard lock(cache_mutex_);
@@ -202,9 +213,10 @@ bool LtGemm::run_problem(const Problem& p) {
     }
   }
   if (!found.ok) return false;
-  const float alpha = 1.0f, beta = 0.0f;
-  const cublasStatus_t st = cublasLtMatmul(handle_, desc.desc, &alpha, p.a, a.layout, p.b, b.layout, &beta, p.d,
-                                           d.layout, p.d, d.layout, &found.algo, workspace_, workspace_bytes_, stream_);
+  const float alpha = 1.0f, beta = p.c ? 1.0f : 0.0f;
+  const cublasStatus_t st = cublasLtMatmul(handle_, desc.desc, &alpha, p.a, a.layout, p.b, b.layout, &beta,
+                                           p.c ? p.c : p.d, d.layout, p.d, d.layout, &found.algo, workspace_,
+                                           workspace_bytes_, stream_);
   if (!found.ran) {  // the first call decides: refused (nothing launched), the case runs unfused from now on
     std::lock_guard lock(cache_mutex_);
     Found& cached = cache_[key];

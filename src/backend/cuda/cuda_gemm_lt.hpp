@@ -17,8 +17,8 @@ class LtGemm {
  public:
   // tf32: the fp32 products on the tensor cores' tf32 mode, as cuBLAS's TUTTI_CUDA_TF32 setting.
   // tune: the first call of each problem times up to kTuneCandidates of the heuristic's algorithms
-  // on the call's own operands (every output is overwritten, so any run leaves the right result)
-  // and keeps the fastest, instead of the heuristic's first; the choice then depends on timing.
+  // (fastest) on the call's own operands (every output is overwritten, so any run leaves the right
+  // result) and keeps the fastest, instead of the heuristic's first; the choice then depends on timing.
   LtGemm(cudaStream_t stream, bool tf32, bool tune);
   ~LtGemm();
   LtGemm(const LtGemm&) = delete;
@@ -26,7 +26,8 @@ class LtGemm {
 
   // Runs the product with its epilogue on the stream; false (nothing done) where cuBLASLt has no
   // algorithm for it or the case is outside what is fused (batch > 1, beta != 0, an empty size,
-  // GELU's aux leading dimension not a multiple of 8, a bf16 C with BGRADA).
+  // GELU's aux leading dimension not a multiple of 8, a bf16 C with BGRADA, a residual beside
+  // anything but the bias into an fp32 C).
   bool run(const EpilogueGemmOf<float>& g);
   bool run(const EpilogueGemmOf<BFloat16>& g);
   // A product with no epilogue (bf16 A and B, batch 1, beta 0), as cublasGemmEx would: for tuning.
@@ -45,6 +46,7 @@ class LtGemm {
     const void* bias;
     void* aux;
     float* bias_grad;
+    const void* c = nullptr;  // added to the product (beta 1), laid out as D; nullptr: beta 0
   };
   template <class T>
   bool dispatch(const EpilogueGemmOf<T>& g, cudaDataType_t ab_type);
@@ -52,7 +54,8 @@ class LtGemm {
   cublasLtMatmulAlgo_t fastest(const cublasLtMatmulHeuristicResult_t* results, int count, cublasLtMatmulDesc_t desc,
                                const Problem& p, cublasLtMatrixLayout_t a, cublasLtMatrixLayout_t b,
                                cublasLtMatrixLayout_t d);
-  static constexpr int kTuneCandidates = 8;
+  static constexpr int kTuneCandidates = 16;
+  static constexpr int kTuneRounds = 5;
 
   using Key = std::tuple<int, bool, bool, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int, int>;
   struct Found {
