@@ -46,6 +46,14 @@ __device__ __forceinline__ void mma(Acc& c, const uint32_t (&a)[4], uint32_t b0,
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
+// 2^x by the SFU's approximation (ex2.approx.ftz: relative error ~2^-22, subnormals flushed, -inf
+// -> 0), the same in forward and backward: the probabilities are rounded to bf16 after it anyway.
+__device__ __forceinline__ float ex2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
 __device__ __forceinline__ uint32_t pack(float lo, float hi) {
   const uint32_t l = __bfloat16_as_ushort(__float2bfloat16_rn(lo));
   const uint32_t h = __bfloat16_as_ushort(__float2bfloat16_rn(hi));
@@ -179,21 +187,28 @@ __device__ __forceinline__ void load_tile_async(uint16_t* tile, const uint16_t* 
 }
 
 // ------------------------------------------------------------------------------------------------
-// Forward: block (query tile, b * H + h), warp w owns queries q0 = 64 tile + 16 w .. + 15. The
-// longest rows' blocks start first, K and V tiles are double-buffered by cp.async, and the causal
-// mask is applied only on the diagonal tile (every earlier key tile is wholly visible and inside T).
-// y (B, T, C) in bf16: O / l rounded once, two columns per 32-bit store.
-// ~100 lines: the loop's stages share the warp's registers (Q fragments, O, the row statistics).
+// Forward: block (query tile of 128 rows, b * H + h), 8 warps, warp w owns queries q0 = 128 tile +
+// 16 w .. + 15; the K and V tiles (64 keys, double-buffered by cp.async) are shared by all eight.
+// The longest rows' blocks start first. The causal mask is applied only on the tiles that reach
+// past a warp's first row (every earlier key tile is wholly visible and inside T); a warp skips
+// the tiles wholly past its last row. y (B, T, C) in bf16: O / l rounded once, two columns per
+// 32-bit store. ~100 lines: the loop's stages share the warp's registers (Q fragments, O, the
+// row statistics).
+constexpr int kForwardWarps = 8;
+constexpr int kForwardRows = 16 * kForwardWarps;  // query rows of a block
 
-__global__ void __launch_bounds__(kWarps * 32) flash_forward_kernel(const uint16_t* qkv, uint16_t* y, float* lse,
-                                                                     int64_t T, int64_t C, int64_t H, float scale2) {
+__global__ void __launch_bounds__(kForwardWarps * 32, 2) flash_forward_kernel(const uint16_t* qkv, uint16_t* y,
+                                                                            float* lse, int64_t T, int64_t C,
+                                                                            int64_t H, float scale2) {
   __shared__ __align__(16) uint16_t ks[2][kTile * kPad];
   __shared__ __align__(16) uint16_t vs[2][kTile * kPad];
   const int64_t b = blockIdx.y / H, h = blockIdx.y % H, ld = 3 * C;
   const int64_t qtile = gridDim.x - 1 - blockIdx.x;
   const uint16_t* q = qkv + b * T * ld + h * D;
   const int warp = threadIdx.x >> 5, g = (threadIdx.x & 31) >> 2, t = threadIdx.x & 3;
-  const int64_t q0 = qtile * kTile + 16 * warp;
+  const int64_t q0 = qtile * kForwardRows + 16 * warp;
+  const int64_t rows_end = (qtile + 1) * kForwardRows < T ? (qtile + 1) * kForwardRows : T;
+  const int64_t last_tile = (rows_end - 1) / kTile;  // the block's last key tile
   load_tile_async(ks[0], q + C, ld, 0, T);
   load_tile_async(vs[0], q + 2 * C, ld, 0, T);
   cp_async_commit();
@@ -201,10 +216,12 @@ __global__ void __launch_bounds__(kWarps * 32) flash_forward_kernel(const uint16
   load_a_rows(q, ld, q0, T, qa);
   Acc o[8];
   zero(o);
-  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};  // rows g and g + 8, log2 units
-  for (int64_t kt = 0; kt <= qtile; ++kt) {
+  // Rows g and g + 8: the running maximum m of the raw scores (scale2 applied inside each exponent,
+  // one fused multiply-add), the running sum l.
+  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
+  for (int64_t kt = 0; kt <= last_tile; ++kt) {
     const int buf = kt & 1;
-    if (kt < qtile) {  // the next tiles into the other buffer, read two iterations ago
+    if (kt < last_tile) {  // the next tiles into the other buffer, read two iterations ago
       load_tile_async(ks[buf ^ 1], q + C, ld, (kt + 1) * kTile, T);
       load_tile_async(vs[buf ^ 1], q + 2 * C, ld, (kt + 1) * kTile, T);
       cp_async_commit();
@@ -213,27 +230,28 @@ __global__ void __launch_bounds__(kWarps * 32) flash_forward_kernel(const uint16
       cp_async_wait<0>();
     }
     __syncthreads();
+    if (kt * kTile > q0 + 15) {  // wholly past this warp's rows
+      __syncthreads();
+      continue;
+    }
     Acc s[8];
     zero(s);
     mul_transposed(s, qa, ks[buf]);
     float tile_max[2] = {-INFINITY, -INFINITY};
-    if (kt == qtile) {
+    if ((kt + 1) * kTile - 1 > q0 || (kt + 1) * kTile > T) {
 #pragma unroll
       for (int j = 0; j < 8; ++j)
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int64_t key = kt * kTile + 8 * j + 2 * t + (e & 1), query = q0 + g + 8 * (e >> 1);
-          s[j].v[e] = key <= query && key < T ? s[j].v[e] * scale2 : -INFINITY;
+          s[j].v[e] = key <= query && key < T ? s[j].v[e] : -INFINITY;
           tile_max[e >> 1] = fmaxf(tile_max[e >> 1], s[j].v[e]);
         }
     } else {
 #pragma unroll
       for (int j = 0; j < 8; ++j)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          s[j].v[e] *= scale2;
-          tile_max[e >> 1] = fmaxf(tile_max[e >> 1], s[j].v[e]);
-        }
+        for (int e = 0; e < 4; ++e) tile_max[e >> 1] = fmaxf(tile_max[e >> 1], s[j].v[e]);
     }
     float alpha[2], ref[2];
 #pragma unroll
@@ -241,8 +259,8 @@ __global__ void __launch_bounds__(kWarps * 32) flash_forward_kernel(const uint16
       tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 1));
       tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 2));
       const float m_new = fmaxf(m[r], tile_max[r]);
-      ref[r] = m_new == -INFINITY ? 0.0f : m_new;  // a row with nothing visible yet stays zero
-      alpha[r] = exp2f(m[r] - ref[r]);
+      ref[r] = m_new == -INFINITY ? 0.0f : m_new * scale2;  // a row with nothing visible yet stays zero
+      alpha[r] = ex2(m[r] * scale2 - ref[r]);
       m[r] = m_new;
       l[r] *= alpha[r];
     }
@@ -250,7 +268,7 @@ __global__ void __launch_bounds__(kWarps * 32) flash_forward_kernel(const uint16
     for (int j = 0; j < 8; ++j)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        s[j].v[e] = exp2f(s[j].v[e] - ref[e >> 1]);
+        s[j].v[e] = ex2(fmaf(s[j].v[e], scale2, -ref[e >> 1]));
         l[e >> 1] += s[j].v[e];
         o[j].v[e] *= alpha[e >> 1];
       }
@@ -271,7 +289,7 @@ __global__ void __launch_bounds__(kWarps * 32) flash_forward_kernel(const uint16
 #pragma unroll
     for (int n = 0; n < 8; ++n)
       *reinterpret_cast<uint32_t*>(yr + 8 * n + 2 * t) = pack(o[n].v[2 * r] / l[r], o[n].v[2 * r + 1] / l[r]);
-    if (t == 0) lse[blockIdx.y * T + rows[r]] = m[r] + log2f(l[r]);
+    if (t == 0) lse[blockIdx.y * T + rows[r]] = m[r] * scale2 + log2f(l[r]);
   }
 }
 
@@ -384,13 +402,13 @@ __global__ void __launch_bounds__(kWarps * 32, kBackwardBlocksPerSm)
         for (int e = 0; e < 4; ++e) {
           const int col = 8 * j + 2 * t + (e & 1);
           const int64_t key = k0 + g + 8 * (e >> 1), query = qt * kTile + col;
-          p[j].v[e] = key <= query && query < T && key < T ? exp2f(p[j].v[e] * scale2 - lse_s[col]) : 0.0f;
+          p[j].v[e] = key <= query && query < T && key < T ? ex2(fmaf(p[j].v[e], scale2, -lse_s[col])) : 0.0f;
         }
     } else {
 #pragma unroll
       for (int j = 0; j < 8; ++j)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) p[j].v[e] = exp2f(p[j].v[e] * scale2 - lse_s[8 * j + 2 * t + (e & 1)]);
+        for (int e = 0; e < 4; ++e) p[j].v[e] = ex2(fmaf(p[j].v[e], scale2, -lse_s[8 * j + 2 * t + (e & 1)]));
     }
     mul_plain(dv, p, dos);  // dV += P^T dO
     zero(dp);
@@ -479,8 +497,8 @@ cudaError_t flash_attention_forward(const uint16_t* qkv, uint16_t* y, float* lse
                                     int64_t H, cudaStream_t stream) {
   if (!flash_shapes_ok(B, T, C, H) || !flash_attention_aligned(qkv, y)) return cudaErrorInvalidValue;
   const float scale2 = kLog2e / sqrtf(static_cast<float>(D));
-  const dim3 grid(static_cast<unsigned>((T + kTile - 1) / kTile), static_cast<unsigned>(B * H));
-  flash_forward_kernel<<<grid, kWarps * 32, 0, stream>>>(qkv, y, lse, T, C, H, scale2);
+  const dim3 grid(static_cast<unsigned>((T + kForwardRows - 1) / kForwardRows), static_cast<unsigned>(B * H));
+  flash_forward_kernel<<<grid, kForwardWarps * 32, 0, stream>>>(qkv, y, lse, T, C, H, scale2);
   return cudaGetLastError();
 }
 
