@@ -3,14 +3,16 @@
 # tarball, carried) on GPT-2 124M bf16 training, with the CUDA tests of this tree first and the
 # PyTorch peer in the same call. Both trees build at once (scripts/gpu_build.sh's configuration,
 # only the targets needed); B16 runs alternate old, new, old, new, ... (20 steps each, median of
-# steps 2-20), then B32 once each, then PyTorch compiled at B16 and B32.
-#   bash bench/gpu_ab.sh OUT_DIR OLD.tar [ROUNDS]     (needs .gpu-debs/ carried)
+# steps 2-20), then B32 the same way (B32_ROUNDS alternations, default 1), then PyTorch compiled at
+# B16 and B32.
+#   bash bench/gpu_ab.sh OUT_DIR OLD.tar [ROUNDS [B32_ROUNDS]]     (needs .gpu-debs/ carried)
 # Logs go to OUT_DIR/logs.tar.gz; the table and the steps print last.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT=${1:?usage: bench/gpu_ab.sh OUT_DIR OLD.tar [ROUNDS]}
-OLD_TAR=${2:?usage: bench/gpu_ab.sh OUT_DIR OLD.tar [ROUNDS]}
+OUT=${1:?usage: bench/gpu_ab.sh OUT_DIR OLD.tar [ROUNDS [B32_ROUNDS]]}
+OLD_TAR=${2:?usage: bench/gpu_ab.sh OUT_DIR OLD.tar [ROUNDS [B32_ROUNDS]]}
 ROUNDS=${3:-3}
+B32_ROUNDS=${4:-1}
 LOGS=$(mktemp -d)/logs
 mkdir -p "$LOGS" "$OUT" /tmp/old-tree
 export NCCL_NVLS_ENABLE=0
@@ -37,8 +39,10 @@ for r in $(seq "$ROUNDS"); do
   gpt2 "b16_old_$r" /tmp/old-tree/build-gpu/tutti 16
   gpt2 "b16_new_$r" build-gpu/tutti 16
 done
-gpt2 b32_old /tmp/old-tree/build-gpu/tutti 32
-gpt2 b32_new build-gpu/tutti 32
+for r in $(seq "$B32_ROUNDS"); do
+  gpt2 "b32_old_$r" /tmp/old-tree/build-gpu/tutti 32
+  gpt2 "b32_new_$r" build-gpu/tutti 32
+done
 step torch_b16 python3 bench/torch_gpt2_peer.py --batch 16 --json "$LOGS/torch_b16.json"
 step torch_b32 python3 bench/torch_gpt2_peer.py --batch 32 --json "$LOGS/torch_b32.json"
 python3 - "$LOGS" <<'PY' | tee "$LOGS/table.txt"
