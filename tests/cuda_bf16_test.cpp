@@ -203,12 +203,12 @@ TEST(CudaBf16, FlashAttentionAgainstCpu) {
     Tensor y_ref = Tensor::empty({s.B, s.T, C}), p_ref = Tensor::empty({s.B, s.H, s.T, s.T});
     Tensor dqkv_ref = Tensor::empty(qkv.shape());
     cpu().attention_forward(f32(qkv), f32(y_ref), f32(p_ref), s.B, s.T, C, s.H);
-    cpu().attention_backward(f32(qkv), f32(p_ref), f32(dy), f32(dqkv_ref), s.B, s.T, C, s.H);
-    const Tensor qkv_h = bf16_tensor(qkv, kGpu), dyg = dy.to(kGpu);
+    cpu().attention_backward(f32(qkv), f32(p_ref), f32(rounded(dy)), f32(dqkv_ref), s.B, s.T, C, s.H);
+    const Tensor qkv_h = bf16_tensor(qkv, kGpu), dyg = bf16_tensor(dy, kGpu);
     Tensor y = poisoned_bf16(y_ref.shape(), kGpu), lse = poisoned({s.B, s.H, s.T}, kGpu);
     Tensor dqkv = poisoned_bf16(qkv.shape(), kGpu);
     gpu().flash_attention_forward(bf16(qkv_h), bf16(y), f32(lse), s.B, s.T, C, s.H);
-    gpu().flash_attention_backward(bf16(qkv_h), bf16(y), f32(lse), f32(dyg), bf16(dqkv), s.B, s.T, C, s.H);
+    gpu().flash_attention_backward(bf16(qkv_h), bf16(y), f32(lse), bf16(dyg), bf16(dqkv), s.B, s.T, C, s.H);
     const Tensor dqkv_w = widened(dqkv);
     EXPECT_TRUE(within(relative_error(widened(y), y_ref), kBf16Bound)) << what << ": y";
     EXPECT_TRUE(within(relative_error(dqkv_w, dqkv_ref), kBf16Bound)) << what << ": dqkv";
@@ -338,6 +338,32 @@ TEST(CudaBf16Ops, Bf16OutputsAgainstCpu) {
                          },
                          std::string("mlp, proj bias ") + (proj_bias ? "on" : "off"));
   }
+  // Residuals added in the branches' last products: the MLP's, and attention with its projection
+  // as one op (flash attention reading the projection's bf16 dx at head size 64; apart at 16).
+  expect_mixed_matches({random_tensor({2, 45, 64}, rng), random_tensor({64, 256}, rng), random_tensor({256}, rng),
+                        random_tensor({256, 64}, rng), random_tensor({64}, rng), random_tensor({2, 45, 64}, rng)},
+                       1,
+                       [](const std::vector<Tensor>& t, const Tensor& w) {
+                         const Tensor proj_copy = w.defined() ? ops::to_bf16(t[3].detach()) : Tensor();
+                         return ops::mlp(t[0], t[1], t[2], t[3], t[4], w, proj_copy, t[5]);
+                       },
+                       "mlp with a residual");
+  for (int64_t D : {int64_t{16}, int64_t{64}})
+    for (bool bias_and_residual : {true, false}) {
+      const int64_t T = 70, C = 2 * D;
+      std::vector<Tensor> inputs{random_tensor({2, T, 3 * C}, rng, -2.0, 2.0), random_tensor({C, C}, rng, -0.2, 0.2)};
+      if (bias_and_residual) {
+        inputs.push_back(random_tensor({C}, rng));
+        inputs.push_back(random_tensor({2, T, C}, rng));
+      }
+      expect_mixed_matches(inputs, 1,
+                           [bias_and_residual](const std::vector<Tensor>& t, const Tensor& w) {
+                             return ops::attention(t[0], 2, t[1], bias_and_residual ? t[2] : Tensor(), w,
+                                                   bias_and_residual ? t[3] : Tensor());
+                           },
+                           "attention + projection D=" + std::to_string(D) +
+                               (bias_and_residual ? ", bias and residual" : ""));
+    }
   const int64_t N = 77, C = 64, V = 1000;
   const Tensor h = random_tensor({N, C}, rng), wte = random_tensor({V, C}, rng, -0.5, 0.5);
   std::vector<int32_t> targets(static_cast<size_t>(N));
@@ -575,12 +601,12 @@ TEST(CudaBf16Timing, Gpt2Shapes) {
       time_ms([&] { gpu().attention_backward_bf16(bf16(xh), bf16(p16), f32(y), f32(dqkv), B, T, C, H); }, 3);
   std::printf("%-40s %10.3f %10.3f\n", "attention backward (one layer)", f32_bwd, f16_bwd);
   if (!gpu().flash_attention_supports(B, C, H)) return;
-  // y and dqkv in bf16, as the op keeps them; dy fp32 (y's fp32 buffer).
+  // y, dy and dqkv in bf16, as the op keeps them (dy: y's bf16 buffer, written by the forward).
   Tensor lse = Tensor::empty({B, H, T}, DType::f32, kGpu), yh = Tensor::empty({B, T, C}, DType::bf16, kGpu);
   Tensor dqkv_h = Tensor::empty({B, T, 3 * C}, DType::bf16, kGpu);
   const double flash_fwd = time_ms([&] { gpu().flash_attention_forward(bf16(xh), bf16(yh), f32(lse), B, T, C, H); }, 3);
   const double flash_bwd = time_ms(
-      [&] { gpu().flash_attention_backward(bf16(xh), bf16(yh), f32(lse), f32(y), bf16(dqkv_h), B, T, C, H); }, 3);
+      [&] { gpu().flash_attention_backward(bf16(xh), bf16(yh), f32(lse), bf16(yh), bf16(dqkv_h), B, T, C, H); }, 3);
   const double causal_flops = 2.0 * B * H * T * T * (C / H);  // one causal product: half of 2 T^2 D per head
   std::printf("%-40s %10s %10.3f %8.1f TFLOP/s\n", "flash attention forward (one layer)", "", flash_fwd,
               2 * causal_flops / (flash_fwd * 1e9));

@@ -152,7 +152,7 @@ std::vector<Piece> other_pieces(const Buffers& buf) {
   const int layers = kLayers;
   std::vector<Piece> pieces;
   // Attention (flash, one layer) and the element-wise, normalisation and loss kernels. Flash
-  // attention reads qkv and writes y and dqkv in bf16; dy is fp32.
+  // attention reads qkv and dy and writes y and dqkv in bf16.
   Tensor lse = Tensor::empty({B, H, T}, DType::f32, kGpu), yh = Tensor::empty({N, C}, DType::bf16, kGpu);
   Tensor dqkv = Tensor::empty({N, 3 * C}, DType::bf16, kGpu);
   const double causal = 2.0 * B * H * T * T * (C / H);  // one causal product (half of 2 T^2 D per head)
@@ -161,9 +161,9 @@ std::vector<Piece> other_pieces(const Buffers& buf) {
                       time_ms([&] { gpu().flash_attention_forward(bf16(xh), bf16(yh), f32(lse), B, T, C, H); }),
                       2 * causal, 2.0 * N * 3 * C + 2.0 * N * C});
     pieces.push_back({"flash attention backward", layers, time_ms([&] {
-                        gpu().flash_attention_backward(bf16(xh), bf16(yh), f32(lse), f32(x), bf16(dqkv), B, T, C, H);
+                        gpu().flash_attention_backward(bf16(xh), bf16(yh), f32(lse), bf16(yh), bf16(dqkv), B, T, C, H);
                       }),
-                      5 * causal, 2.0 * N * 3 * C + 6.0 * N * C + 2.0 * N * 3 * C});
+                      5 * causal, 2.0 * N * 3 * C + 4.0 * N * C + 2.0 * N * 3 * C});
   }
   const double nc = double(N) * C;
   Tensor mean = Tensor::empty({N}, DType::f32, kGpu), rstd = Tensor::empty({N}, DType::f32, kGpu);

@@ -212,6 +212,37 @@ TEST(OpsLinear, WithAndWithoutBias) {
   }
 }
 
+// y = residual + x W (+ b): the residual's gradient is y's; the GPT's branch ends.
+TEST(OpsLinear, WithResidual) {
+  Rng rng(12);
+  for (const auto& xs : std::vector<std::vector<int64_t>>{{5, 3}, {2, 3, 9}, {0, 4}}) {
+    const Shape x_shape(xs);
+    const int64_t in = xs.back(), n = x_shape.numel() / in, out = 7;
+    Shape y_shape = x_shape;
+    y_shape[-1] = out;
+    for (bool bias : {false, true}) {
+      std::vector<Tensor> inputs{rand_tensor(rng, x_shape), rand_tensor(rng, {in, out}), rand_tensor(rng, y_shape)};
+      if (bias) inputs.push_back(rand_tensor(rng, {out}));
+      check_op(
+          "linear + residual x" + x_shape.str() + (bias ? " bias" : ""), inputs, std::vector<bool>(inputs.size(), true),
+          [bias](const std::vector<Tensor>& t) {
+            return ops::linear(t[0], t[1], bias ? t[3] : Tensor(), Tensor(), DType::f32, t[2]);
+          },
+          [=](const std::vector<Vec>& x) {
+            Vec y = linear_ref(x[0], x[1], bias ? x[3] : Vec{}, n, in, out);
+            for (size_t i = 0; i < y.size(); ++i) y[i] += x[2][i];
+            return y;
+          },
+          rng);
+    }
+  }
+  const Tensor x = rand_tensor(rng, {4, 3}), w = rand_tensor(rng, {3, 5});
+  EXPECT_THROW(ops::linear(x, w, Tensor(), Tensor(), DType::f32, rand_tensor(rng, {4, 4})), InvalidArgument);
+  EXPECT_THROW(ops::mlp(x, w, rand_tensor(rng, {5}), rand_tensor(rng, {5, 3}), Tensor(), Tensor(), Tensor(),
+                        rand_tensor(rng, {4, 5})),
+               InvalidArgument);
+}
+
 TEST(OpsLinear, ZeroFeatures) {
   Rng rng(11);
   for (auto [in, out] : {std::pair<int64_t, int64_t>{0, 5}, {4, 0}}) {

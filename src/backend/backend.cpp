@@ -49,7 +49,7 @@ bool Backend::flash_attention_supports(int64_t, int64_t, int64_t) const { return
 void Backend::flash_attention_forward(const BFloat16*, BFloat16*, float*, int64_t, int64_t, int64_t, int64_t) {
   missing(*this, "flash attention");
 }
-void Backend::flash_attention_backward(const BFloat16*, const BFloat16*, const float*, const float*, BFloat16*,
+void Backend::flash_attention_backward(const BFloat16*, const BFloat16*, const float*, const BFloat16*, BFloat16*,
                                        int64_t, int64_t, int64_t, int64_t) {
   missing(*this, "flash attention backward");
 }

@@ -89,12 +89,12 @@ struct GPT::Block : Module {
     const DType compute = attn.c_attn.weight_bf16.defined() ? DType::bf16 : DType::f32;
     Tensor qkv = attn.c_attn.forward(parallel::copy_to_group(ln_1.forward(x, compute), tp),
                                      compute);  // (B, T, 3C / P)
-    const Tensor y = ops::causal_attention(qkv, n_head, compute);
-    // Unsplit, each branch's last product adds the residual stream itself (in its epilogue on
-    // CUDA); a row-parallel product is summed over the group first, then the bias and the residual.
+    // Unsplit, attention and c_proj are one op (flash attention then reads c_proj's dx in bf16),
+    // and each branch's last product adds the residual stream itself (in its epilogue on CUDA); a
+    // row-parallel product is summed over the group first, then the bias and the residual.
     const bool whole = tp.size() == 1;
-    Tensor h = whole ? ops::linear(y, attn.c_proj.weight, attn.c_proj.bias, attn.c_proj.weight_bf16, DType::f32, x)
-                     : ops::add(x, row_parallel(attn.c_proj, y, tp));
+    Tensor h = whole ? ops::attention(qkv, n_head, attn.c_proj.weight, attn.c_proj.bias, attn.c_proj.weight_bf16, x)
+                     : ops::add(x, row_parallel(attn.c_proj, ops::causal_attention(qkv, n_head, compute), tp));
     // The MLP as one op (4C / P hidden units here).
     Tensor m = ops::mlp(parallel::copy_to_group(ln_2.forward(h, compute), tp), mlp.c_fc.weight, mlp.c_fc.bias,
                         mlp.c_proj.weight, whole ? mlp.c_proj.bias : Tensor(), mlp.c_fc.weight_bf16,

@@ -572,21 +572,33 @@ Tensor layer_norm(const Tensor& x_in, const Tensor& w_in, const Tensor& b_in, fl
 
 namespace {
 // bf16 flash attention: no (B, H, T, T) probabilities; backward recomputes them from the bf16
-// qkv and each row's log-sum-exp, and reads y (kept detached: the node must not own its output).
-// y and dqkv are bf16: y feeds attn.c_proj's bf16 product, dqkv c_attn's backward products; the
-// incoming gradient is fp32.
-Tensor flash_attention(const Tensor& qkv_in, const Tensor& qkv, int64_t B, int64_t T, int64_t C, int n_head) {
-  Backend& be = backend_of(qkv);
+// qkv and each row's log-sum-exp, and reads y (kept detached: the node must not own its output)
+// and y's gradient, all bf16: y feeds attn.c_proj's bf16 product, dqkv c_attn's backward products.
+
+// y (B, T, C) bf16 from qkv (B, T, 3C) bf16, keeping lse (B, H, T) for the backward.
+Tensor flash_attention_forward(const Tensor& qkv, int n_head, Tensor& lse) {
+  const int64_t B = qkv.size(0), T = qkv.size(1), C = qkv.size(2) / 3;
   Tensor y = Tensor::empty({B, T, C}, DType::bf16, qkv.device());
-  Tensor lse = new_like(qkv, {B, n_head, T});  // (B, H, T)
-  be.flash_attention_forward(bf16(qkv), bf16(y), f32(lse), B, T, C, n_head);
+  lse = new_like(qkv, {B, n_head, T});
+  backend_of(qkv).flash_attention_forward(bf16(qkv), bf16(y), f32(lse), B, T, C, n_head);
+  return y;
+}
+// dqkv (B, T, 3C) bf16 from the forward's qkv, y and lse and the bf16 gradient dy of y.
+Tensor flash_attention_backward(const Tensor& qkv, const Tensor& y, const Tensor& lse, const Tensor& dy, int n_head) {
+  Tensor dqkv = Tensor::empty(qkv.shape(), DType::bf16, qkv.device());
+  backend_of(qkv).flash_attention_backward(bf16(qkv), bf16(y), f32(lse), bf16(dy), bf16(dqkv), qkv.size(0),
+                                           qkv.size(1), qkv.size(2) / 3, n_head);
+  return dqkv;
+}
+
+// The op's node alone; its incoming gradient (fp32 from an fp32 consumer) rounded once.
+Tensor flash_attention(const Tensor& qkv_in, const Tensor& qkv, int n_head) {
+  Tensor lse;
+  Tensor y = flash_attention_forward(qkv, n_head, lse);
   if (!any_requires_grad({&qkv_in})) return y;
   const Tensor y_kept = y.detach();
-  return record_op(y, OpKind::causal_attention, {qkv_in}, [qkv, y_kept, lse, B, T, C, n_head](const Tensor& g_in) {
-    const Tensor g = g_in.contiguous();
-    Tensor dqkv = Tensor::empty(qkv.shape(), DType::bf16, qkv.device());
-    backend_of(qkv).flash_attention_backward(bf16(qkv), bf16(y_kept), f32(lse), f32(g), bf16(dqkv), B, T, C, n_head);
-    return std::vector<Tensor>{dqkv};
+  return record_op(y, OpKind::causal_attention, {qkv_in}, [qkv, y_kept, lse, n_head](const Tensor& g_in) {
+    return std::vector<Tensor>{flash_attention_backward(qkv, y_kept, lse, to_bf16(g_in.contiguous()), n_head)};
   });
 }
 }  // namespace
@@ -604,7 +616,7 @@ Tensor causal_attention(const Tensor& qkv_in, int n_head, DType compute) {
   const Tensor qkv = mixed ? to_bf16(qkv_in) : qkv_in.contiguous();  // what the products read
   Backend& be = backend_of(qkv);
   if (mixed && B * T > 0 && be.flash_attention_supports(B, C, n_head))
-    return flash_attention(qkv_in, qkv, B, T, C, n_head);
+    return flash_attention(qkv_in, qkv, n_head);
   Tensor y = new_like(qkv, {B, T, C});
   Tensor probs = Tensor::empty({B, n_head, T, T}, compute, qkv.device());  // (B, H, T, T)
   if (mixed) be.attention_forward_bf16(bf16(qkv), f32(y), bf16(probs), B, T, C, n_head);
@@ -618,6 +630,46 @@ Tensor causal_attention(const Tensor& qkv_in, int n_head, DType compute) {
     else be.attention_backward(f32(qkv), f32(probs), f32(g), f32(dqkv), B, T, C, n_head);
     return std::vector<Tensor>{dqkv};
   });
+}
+
+Tensor attention(const Tensor& qkv_in, int n_head, const Tensor& proj_w, const Tensor& proj_b,
+                 const Tensor& proj_w_bf16, const Tensor& residual) {
+  const bool mixed = proj_w_bf16.defined();
+  const DType compute = mixed ? DType::bf16 : DType::f32;
+  auto apart = [&] {
+    return linear(causal_attention(qkv_in, n_head, compute), proj_w, proj_b, proj_w_bf16, DType::f32, residual);
+  };
+  if (!mixed || !qkv_in.defined() || qkv_in.ndim() != 3 || qkv_in.size(2) % 3 != 0 || n_head <= 0)
+    return apart();  // and its checks
+  const int64_t B = qkv_in.size(0), T = qkv_in.size(1), C = qkv_in.size(2) / 3;
+  if (B * T == 0 || !backend_of(qkv_in).flash_attention_supports(B, C, n_head)) return apart();
+  check_operand(qkv_in, true, "attention", "qkv");
+  check_weight(proj_w, proj_b, proj_w_bf16, C, qkv_in.device(), "attention");
+  check_residual(residual, Shape{B, T, proj_w.size(1)}, DType::f32, qkv_in.device(), "attention");
+  const Tensor qkv = to_bf16(qkv_in);
+  Tensor lse;
+  const Tensor y = flash_attention_forward(qkv, n_head, lse).view({B * T, C});
+  const Tensor out = linear_product(y, proj_w_bf16, proj_b, DType::f32, residual).view({B, T, proj_w.size(1)});
+  if (!any_requires_grad({&qkv_in, &proj_w, &proj_b, &residual})) return out;
+  const bool has_bias = proj_b.defined(), has_residual = residual.defined();
+  const LinearBackward proj{y,        proj_w_bf16, false, proj_w.requires_grad(), has_bias,
+                            has_bias && proj_b.requires_grad(), true, Shape{}};
+  std::vector<Tensor> inputs{qkv_in, proj_w};
+  if (has_bias) inputs.push_back(proj_b);
+  if (has_residual) inputs.push_back(residual);
+  const bool need_qkv = qkv_in.requires_grad();
+  return record_op(out, OpKind::causal_attention, inputs,
+                   [proj, qkv, lse, n_head, need_qkv, has_residual](const Tensor& g_in) {
+                     const Tensor g = g_in.contiguous().view({proj.xc.size(0), proj.wc.size(1)});
+                     const Tensor gc = to_bf16(g);
+                     std::vector<Tensor> grads = proj.run(gc, g);  // (none), dW (, db)
+                     // y's gradient straight into bf16 for the attention's backward: no fp32 copy.
+                     if (need_qkv)
+                       grads[0] = flash_attention_backward(qkv, proj.xc, lse,
+                                                           gemm_new(gc, false, proj.wc, true, DType::bf16), n_head);
+                     if (has_residual) grads.push_back(g_in);  // the residual's gradient is the output's
+                     return grads;
+                   });
 }
 
 // ------------------------------------------------------------------------------------------

@@ -71,6 +71,14 @@ Tensor layer_norm(const Tensor& x, const Tensor& weight, const Tensor& bias, flo
 // result is fp32.
 Tensor causal_attention(const Tensor& qkv, int n_head, DType compute = DType::f32);
 
+// Causal self-attention and its output projection as one op: residual + linear(causal_attention(
+// qkv, n_head, compute), proj_w, proj_b, proj_w_bf16), compute bf16 where the projection has a
+// bf16 copy (proj_b and residual may be undefined). Where the attention runs as flash attention,
+// the projection's dx product writes the attention output's gradient in bf16 for the attention's
+// backward to read (the two ops apart would write it in fp32 and round it again); elsewhere the two ops.
+Tensor attention(const Tensor& qkv, int n_head, const Tensor& proj_w, const Tensor& proj_b,
+                 const Tensor& proj_w_bf16 = Tensor(), const Tensor& residual = Tensor());
+
 // Inference only (no autograd): attention of n new positions past .. past+n-1, q (n, C), over
 // key and value caches k, v (L, C) whose first past+n rows are filled. Returns (n, C).
 Tensor cached_attention(const Tensor& q, const Tensor& k, const Tensor& v, int64_t past, int n_head);

@@ -8,6 +8,7 @@
 #include <cuda_runtime_api.h>
 
 #include <algorithm>
+#include <array>
 #include <climits>
 #include <cmath>
 #include <cstdlib>
@@ -90,6 +91,47 @@ class DeviceBuffer {
   size_t bytes_ = 0;
 };
 
+// Small host-to-device copies go through pinned buffers so that they need not wait for the GPU:
+// the source is copied into the next buffer of a ring, the copy queued on the stream, and the
+// caller returns (it may free the source) while the GPU still runs earlier work; a buffer is
+// reused once the copy queued from it has run (its event). A training step's token batches take
+// this path: the host queues the next forward while the GPU finishes the optimizer's update.
+class StagedCopies {
+ public:
+  static constexpr size_t kMaxBytes = size_t{4} << 20;  // larger copies wait for the stream instead
+  StagedCopies() = default;
+  ~StagedCopies() {  // never throws (runs at exit too)
+    for (Slot& s : slots_) {
+      if (s.done) cudaEventSynchronize(s.done), cudaEventDestroy(s.done);
+      cudaFreeHost(s.host);
+    }
+  }
+  StagedCopies(const StagedCopies&) = delete;
+  StagedCopies& operator=(const StagedCopies&) = delete;
+  void copy(void* dst, const void* src, size_t bytes, cudaStream_t stream) {
+    std::lock_guard lock(mutex_);
+    Slot& s = slots_[next_++ % slots_.size()];
+    if (s.done) {
+      CUDA_CHECK(cudaEventSynchronize(s.done));  // the copy queued from it has run
+    } else {
+      CUDA_CHECK(cudaEventCreateWithFlags(&s.done, cudaEventDisableTiming));
+      CUDA_CHECK(cudaMallocHost(&s.host, kMaxBytes));
+    }
+    std::memcpy(s.host, src, bytes);
+    CUDA_CHECK(cudaMemcpyAsync(dst, s.host, bytes, cudaMemcpyHostToDevice, stream));
+    CUDA_CHECK(cudaEventRecord(s.done, stream));
+  }
+
+ private:
+  struct Slot {
+    void* host = nullptr;
+    cudaEvent_t done = nullptr;
+  };
+  std::mutex mutex_;
+  std::array<Slot, 4> slots_;
+  size_t next_ = 0;
+};
+
 // Scratch carved into 256-byte aligned pieces.
 size_t aligned_bytes(size_t bytes) { return (bytes + 255) / 256 * 256; }
 
@@ -162,6 +204,7 @@ class CudaBackend final : public Backend {
 
   void copy_from_host(void* dst, const void* src, size_t bytes) override {
     activate();
+    if (bytes <= StagedCopies::kMaxBytes) return staged_.copy(dst, src, bytes, stream());
     CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, stream()));
     CUDA_CHECK(cudaStreamSynchronize(stream()));  // the caller may free `src` on return
   }
@@ -386,7 +429,7 @@ class CudaBackend final : public Backend {
     check_flash_aligned(qkv, y, nullptr, nullptr);
     CUDA_CHECK(kernels::flash_attention_forward(bits(qkv), bits(y), lse, B, T, C, H, stream()));
   }
-  void flash_attention_backward(const BFloat16* qkv, const BFloat16* y, const float* lse, const float* dy,
+  void flash_attention_backward(const BFloat16* qkv, const BFloat16* y, const float* lse, const BFloat16* dy,
                                 BFloat16* dqkv, int64_t B, int64_t T, int64_t C, int64_t H) override {
     activate();
     check_flash_aligned(qkv, y, dy, dqkv);
@@ -396,7 +439,7 @@ class CudaBackend final : public Backend {
     auto* base = static_cast<char*>(scratch_.reserve(dq_bytes + static_cast<size_t>(B * H * T) * sizeof(float)));
     auto* dq_acc = reinterpret_cast<float*>(base);
     auto* dvec = reinterpret_cast<float*>(base + dq_bytes);
-    CUDA_CHECK(kernels::flash_attention_backward(bits(qkv), bits(y), lse, dy, bits(dqkv), dq_acc, dvec, B, T, C, H,
+    CUDA_CHECK(kernels::flash_attention_backward(bits(qkv), bits(y), lse, bits(dy), bits(dqkv), dq_acc, dvec, B, T, C, H,
                                                  limits_, stream()));
   }
 
@@ -475,6 +518,7 @@ class CudaBackend final : public Backend {
   kernels::LaunchLimits limits_{};
   std::mutex scratch_mutex_;  // scratch_ is shared by the reductions and attention
   DeviceBuffer scratch_;
+  StagedCopies staged_;
   std::mutex adamw_mutex_;
   std::vector<kernels::AdamWSlice> adamw_table_;  // what adamw_device_ holds
   DeviceBuffer adamw_device_;

@@ -5,9 +5,9 @@
 // fp32 accumulators), softmax and statistics in fp32. The scheme is FlashAttention-2's (Dao, 2023):
 // forward parallel over query tiles, backward over key tiles with dQ accumulated atomically.
 // Shared-memory fragments by ldmatrix, K and V tiles of the forward double-buffered by cp.async;
-// the backward reads dO in bf16 (rounded once by the dvec kernel) with its Q, dO, lse and dvec
-// tiles double-buffered by cp.async, and adds dQ four columns per atomic. Activations in and out
-// are bf16 (qkv, y, dqkv), rounded once from the fp32 registers; dy, lse and scratch are fp32.
+// the backward reads dO (dy) in bf16 with its Q, dO, lse and dvec tiles double-buffered by
+// cp.async, and adds dQ four columns per atomic. Activations and gradients in and out are bf16
+// (qkv, y, dy, dqkv), rounded once from the fp32 registers; lse and scratch are fp32.
 // Letters: B batch, T time, C channels, H heads, D head size (64), g = lane / 4, t = lane % 4.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -294,26 +294,22 @@ __global__ void __launch_bounds__(kForwardWarps * 32, 2) flash_forward_kernel(co
 }
 
 // ------------------------------------------------------------------------------------------------
-// Backward: dvec and the bf16 dO, then the key-tile kernel, then the dQ scatter, in stream order.
-//
-// The bf16 dO lives in dqkv's q slots: row b T + i of dO at dqkv + (b T + i) 3C + h D, exactly the
-// C bf16 of the row's dq slot. The main kernel reads it there and writes only the k and v slots;
-// the scatter, queued after it, overwrites the q slots with dQ.
+// Backward: dvec, then the key-tile kernel, then the dQ scatter, in stream order. The main kernel
+// writes only the k and v slots of dqkv; the scatter, queued after it, writes the q slots.
 
-// dvec[(b H + h) T + i] = sum_d dy[b, i, h D + d] y[b, i, h D + d] (y in bf16, dy in fp32): one warp
-// per (row, head), two columns a lane. Also dy rounded to bf16 (once here, not in every tile of the
-// backward) into dqkv's q slots.
-__global__ void flash_dvec_kernel(const uint16_t* y, const float* dy, float* dvec, uint16_t* dqkv, int64_t rows,
-                                  int64_t T, int64_t C, int64_t H) {
+// dvec[(b H + h) T + i] = sum_d dy[b, i, h D + d] y[b, i, h D + d] (both bf16, summed in fp32): one
+// warp per (row, head), two columns a lane.
+__global__ void flash_dvec_kernel(const uint16_t* y, const uint16_t* dy, float* dvec, int64_t rows, int64_t T,
+                                  int64_t C, int64_t H) {
   const int64_t item = (int64_t{blockIdx.x} * blockDim.x + threadIdx.x) / 32;  // (b, i, h)
   if (item >= rows * H) return;
   const int64_t row = item / H, h = item % H, b = row / T, i = row % T;
   const int lane = threadIdx.x & 31;
-  const uint32_t a = pair(y + row * C + h * D + 2 * lane);
-  const float2 d = *reinterpret_cast<const float2*>(dy + row * C + h * D + 2 * lane);
-  const float sum = warp_reduce(value_of(uint16_t(a & 0xffffu)) * d.x + value_of(uint16_t(a >> 16)) * d.y, SumOp{});
+  const uint32_t a = pair(y + row * C + h * D + 2 * lane), d = pair(dy + row * C + h * D + 2 * lane);
+  const float sum = warp_reduce(value_of(uint16_t(a & 0xffffu)) * value_of(uint16_t(d & 0xffffu)) +
+                                    value_of(uint16_t(a >> 16)) * value_of(uint16_t(d >> 16)),
+                                SumOp{});
   if (lane == 0) dvec[(b * H + h) * T + i] = sum;
-  *reinterpret_cast<uint32_t*>(dqkv + row * 3 * C + h * D + 2 * lane) = pack(d.x, d.y);
 }
 
 // Block (key tile, b * H + h), warp w owns keys k0 = 64 tile + 16 w .. + 15 and walks the query
@@ -321,7 +317,7 @@ __global__ void flash_dvec_kernel(const uint16_t* y, const float* dy, float* dve
 // dS^T = P^T (dP^T - dvec), dK += dS^T Q, and dQ += dS K through shared memory and float4 atomics
 // into dq_acc. One function of ~120 lines: the steps of a tile share the warp's registers (K and V
 // fragments, the dK and dV accumulators). The mask applies only on the diagonal tile and the last
-// (which may reach past T); Q, dO (bf16, from dqkv's q slots), lse and dvec tiles are
+// (which may reach past T); Q, dO (bf16 dy), lse and dvec tiles are
 // double-buffered by cp.async; the longest key tiles' blocks start first. dK and dV go to dqkv's k
 // and v slots in bf16.
 // 3 blocks of 4 warps per SM (registers capped at 168, a few bytes spilled): 0.85 ms a layer against
@@ -331,8 +327,8 @@ constexpr int kBackwardBlocksPerSm = 3;
 constexpr int kBackwardSmem = 6 * kTile * kPad * 2 + 2 * 2 * kTile * 4;
 
 __global__ void __launch_bounds__(kWarps * 32, kBackwardBlocksPerSm)
-    flash_backward_kernel(const uint16_t* qkv, const float* lse, const float* dvec, uint16_t* dqkv, float* dq_acc,
-                          int64_t T, int64_t C, int64_t H, float scale2, float scale) {
+    flash_backward_kernel(const uint16_t* qkv, const uint16_t* dy, const float* lse, const float* dvec, uint16_t* dqkv,
+                          float* dq_acc, int64_t T, int64_t C, int64_t H, float scale2, float scale) {
   constexpr int kTileElems = kTile * kPad;
   extern __shared__ __align__(16) uint16_t smem[];
   uint16_t* const qs0 = smem;                      // 2 tiles
@@ -347,7 +343,7 @@ __global__ void __launch_bounds__(kWarps * 32, kBackwardBlocksPerSm)
   const int64_t ktile = linear / gridDim.y, bh = linear % gridDim.y;
   const int64_t b = bh / H, h = bh % H, ld = 3 * C;
   const uint16_t* q = qkv + b * T * ld + h * D;
-  const uint16_t* dob = dqkv + b * T * ld + h * D;  // dO: the q slots of dqkv, row stride 3C as q's
+  const uint16_t* dob = dy + b * T * C + h * D;  // dO, row stride C
   const int warp = threadIdx.x >> 5, g = (threadIdx.x & 31) >> 2, t = threadIdx.x & 3;
   const int64_t key0 = ktile * kTile, k0 = key0 + 16 * warp;
   // Q, dO, lse and dvec of query tile qt into buffer buf, one cp.async group.
@@ -358,9 +354,9 @@ __global__ void __launch_bounds__(kWarps * 32, kBackwardBlocksPerSm)
     for (int j = 0; j < kTile / 16; ++j) {
       const int64_t row = qt * kTile + 16 * j + lr;
       const bool in = row < T;
-      const int64_t off = in ? row * ld + lc : 0;  // rows past T: zeros, from a valid address
-      cp_async16(qs0 + buf * kTileElems + 16 * j * kPad + soff, q + off, in ? 16 : 0);
-      cp_async16(dos0 + buf * kTileElems + 16 * j * kPad + soff, dob + off, in ? 16 : 0);
+      const int64_t r = in ? row : 0;  // rows past T: zeros, from a valid address
+      cp_async16(qs0 + buf * kTileElems + 16 * j * kPad + soff, q + r * ld + lc, in ? 16 : 0);
+      cp_async16(dos0 + buf * kTileElems + 16 * j * kPad + soff, dob + r * C + lc, in ? 16 : 0);
     }
     const int i = threadIdx.x & (kTile - 1);  // 128 threads: lse by the first 64, dvec by the rest
     const int64_t row = qt * kTile + i;
@@ -464,7 +460,7 @@ __global__ void __launch_bounds__(kWarps * 32, kBackwardBlocksPerSm)
 }
 
 // dqkv[b, i, h D + d .. + 3] = bf16(scale dq_acc[(b H + h) T + i, d .. + 3]): four columns per
-// index (a float4 in, 8 bytes out), over the q slots that held the bf16 dO until now.
+// index (a float4 in, 8 bytes out), into the q slots.
 struct ScatterDq {
   const float* dq_acc;
   uint16_t* dqkv;
@@ -502,7 +498,7 @@ cudaError_t flash_attention_forward(const uint16_t* qkv, uint16_t* y, float* lse
   return cudaGetLastError();
 }
 
-cudaError_t flash_attention_backward(const uint16_t* qkv, const uint16_t* y, const float* lse, const float* dy,
+cudaError_t flash_attention_backward(const uint16_t* qkv, const uint16_t* y, const float* lse, const uint16_t* dy,
                                      uint16_t* dqkv, float* dq_acc, float* dvec, int64_t B, int64_t T, int64_t C,
                                      int64_t H, const LaunchLimits& lim, cudaStream_t stream) {
   if (!flash_shapes_ok(B, T, C, H) || !flash_attention_aligned(qkv, y, dy, dqkv) ||
@@ -511,15 +507,15 @@ cudaError_t flash_attention_backward(const uint16_t* qkv, const uint16_t* y, con
   const float scale = 1.0f / sqrtf(static_cast<float>(D)), scale2 = kLog2e * scale;
   const int64_t items = B * T * H;  // one warp each
   flash_dvec_kernel<<<static_cast<unsigned>((items * 32 + kThreads - 1) / kThreads), kThreads, 0, stream>>>(
-      y, dy, dvec, dqkv, B * T, T, C, H);
+      y, dy, dvec, B * T, T, C, H);
   cudaError_t err = cudaMemsetAsync(dq_acc, 0, static_cast<size_t>(B * H * T * D) * sizeof(float), stream);
   if (err != cudaSuccess) return err;
   // Per call, not once: the attribute belongs to the current device, and a process may drive several.
   err = cudaFuncSetAttribute(flash_backward_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kBackwardSmem);
   if (err != cudaSuccess) return err;
   const dim3 grid(static_cast<unsigned>((T + kTile - 1) / kTile), static_cast<unsigned>(B * H));
-  flash_backward_kernel<<<grid, kWarps * 32, kBackwardSmem, stream>>>(qkv, lse, dvec, dqkv, dq_acc, T, C, H, scale2,
-                                                                      scale);
+  flash_backward_kernel<<<grid, kWarps * 32, kBackwardSmem, stream>>>(qkv, dy, lse, dvec, dqkv, dq_acc, T, C, H,
+                                                                      scale2, scale);
   const int64_t n = B * H * T * D / 4;
   scatter_kernel<<<grid_for(n, lim), kThreads, 0, stream>>>(n, ScatterDq{dq_acc, dqkv, T, C, H, scale});
   return cudaGetLastError();

@@ -156,22 +156,22 @@ static_assert(kFlashHeadDim % 8 == 0, "the flash kernels copy rows of bf16 16 by
 inline bool flash_attention_fits(int64_t B, int64_t C, int64_t H) {
   return H > 0 && C == H * kFlashHeadDim && C % 8 == 0 && B * H <= 65535;
 }
-// The base alignment the kernels need: 16 bytes for qkv and dqkv (rows copied by cp.async), 8 for
-// dy (float2 loads), 4 for y (bf16 pairs). A null pointer passes (the forward has no dy, dqkv).
+// The base alignment the kernels need: 16 bytes for qkv, dy and dqkv (rows copied by cp.async), 4
+// for y (bf16 pairs). A null pointer passes (the forward has no dy, dqkv).
 // Tensors of tutti's caching allocator start 256-byte aligned (one cudaMalloc block each).
 inline bool flash_attention_aligned(const void* qkv, const void* y, const void* dy = nullptr,
                                     const void* dqkv = nullptr) {
   auto at = [](const void* p, uintptr_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; };
-  return at(qkv, 16) && at(y, 4) && at(dy, 8) && at(dqkv, 16);
+  return at(qkv, 16) && at(y, 4) && at(dy, 16) && at(dqkv, 16);
 }
 // y (B, T, C) bf16, rounded once from fp32; lse (B, H, T) fp32: each row's log2-sum-exp2 of the
 // scores times log2(e).
 cudaError_t flash_attention_forward(const uint16_t* qkv, uint16_t* y, float* lse, int64_t B, int64_t T, int64_t C,
                                     int64_t H, cudaStream_t stream);
-// From the forward's qkv, y (bf16) and lse, and dy (B, T, C) fp32: dqkv (B, T, 3C) bf16, every
-// element written (its q slots hold dy in bf16 between the kernels). Scratch: dq_acc (B, H, T, 64),
-// 16-byte aligned, and dvec (B, H, T), fp32; the launcher zeroes dq_acc.
-cudaError_t flash_attention_backward(const uint16_t* qkv, const uint16_t* y, const float* lse, const float* dy,
+// From the forward's qkv, y (bf16) and lse, and dy (B, T, C) bf16: dqkv (B, T, 3C) bf16, every
+// element written. Scratch: dq_acc (B, H, T, 64), 16-byte aligned, and dvec (B, H, T), fp32; the
+// launcher zeroes dq_acc.
+cudaError_t flash_attention_backward(const uint16_t* qkv, const uint16_t* y, const float* lse, const uint16_t* dy,
                                      uint16_t* dqkv, float* dq_acc, float* dvec, int64_t B, int64_t T, int64_t C,
                                      int64_t H, const LaunchLimits& lim, cudaStream_t stream);
 
