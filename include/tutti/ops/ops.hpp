@@ -68,7 +68,8 @@ Tensor layer_norm(const Tensor& x, const Tensor& weight, const Tensor& bias, flo
 // scores, softmax statistics and the result in fp32. Where the backend runs it as flash attention
 // (bf16, head size 64 on CUDA) the result is bf16 (for a mixed-precision product to read: a
 // linear with a bf16 weight copy) and qkv's gradient is bf16; the gradient coming back to the
-// result is fp32.
+// result (fp32, or bf16 as it is) is rounded to bf16 once for the backward (ops::attention hands
+// it over in bf16 from the projection's product).
 Tensor causal_attention(const Tensor& qkv, int n_head, DType compute = DType::f32);
 
 // Causal self-attention and its output projection as one op: residual + linear(causal_attention(
