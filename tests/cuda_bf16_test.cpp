@@ -469,8 +469,10 @@ TEST(MixedPrecision, UnrefreshedModelComputesFp32) {
 
 namespace {
 
-// Losses of `steps` steps of a small GPT on Shakespeare through DataParallel (as the trainer).
-std::vector<double> gpt_losses(DType compute, int n_head, int steps) {
+// Losses of `steps` steps of a small GPT on Shakespeare through DataParallel (as the trainer);
+// after_step, if set, looks at the model after each update.
+std::vector<double> gpt_losses(DType compute, int n_head, int steps,
+                               const std::function<void(const nn::GPT&)>& after_step = nullptr) {
   nn::GPTConfig cfg;
   cfg.n_layer = 2;
   cfg.n_head = n_head;
@@ -495,6 +497,7 @@ std::vector<double> gpt_losses(DType compute, int n_head, int steps) {
     replica.end_sync();
     replica.step(3e-3f, 1.0f);
     losses.push_back(loss.item());
+    if (after_step) after_step(model);
   }
   return losses;
 }
@@ -529,6 +532,25 @@ TEST(CudaBf16Gpt, TrainingTracksFp32) {
   const std::vector<double> fp32 = gpt_losses(DType::f32, 4, kSteps), bf16 = gpt_losses(DType::bf16, 4, kSteps);
   expect_tracks(bf16, fp32, 0.02);
   EXPECT_LT(bf16.back(), fp32.front() - 1.0) << "the bf16 run must learn";
+}
+
+// DataParallel's update writes the bf16 compute copies in AdamW's launch (no refresh): after every
+// step each copy is its weight rounded, bit for bit, and stays the same tensor (written in place).
+TEST(CudaBf16Gpt, UpdateWritesTheComputeCopies) {
+  if (!have_gpu()) GTEST_SKIP() << "no CUDA device";
+  std::vector<const void*> first;
+  gpt_losses(DType::bf16, 4, 3, [&](const nn::GPT& model) {
+    const auto copies = model.compute_copies();
+    ASSERT_FALSE(copies.empty());
+    if (first.empty())
+      for (const auto& [weight, copy] : copies) first.push_back(copy.raw_data());
+    for (size_t i = 0; i < copies.size(); ++i) {
+      const auto& [weight, copy] = copies[i];
+      ASSERT_TRUE(copy.defined()) << "copy " << i;
+      EXPECT_EQ(copy.raw_data(), first[i]) << "copy " << i << " was replaced, not written in place";
+      EXPECT_TRUE(all_close(widened(copy), rounded(weight.to(kCpu)), 0.0, 0.0)) << "copy " << i;
+    }
+  });
 }
 
 // Head size 64: flash attention (unless TUTTI_CUDA_FLASH=0). Only the first 10 steps: with two

@@ -52,11 +52,19 @@ void Module::set_compute_dtype(DType dtype) {
   for (auto& [name, child] : children_) child->set_compute_dtype(dtype);
 }
 
+namespace {
+// A copy that can be rounded into in place: made for this weight where the weight now lives.
+bool current_copy(const Tensor& weight, const Tensor& copy) {
+  return copy.defined() && copy.dtype() == DType::bf16 && copy.shape() == weight.shape() &&
+         copy.device() == weight.device();
+}
+}  // namespace
+
 void Module::refresh_compute_copies() {
   NoGradGuard no_grad;
   if (compute_dtype_ == DType::bf16) {
     for (auto& [weight, copy] : compute_copies_) {
-      if (copy->defined() && copy->shape() == weight.shape() && copy->device() == weight.device())
+      if (current_copy(weight, *copy))
         backend_for(weight.device())
             .to_bf16(weight.contiguous().data<float>(), static_cast<BFloat16*>(copy->raw_data()), weight.numel());
       else
@@ -69,7 +77,8 @@ void Module::refresh_compute_copies() {
 std::vector<std::pair<Tensor, Tensor>> Module::compute_copies() const {
   std::vector<std::pair<Tensor, Tensor>> out;
   if (compute_dtype_ == DType::bf16)
-    for (const auto& [weight, copy] : compute_copies_) out.emplace_back(weight, *copy);
+    for (const auto& [weight, copy] : compute_copies_)
+      out.emplace_back(weight, current_copy(weight, *copy) ? *copy : Tensor());
   for (const auto& [name, child] : children_) {
     std::vector<std::pair<Tensor, Tensor>> more = child->compute_copies();
     out.insert(out.end(), more.begin(), more.end());

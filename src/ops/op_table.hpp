@@ -8,12 +8,12 @@ namespace tutti {
 
 enum class OpKind : int {
   matmul, linear, add, scale, gelu, relu, layer_norm, causal_attention, embedding, cross_entropy, sum, reshape,
-  linear_gelu, mlp, kCount
+  linear_gelu, mlp, attention, kCount
 };
 
 inline constexpr std::array<std::string_view, static_cast<size_t>(OpKind::kCount)> kOpNames = {
     "matmul", "linear", "add", "scale", "gelu", "relu", "layer_norm", "causal_attention", "embedding",
-    "cross_entropy", "sum", "reshape", "linear_gelu", "mlp"};
+    "cross_entropy", "sum", "reshape", "linear_gelu", "mlp", "attention"};
 static_assert(kOpNames.size() == static_cast<size_t>(OpKind::kCount), "every op needs a name");
 
 inline const char* op_name(OpKind k) { return kOpNames[static_cast<size_t>(k)].data(); }

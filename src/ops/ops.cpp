@@ -658,7 +658,7 @@ Tensor attention(const Tensor& qkv_in, int n_head, const Tensor& proj_w, const T
   if (has_bias) inputs.push_back(proj_b);
   if (has_residual) inputs.push_back(residual);
   const bool need_qkv = qkv_in.requires_grad();
-  return record_op(out, OpKind::causal_attention, inputs,
+  return record_op(out, OpKind::attention, inputs,
                    [proj, qkv, lse, n_head, need_qkv, has_residual](const Tensor& g_in) {
                      const Tensor g = g_in.contiguous().view({proj.xc.size(0), proj.wc.size(1)});
                      const Tensor gc = to_bf16(g);

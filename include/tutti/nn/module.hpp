@@ -36,9 +36,10 @@ class Module {
   DType compute_dtype() const { return compute_dtype_; }
   void refresh_compute_copies();
   // Under bf16, each (fp32 weight, compute copy) pair, children included; a copy is undefined until
-  // the first refresh. An optimizer may write the copies in the pass that updates the weights
-  // (AdamWTensor::copy) instead of calling refresh_compute_copies after it: a refresh rounds into
-  // the copies in place once they exist, so the tensors stay the same.
+  // the first refresh (and after the weight moved to another device, until the next). An
+  // optimizer may write the copies in the pass that updates the weights (AdamWTensor::copy)
+  // instead of calling refresh_compute_copies after it: a refresh rounds into the copies in place
+  // once they exist, so the tensors stay the same.
   std::vector<std::pair<Tensor, Tensor>> compute_copies() const;
 
  protected:

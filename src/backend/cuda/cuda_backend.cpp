@@ -439,8 +439,8 @@ class CudaBackend final : public Backend {
     auto* base = static_cast<char*>(scratch_.reserve(dq_bytes + static_cast<size_t>(B * H * T) * sizeof(float)));
     auto* dq_acc = reinterpret_cast<float*>(base);
     auto* dvec = reinterpret_cast<float*>(base + dq_bytes);
-    CUDA_CHECK(kernels::flash_attention_backward(bits(qkv), bits(y), lse, bits(dy), bits(dqkv), dq_acc, dvec, B, T, C, H,
-                                                 limits_, stream()));
+    CUDA_CHECK(kernels::flash_attention_backward(bits(qkv), bits(y), lse, bits(dy), bits(dqkv), dq_acc, dvec, B, T, C,
+                                                 H, limits_, stream()));
   }
 
  private:
