@@ -596,6 +596,13 @@ TEST(OpsBadInput, ShapesAndDtypes) {
   // mlp: the second layer's weight must take the first's outputs
   EXPECT_THROW(ops::mlp(m23, m34, v4, rand_tensor(rng, {5, 2}), none), InvalidArgument);
   EXPECT_THROW(ops::mlp(m23, m34, v4, rand_tensor(rng, {4, 2}), v3), InvalidArgument);  // bias 3 vs 2
+  // attention with its projection: the projection takes C = 2 inputs, the residual its result
+  const Tensor qkv6 = rand_tensor(rng, {1, 3, 6});
+  EXPECT_THROW(ops::attention(qkv6, 1, rand_tensor(rng, {3, 2}), none), InvalidArgument);
+  EXPECT_THROW(ops::attention(qkv6, 3, rand_tensor(rng, {2, 2}), none), InvalidArgument);  // 3 heads of C = 2
+  EXPECT_THROW(ops::attention(qkv6, 1, rand_tensor(rng, {2, 2}), none, none, rand_tensor(rng, {1, 3, 3})),
+               InvalidArgument);
+  EXPECT_THROW(ops::attention(rand_tensor(rng, {1, 3, 5}), 1, rand_tensor(rng, {2, 2}), none), InvalidArgument);
   // reductions, reshape, softmax
   EXPECT_THROW(ops::sum(ints), InvalidArgument);
   EXPECT_THROW(ops::mean(rand_tensor(rng, {0, 3})), InvalidArgument);
