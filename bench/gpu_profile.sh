@@ -3,8 +3,8 @@
 # the GPU machine): the step's wall time (a plain 20-step run) and the host's spans in a traced run,
 # step by step: forward (ends with the loss, which waits for the GPU), backward (the host queues
 # it), the gradient norm (waits for the GPU to finish backward), the energy counter, the
-# optimizer, the batch copy. Host work between the waits is time the GPU may sit idle. (ncu over a
-# training step was tried: ~0.1 s per kernel, too slow for a device call.)
+# optimizer, the batch copy. Host work between the waits is time the GPU may sit idle. (The GPU's
+# side, kernel by kernel: bench/gpu_kernels.sh, ncu with durations only, ~30 s for two steps.)
 #   bash bench/gpu_profile.sh OUT_DIR [BATCH]     (build-gpu/ from scripts/gpu_build.sh)
 set -uo pipefail
 cd "$(dirname "$0")/.."
