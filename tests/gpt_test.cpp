@@ -102,6 +102,20 @@ TEST(GPT, OverfitsOneBatch) {
   EXPECT_LT(last, 0.05) << "a tiny GPT must memorise one batch";
 }
 
+// AdamW updates every parameter in one pass (one launch on CUDA): a parameter given twice would
+// be updated twice at once, so it is refused, naming it.
+TEST(GPT, AdamWRefusesAParameterGivenTwice) {
+  nn::GPT model(tiny(1));
+  auto params = model.named_parameters();
+  params.push_back({"again", params.front().second});
+  try {
+    optim::AdamW opt(params, {});
+    FAIL() << "a repeated parameter was accepted";
+  } catch (const InvalidArgument& e) {
+    EXPECT_NE(std::string(e.what()).find("'again' is given twice"), std::string::npos) << e.what();
+  }
+}
+
 TEST(GPT, KvCacheMatchesFullForward) {
   nn::GPT model(tiny(2, 2, 16, 12));
   Rng rng(9);

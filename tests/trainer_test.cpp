@@ -179,7 +179,9 @@ TEST(TrainerCuda, MatchesTheCpuAndCheckpointsMoveBetweenDevices) {
   gpu.device = "cuda";
   run(cpu, false);
   const train::TrainResult on_gpu = run(gpu, false);
-  if (EnergyMeter(Device::cuda(0)).available()) EXPECT_GT(on_gpu.energy_joules, 0.0);  // NVML
+  // NVML measured it (-1 would be "not measured"); the counter need not tick during a run this short
+  // (10 tiny steps, tens of ms on an H200: it read 0 once the host stopped waiting on every copy).
+  if (EnergyMeter(Device::cuda(0)).available()) EXPECT_GE(on_gpu.energy_joules, 0.0);
   const auto a = step_losses(cpu_dir), b = step_losses(gpu_dir);
   ASSERT_EQ(a.size(), b.size());
   for (const auto& [step, loss] : a)

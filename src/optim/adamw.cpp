@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <unordered_set>
 
 #include "backend/backend.hpp"
 #include "optim/adamw_step.hpp"
@@ -15,9 +16,12 @@ AdamW::AdamW(std::vector<std::pair<std::string, Tensor>> named_params, const Ada
   TUTTI_CHECK_AS(InvalidArgument, options.beta1 >= 0 && options.beta1 < 1, "beta1 must be in [0, 1), got ", options.beta1);
   TUTTI_CHECK_AS(InvalidArgument, options.beta2 >= 0 && options.beta2 < 1, "beta2 must be in [0, 1), got ", options.beta2);
   TUTTI_CHECK_AS(InvalidArgument, options.weight_decay >= 0, "weight_decay must be >= 0, got ", options.weight_decay);
+  std::unordered_set<const void*> starts;  // one update per element: the step is one launch on CUDA
   for (auto& [name, p] : named_params) {
     TUTTI_CHECK_AS(InvalidArgument, p.dtype() == DType::f32 && p.is_contiguous(), "AdamW: parameter '", name,
                    "' must be contiguous f32, got ", p.str());
+    TUTTI_CHECK_AS(InvalidArgument, p.numel() == 0 || starts.insert(p.raw_data()).second, "AdamW: parameter '", name,
+                   "' is given twice (its memory is another parameter's)");
     slots_.push_back({name, p, Tensor::zeros(p.shape(), DType::f32, p.device()),
                       Tensor::zeros(p.shape(), DType::f32, p.device()), p.ndim() >= 2});
   }

@@ -217,18 +217,19 @@ struct DataParallel::Impl {
     // Where this rank updates every parameter, the bf16 compute copies are written in the same pass
     // (one launch on CUDA); otherwise they are refreshed after the shards are gathered.
     const bool whole = lo == 0 && hi == n;
-    std::unordered_map<const void*, BFloat16*> copy_of;
+    std::unordered_map<const TensorImpl*, BFloat16*> copy_of;  // by the parameter itself
     bool copies_written = whole;
     if (whole)
       for (const auto& [weight, copy] : model.compute_copies()) {
-        copies_written = copies_written && copy.defined();
-        if (copy.defined()) copy_of[weight.raw_data()] = static_cast<BFloat16*>(copy.raw_data());
+        // Two copies of one weight, or one not written yet: the refresh below rounds them all.
+        copies_written = copies_written && copy.defined() && !copy_of.count(&weight.impl());
+        if (copy.defined()) copy_of[&weight.impl()] = static_cast<BFloat16*>(copy.raw_data());
       }
     std::vector<AdamWTensor> tensors;
     for (const Segment& seg : segments) {
       const int64_t b = std::max(seg.offset, lo), e = std::min(seg.offset + seg.numel, hi);
       if (b >= e) continue;
-      auto copy = copy_of.find(seg.param.raw_data());
+      auto copy = copy_of.find(&seg.param.impl());
       tensors.push_back({params.data<float>() + b, g + (b - lo), exp_avg.data<float>() + (b - lo),
                          exp_avg_sq.data<float>() + (b - lo), e - b, seg.decay,
                          copy == copy_of.end() ? nullptr : copy->second});

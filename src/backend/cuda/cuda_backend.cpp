@@ -36,7 +36,7 @@ const uint16_t* bits(const BFloat16* p) { return reinterpret_cast<const uint16_t
 // a view that starts mid-block may not.
 void check_flash_aligned(const void* qkv, const void* y, const void* dy, const void* dqkv) {
   TUTTI_CHECK_AS(InvalidArgument, kernels::flash_attention_aligned(qkv, y, dy, dqkv),
-                 "flash attention needs qkv and dqkv 16-byte aligned, dy 8 and y 4; got qkv ", qkv, ", y ", y,
+                 "flash attention needs qkv, dy and dqkv 16-byte aligned and y 4; got qkv ", qkv, ", y ", y,
                  ", dy ", dy, ", dqkv ", dqkv);
 }
 
@@ -113,9 +113,15 @@ class StagedCopies {
     Slot& s = slots_[next_++ % slots_.size()];
     if (s.done) {
       CUDA_CHECK(cudaEventSynchronize(s.done));  // the copy queued from it has run
-    } else {
-      CUDA_CHECK(cudaEventCreateWithFlags(&s.done, cudaEventDisableTiming));
+    } else {  // the slot takes both or neither
       CUDA_CHECK(cudaMallocHost(&s.host, kMaxBytes));
+      const cudaError_t err = cudaEventCreateWithFlags(&s.done, cudaEventDisableTiming);
+      if (err != cudaSuccess) {
+        cudaFreeHost(s.host);
+        s.host = nullptr;
+        s.done = nullptr;
+        CUDA_CHECK(err);
+      }
     }
     std::memcpy(s.host, src, bytes);
     CUDA_CHECK(cudaMemcpyAsync(dst, s.host, bytes, cudaMemcpyHostToDevice, stream));
@@ -368,7 +374,8 @@ class CudaBackend final : public Backend {
     CUDA_CHECK(kernels::softmax(x, y, rows, cols, stream()));
   }
   // One launch for every tensor. Its table stays in device memory and is uploaded again only when
-  // the tensors change (an optimizer passes the same ones every step).
+  // the tensors change (DataParallel passes the same ones every step; optim::AdamW's gradients may
+  // move), through the staged copies: the upload waits for nothing.
   void adamw(std::span<const AdamWTensor> tensors, const AdamWStep& s) override {
     activate();
     const kernels::AdamWFolded folded{s.beta1,
@@ -395,8 +402,14 @@ class CudaBackend final : public Backend {
              a.first_block == b.first_block && a.decay == b.decay && a.vec == b.vec;
     };
     if (!std::equal(table.begin(), table.end(), adamw_table_.begin(), adamw_table_.end(), same)) {
-      CUDA_CHECK(cudaMemcpyAsync(adamw_device_.reserve(bytes), table.data(), bytes, cudaMemcpyHostToDevice, stream()));
-      CUDA_CHECK(cudaStreamSynchronize(stream()));  // `table` is freed on return
+      adamw_table_.clear();  // what the device holds is unknown until the upload is queued
+      void* dst = adamw_device_.reserve(bytes);
+      if (bytes <= StagedCopies::kMaxBytes) {  // queued behind the last launch that read the old table
+        staged_.copy(dst, table.data(), bytes, stream());
+      } else {
+        CUDA_CHECK(cudaMemcpyAsync(dst, table.data(), bytes, cudaMemcpyHostToDevice, stream()));
+        CUDA_CHECK(cudaStreamSynchronize(stream()));  // `table` is freed on return
+      }
       adamw_table_ = std::move(table);
     }
     CUDA_CHECK(kernels::adamw(static_cast<const kernels::AdamWSlice*>(adamw_device_.reserve(bytes)),
