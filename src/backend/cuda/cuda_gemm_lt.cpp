@@ -98,17 +98,27 @@ LtGemm::~LtGemm() {
 bool LtGemm::run(const EpilogueGemmOf<float>& g) { return dispatch(g, CUDA_R_32F); }
 bool LtGemm::run(const EpilogueGemmOf<BFloat16>& g) { return dispatch(g, CUDA_R_16BF); }
 
-bool LtGemm::run_plain(const GemmBf16& g) {
+// p: g's operands and D, swapped to column-major, no epilogue yet; false (p untouched) where g is
+// outside what LtGemm runs (a batch, alpha != 1, beta != 0, an empty size).
+template <class T>
+bool LtGemm::problem_of(const GemmOf<T>& g, cudaDataType_t ab_type, Problem& p) {
   if (g.batch != 1 || g.beta != 0.0f || g.alpha != 1.0f || g.m <= 0 || g.n <= 0 || g.k <= 0) return false;
   void* d = g.c_bf16 ? static_cast<void*>(g.c_bf16) : static_cast<void*>(g.c);
-  return run_problem({CUDA_R_16BF, g.trans_b, g.trans_a, g.n, g.m, g.k, g.ldb, g.lda, g.ldc, CUBLASLT_EPILOGUE_DEFAULT,
-                      g.b, g.a, d, g.c_bf16 ? CUDA_R_16BF : CUDA_R_32F, nullptr, nullptr, nullptr});
+  p = {ab_type, g.trans_b, g.trans_a, g.n, g.m, g.k, g.ldb, g.lda, g.ldc, CUBLASLT_EPILOGUE_DEFAULT,
+       g.b,     g.a,       d,         g.c_bf16 ? CUDA_R_16BF : CUDA_R_32F, nullptr, nullptr, nullptr};
+  return true;
+}
+
+bool LtGemm::run_plain(const GemmBf16& g) {
+  Problem p;
+  return problem_of(g, CUDA_R_16BF, p) && run_problem(p);
 }
 
 template <class T>
 bool LtGemm::dispatch(const EpilogueGemmOf<T>& e, cudaDataType_t ab_type) {
   const GemmOf<T>& g = e.gemm;
-  if (g.batch != 1 || g.beta != 0.0f || g.alpha != 1.0f || g.m <= 0 || g.n <= 0 || g.k <= 0) return false;
+  Problem p;
+  if (!problem_of(g, ab_type, p)) return false;
   const bool dgelu = e.epilogue == GemmEpilogue::dgelu;
   const bool gelu = e.epilogue == GemmEpilogue::bias_gelu || dgelu;
   const bool grad = e.epilogue == GemmEpilogue::bias_grad;
@@ -116,11 +126,20 @@ bool LtGemm::dispatch(const EpilogueGemmOf<T>& e, cudaDataType_t ab_type) {
   if (gelu && (e.aux == nullptr || g.ldc % 8 != 0)) return false;
   if (g.c_bf16 && e.epilogue == GemmEpilogue::bias_grad) return false;
   if (e.residual && (e.epilogue != GemmEpilogue::bias || g.c_bf16 || e.residual == g.c)) return false;
-  void* d = g.c_bf16 ? static_cast<void*>(g.c_bf16) : static_cast<void*>(g.c);
-  Problem p{ab_type, g.trans_b, g.trans_a, g.n,    g.m,   g.k,         g.ldb, g.lda, g.ldc, lt_epilogue(e.epilogue),
-            g.b,     g.a,       d,         g.c_bf16 ? CUDA_R_16BF : CUDA_R_32F, e.bias, e.aux, e.bias_grad,
-            e.residual};
+  p.epilogue = lt_epilogue(e.epilogue);
+  p.bias = e.bias;
+  p.aux = e.aux;
+  p.bias_grad = e.bias_grad;
+  p.c = e.residual;
   return run_problem(p);
+}
+
+// p with `algo` on the stream: D = P (+ epilogue), or D = C + P where p has a C (beta 1).
+cublasStatus_t LtGemm::matmul(cublasLtMatmulDesc_t desc, const Problem& p, cublasLtMatrixLayout_t a,
+                              cublasLtMatrixLayout_t b, cublasLtMatrixLayout_t d, const cublasLtMatmulAlgo_t& algo) {
+  const float alpha = 1.0f, beta = p.c ? 1.0f : 0.0f;
+  return cublasLtMatmul(handle_, desc, &alpha, p.a, a, p.b, b, &beta, p.c ? p.c : p.d, d, p.d, d, &algo, workspace_,
+                        workspace_bytes_, stream_);
 }
 
 // The fastest of the heuristic's candidates on p's operands (the first, untimed, unless tuning):
@@ -132,11 +151,8 @@ cublasLtMatmulAlgo_t LtGemm::fastest(const cublasLtMatmulHeuristicResult_t* resu
                                      cublasLtMatmulDesc_t desc, const Problem& p, cublasLtMatrixLayout_t a,
                                      cublasLtMatrixLayout_t b, cublasLtMatrixLayout_t d) {
   if (count == 1) return results[0].algo;
-  const float alpha = 1.0f, beta = p.c ? 1.0f : 0.0f;
-  auto launch = [&](const cublasLtMatmulAlgo_t& algo) {  // C is not D: every run writes the same D
-    return cublasLtMatmul(handle_, desc, &alpha, p.a, a, p.b, b, &beta, p.c ? p.c : p.d, d, p.d, d, &algo, workspace_,
-                          workspace_bytes_, stream_);
-  };
+  // C is not D: every run writes the same D.
+  auto launch = [&](const cublasLtMatmulAlgo_t& algo) { return matmul(desc, p, a, b, d, algo); };
   std::vector<int> usable;
   for (int i = 0; i < count; ++i)
     if (launch(results[i].algo) == CUBLAS_STATUS_SUCCESS) usable.push_back(i);
@@ -213,10 +229,7 @@ bool LtGemm::run_problem(const Problem& p) {
     }
   }
   if (!found.ok) return false;
-  const float alpha = 1.0f, beta = p.c ? 1.0f : 0.0f;
-  const cublasStatus_t st = cublasLtMatmul(handle_, desc.desc, &alpha, p.a, a.layout, p.b, b.layout, &beta,
-                                           p.c ? p.c : p.d, d.layout, p.d, d.layout, &found.algo, workspace_,
-                                           workspace_bytes_, stream_);
+  const cublasStatus_t st = matmul(desc.desc, p, a.layout, b.layout, d.layout, found.algo);
   if (!found.ran) {  // the first call decides: refused (nothing launched), the case runs unfused from now on
     std::lock_guard lock(cache_mutex_);
     Found& cached = cache_[key];

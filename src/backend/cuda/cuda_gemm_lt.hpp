@@ -49,8 +49,12 @@ class LtGemm {
     const void* c = nullptr;  // added to the product (beta 1), laid out as D; nullptr: beta 0
   };
   template <class T>
+  static bool problem_of(const GemmOf<T>& g, cudaDataType_t ab_type, Problem& p);
+  template <class T>
   bool dispatch(const EpilogueGemmOf<T>& g, cudaDataType_t ab_type);
   bool run_problem(const Problem& p);
+  cublasStatus_t matmul(cublasLtMatmulDesc_t desc, const Problem& p, cublasLtMatrixLayout_t a,
+                        cublasLtMatrixLayout_t b, cublasLtMatrixLayout_t d, const cublasLtMatmulAlgo_t& algo);
   cublasLtMatmulAlgo_t fastest(const cublasLtMatmulHeuristicResult_t* results, int count, cublasLtMatmulDesc_t desc,
                                const Problem& p, cublasLtMatrixLayout_t a, cublasLtMatrixLayout_t b,
                                cublasLtMatrixLayout_t d);
