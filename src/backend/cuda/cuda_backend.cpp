@@ -385,7 +385,7 @@ class CudaBackend final : public Backend {
                                       s.lr / s.bias_correction1,
                                       1.0f / std::sqrt(s.bias_correction2),
                                       s.grad_scale};
-    auto aligned = [](const void* p, uintptr_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; };
+    using kernels::aligned;
     std::vector<kernels::AdamWSlice> table;
     int64_t blocks = 0;
     for (const AdamWTensor& t : tensors) {
@@ -659,8 +659,7 @@ void CudaBackend::attention_backward_bf16(const BFloat16* qkv, const BFloat16* p
     float* dq = dqkv + b * T * ld;
     run_gemm(head_gemm(true, false, T, D, T, 1.0f, p, T, TT, dyb, C, D, dq + 2 * C, ld, D, H));      // dV = P^T dY
     run_gemm(head_gemm(false, true, T, T, D, 1.0f, dyb, C, D, q + 2 * C, ld, D, dp, T, TT, H));      // dP = dY V^T
-    CUDA_CHECK(kernels::causal_softmax_backward_bf16(bits(p), dp,
-                                                     bits(ds), H * T, T, scale, stream()));
+    CUDA_CHECK(kernels::causal_softmax_backward_bf16(bits(p), dp, bits(ds), H * T, T, scale, stream()));
     const BFloat16* dsc = ds;
     run_gemm(head_gemm(false, false, T, D, T, 1.0f, dsc, T, TT, q + C, ld, D, dq, ld, D, H));        // dQ = dS K
     run_gemm(head_gemm(true, false, T, D, T, 1.0f, dsc, T, TT, q, ld, D, dq + C, ld, D, H));         // dK = dS^T Q

@@ -21,10 +21,7 @@ __global__ void to_bf16_kernel(const float* x, uint16_t* y, int64_t n, bool vect
   if (vectorized) {
     const int64_t n4 = n / 4;
     for (int64_t q = global_thread(); q < n4; q += grid_threads()) {
-      const float4 v = reinterpret_cast<const float4*>(x)[q];
-      const uint2 packed{uint32_t(bits_of(v.x)) | uint32_t(bits_of(v.y)) << 16,
-                         uint32_t(bits_of(v.z)) | uint32_t(bits_of(v.w)) << 16};
-      reinterpret_cast<uint2*>(y)[q] = packed;
+      reinterpret_cast<uint2*>(y)[q] = bits_of4(reinterpret_cast<const float4*>(x)[q]);
     }
     start = n4 * 4;
   }
@@ -38,8 +35,6 @@ __device__ __forceinline__ float4 load4(const uint16_t* x, int64_t q) {
   const uint2 u = reinterpret_cast<const uint2*>(x)[q];
   return {value_of(uint16_t(u.x)), value_of(uint16_t(u.x >> 16)), value_of(uint16_t(u.y)), value_of(uint16_t(u.y >> 16))};
 }
-__device__ __forceinline__ float load1(const float* x, int64_t i) { return x[i]; }
-__device__ __forceinline__ float load1(const uint16_t* x, int64_t i) { return value_of(x[i]); }
 
 template <class T>
 __global__ void gelu_backward_bf16_kernel(const T* x, const float* dy, uint16_t* dx, int64_t n, bool vectorized) {
@@ -48,9 +43,8 @@ __global__ void gelu_backward_bf16_kernel(const T* x, const float* dy, uint16_t*
     const int64_t n4 = n / 4;
     for (int64_t q = global_thread(); q < n4; q += grid_threads()) {
       const float4 v = load4(x, q), d = reinterpret_cast<const float4*>(dy)[q];
-      const uint2 packed{uint32_t(bits_of(gelu_grad(v.x) * d.x)) | uint32_t(bits_of(gelu_grad(v.y) * d.y)) << 16,
-                         uint32_t(bits_of(gelu_grad(v.z) * d.z)) | uint32_t(bits_of(gelu_grad(v.w) * d.w)) << 16};
-      reinterpret_cast<uint2*>(dx)[q] = packed;
+      reinterpret_cast<uint2*>(dx)[q] = bits_of4(
+          make_float4(gelu_grad(v.x) * d.x, gelu_grad(v.y) * d.y, gelu_grad(v.z) * d.z, gelu_grad(v.w) * d.w));
     }
     start = n4 * 4;
   }
@@ -81,8 +75,6 @@ __global__ void causal_softmax_backward_bf16_kernel(const uint16_t* probs, const
   for (int64_t j = threadIdx.x; j < T; j += blockDim.x)
     out[j] = bits_of(j < n ? scale * value_of(p[j]) * (d[j] - dot) : 0.0f);
 }
-
-bool aligned(const void* p, uintptr_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
 
 template <class T>
 cudaError_t gelu_backward_bf16_launch(const T* x, const float* dy, uint16_t* dx, int64_t n, const LaunchLimits& lim,

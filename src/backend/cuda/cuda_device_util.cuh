@@ -103,5 +103,14 @@ __device__ __forceinline__ float gelu_grad(float x) {
 // back. Every kernel that writes bf16 rounds through bits_of.
 __device__ __forceinline__ uint16_t bits_of(float x) { return __bfloat16_as_ushort(__float2bfloat16_rn(x)); }
 __device__ __forceinline__ float value_of(uint16_t b) { return __bfloat162float(__ushort_as_bfloat16(b)); }
+// Two values rounded into one 32-bit word (lo in the low half), four into 8 bytes: what a
+// vectorised bf16 store writes.
+__device__ __forceinline__ uint32_t bits_of2(float lo, float hi) {
+  return uint32_t{bits_of(lo)} | uint32_t{bits_of(hi)} << 16;
+}
+__device__ __forceinline__ uint2 bits_of4(float4 v) { return make_uint2(bits_of2(v.x, v.y), bits_of2(v.z, v.w)); }
+// One element of fp32 or of bf16 (its bits) as fp32.
+__device__ __forceinline__ float load1(const float* p, int64_t i) { return p[i]; }
+__device__ __forceinline__ float load1(const uint16_t* p, int64_t i) { return value_of(p[i]); }
 
 }  // namespace tutti::cuda::kernels::device

@@ -54,11 +54,6 @@ __device__ __forceinline__ float ex2(float x) {
   return y;
 }
 
-__device__ __forceinline__ uint32_t pack(float lo, float hi) {
-  const uint32_t l = __bfloat16_as_ushort(__float2bfloat16_rn(lo));
-  const uint32_t h = __bfloat16_as_ushort(__float2bfloat16_rn(hi));
-  return l | (h << 16);
-}
 __device__ __forceinline__ uint32_t pair(const uint16_t* p) { return *reinterpret_cast<const uint32_t*>(p); }
 
 // ldmatrix (PTX ISA, "Warp-level matrix load instruction: ldmatrix"): four 8 x 8 bf16 matrices, lanes
@@ -112,10 +107,10 @@ __device__ __forceinline__ void load_a_rows(const uint16_t* m, int64_t ld, int64
 // A fragments (16 x 16 slice kk) from 8 fp32 accumulator tiles of the same 16 rows: tiles 2kk and
 // 2kk+1 hold columns 16kk..16kk+15 in exactly the A layout.
 __device__ __forceinline__ void acc_to_a(const Acc (&s)[8], int kk, uint32_t (&a)[4]) {
-  a[0] = pack(s[2 * kk].v[0], s[2 * kk].v[1]);
-  a[1] = pack(s[2 * kk].v[2], s[2 * kk].v[3]);
-  a[2] = pack(s[2 * kk + 1].v[0], s[2 * kk + 1].v[1]);
-  a[3] = pack(s[2 * kk + 1].v[2], s[2 * kk + 1].v[3]);
+  a[0] = bits_of2(s[2 * kk].v[0], s[2 * kk].v[1]);
+  a[1] = bits_of2(s[2 * kk].v[2], s[2 * kk].v[3]);
+  a[2] = bits_of2(s[2 * kk + 1].v[0], s[2 * kk + 1].v[1]);
+  a[3] = bits_of2(s[2 * kk + 1].v[2], s[2 * kk + 1].v[3]);
 }
 
 // acc (16 x 64) += A (16 x 64, fragments a) . M^T, M a shared (64 x D) tile: out[r][j] = sum_d A[r][d] M[j][d].
@@ -288,7 +283,8 @@ __global__ void __launch_bounds__(kForwardWarps * 32, 2) flash_forward_kernel(co
     uint16_t* yr = y + (b * T + rows[r]) * C + h * D;
 #pragma unroll
     for (int n = 0; n < 8; ++n)
-      *reinterpret_cast<uint32_t*>(yr + 8 * n + 2 * t) = pack(o[n].v[2 * r] / l[r], o[n].v[2 * r + 1] / l[r]);
+      *reinterpret_cast<uint32_t*>(yr + 8 * n + 2 * t) =
+          bits_of2(o[n].v[2 * r] / l[r], o[n].v[2 * r + 1] / l[r]);
     if (t == 0) lse[blockIdx.y * T + rows[r]] = m[r] * scale2 + log2f(l[r]);
   }
 }
@@ -417,8 +413,8 @@ __global__ void __launch_bounds__(kWarps * 32, kBackwardBlocksPerSm)
 #pragma unroll
     for (int j = 0; j < 8; ++j) {  // dS^T to shared memory, rows = this warp's keys
       uint16_t* r0 = dss + (16 * warp + g) * kPad + 8 * j + 2 * t;
-      *reinterpret_cast<uint32_t*>(r0) = pack(dp[j].v[0], dp[j].v[1]);
-      *reinterpret_cast<uint32_t*>(r0 + 8 * kPad) = pack(dp[j].v[2], dp[j].v[3]);
+      *reinterpret_cast<uint32_t*>(r0) = bits_of2(dp[j].v[0], dp[j].v[1]);
+      *reinterpret_cast<uint32_t*>(r0 + 8 * kPad) = bits_of2(dp[j].v[2], dp[j].v[3]);
     }
     __syncthreads();
     // dQ rows 16 warp .. + 15 of this query tile: dS (queries x 64 keys) . K (64 keys x D).
@@ -453,8 +449,9 @@ __global__ void __launch_bounds__(kWarps * 32, kBackwardBlocksPerSm)
     uint16_t* out = dqkv + (b * T + rows[r]) * ld + h * D;
 #pragma unroll
     for (int n = 0; n < 8; ++n) {
-      *reinterpret_cast<uint32_t*>(out + C + 8 * n + 2 * t) = pack(scale * dk[n].v[2 * r], scale * dk[n].v[2 * r + 1]);
-      *reinterpret_cast<uint32_t*>(out + 2 * C + 8 * n + 2 * t) = pack(dv[n].v[2 * r], dv[n].v[2 * r + 1]);
+      *reinterpret_cast<uint32_t*>(out + C + 8 * n + 2 * t) =
+          bits_of2(scale * dk[n].v[2 * r], scale * dk[n].v[2 * r + 1]);
+      *reinterpret_cast<uint32_t*>(out + 2 * C + 8 * n + 2 * t) = bits_of2(dv[n].v[2 * r], dv[n].v[2 * r + 1]);
     }
   }
 }
@@ -470,7 +467,7 @@ struct ScatterDq {
     const int64_t d = 4 * (i % (D / 4)), row = i / (D / 4), bh = row / T, q = row % T, b = bh / H, h = bh % H;
     const float4 v = *reinterpret_cast<const float4*>(dq_acc + row * D + d);
     *reinterpret_cast<uint2*>(dqkv + (b * T + q) * 3 * C + h * D + d) =
-        make_uint2(pack(scale * v.x, scale * v.y), pack(scale * v.z, scale * v.w));
+        make_uint2(bits_of2(scale * v.x, scale * v.y), bits_of2(scale * v.z, scale * v.w));
   }
 };
 
@@ -502,7 +499,7 @@ cudaError_t flash_attention_backward(const uint16_t* qkv, const uint16_t* y, con
                                      uint16_t* dqkv, float* dq_acc, float* dvec, int64_t B, int64_t T, int64_t C,
                                      int64_t H, const LaunchLimits& lim, cudaStream_t stream) {
   if (!flash_shapes_ok(B, T, C, H) || !flash_attention_aligned(qkv, y, dy, dqkv) ||
-      reinterpret_cast<uintptr_t>(dq_acc) % 16 != 0)
+      !aligned(dq_acc, 16))
     return cudaErrorInvalidValue;
   const float scale = 1.0f / sqrtf(static_cast<float>(D)), scale2 = kLog2e * scale;
   const int64_t items = B * T * H;  // one warp each

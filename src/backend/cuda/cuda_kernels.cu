@@ -82,13 +82,11 @@ __global__ void map_kernel(F f, MapArgs<K> args, int64_t n, bool vectorized) {
   }
 }
 
-bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
-
 template <int K, class F>
 cudaError_t launch_map(F f, MapArgs<K> args, int64_t n, const LaunchLimits& lim, cudaStream_t stream) {
   if (n <= 0) return cudaSuccess;
-  bool vectorized = aligned16(args.out);
-  for (int k = 0; k < K; ++k) vectorized = vectorized && aligned16(args.in[k]);
+  bool vectorized = aligned(args.out, 16);
+  for (int k = 0; k < K; ++k) vectorized = vectorized && aligned(args.in[k], 16);
   map_kernel<K><<<grid_for(vectorized ? (n + 3) / 4 : n, lim), kThreads, 0, stream>>>(f, args, n, vectorized);
   return cudaGetLastError();
 }
@@ -140,6 +138,14 @@ __device__ __forceinline__ void adamw_update(float& p, float& m, float& v, float
   p = p * decay - s.step * m / (sqrtf(v) * s.inv_sqrt_bc2 + s.eps);
 }
 
+// Element i of t, one by one (a tensor not aligned for float4s, or the tail of one that is).
+__device__ __forceinline__ void adamw_element(const AdamWSlice& t, int64_t i, float decay, const AdamWFolded& s) {
+  float p = t.param[i], m = t.m[i], v = t.v[i];
+  adamw_update(p, m, v, t.grad[i], decay, s);
+  t.param[i] = p, t.m[i] = m, t.v[i] = v;
+  if (t.copy) t.copy[i] = bits_of(p);
+}
+
 constexpr int kAdamWThreads = 256;
 constexpr int kAdamWVecs = kAdamWChunk / 4 / kAdamWThreads;  // float4s per thread
 
@@ -159,12 +165,8 @@ __global__ void __launch_bounds__(kAdamWThreads) adamw_kernel(const AdamWSlice* 
   const float decay = t.decay ? s.decay : 1.0f;
   const int64_t begin = (int64_t{blockIdx.x} - t.first_block) * kAdamWChunk;
   if (!t.vec) {
-    for (int64_t i = begin + threadIdx.x; i < begin + kAdamWChunk && i < t.n; i += kAdamWThreads) {
-      float p = t.param[i], m = t.m[i], v = t.v[i];
-      adamw_update(p, m, v, t.grad[i], decay, s);
-      t.param[i] = p, t.m[i] = m, t.v[i] = v;
-      if (t.copy) t.copy[i] = bits_of(p);
-    }
+    for (int64_t i = begin + threadIdx.x; i < begin + kAdamWChunk && i < t.n; i += kAdamWThreads)
+      adamw_element(t, i, decay, s);
     return;
   }
   const int64_t n4 = t.n / 4;
@@ -189,17 +191,10 @@ __global__ void __launch_bounds__(kAdamWThreads) adamw_kernel(const AdamWSlice* 
     reinterpret_cast<float4*>(t.param)[u] = p[k];
     reinterpret_cast<float4*>(t.m)[u] = m[k];
     reinterpret_cast<float4*>(t.v)[u] = v[k];
-    if (t.copy)
-      reinterpret_cast<uint2*>(t.copy)[u] = make_uint2(bits_of(p[k].x) | uint32_t{bits_of(p[k].y)} << 16,
-                                                       bits_of(p[k].z) | uint32_t{bits_of(p[k].w)} << 16);
+    if (t.copy) reinterpret_cast<uint2*>(t.copy)[u] = bits_of4(p[k]);
   }
   const int64_t i = 4 * n4 + threadIdx.x;  // the tail, by the block that holds element 4 n4
-  if (i < t.n && 4 * n4 >= begin && 4 * n4 < begin + kAdamWChunk) {
-    float pi = t.param[i], mi = t.m[i], vi = t.v[i];
-    adamw_update(pi, mi, vi, t.grad[i], decay, s);
-    t.param[i] = pi, t.m[i] = mi, t.v[i] = vi;
-    if (t.copy) t.copy[i] = bits_of(pi);
-  }
+  if (i < t.n && 4 * n4 >= begin && 4 * n4 < begin + kAdamWChunk) adamw_element(t, i, decay, s);
 }
 
 struct ScaleMatricesOp {  // C (m, n) with row stride ldc, batch matrices stride_c apart

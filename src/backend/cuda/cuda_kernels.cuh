@@ -21,6 +21,10 @@ struct StridedLayout {
   int64_t strides[kMaxDims];
 };
 
+// Whether p is a multiple of `bytes` (what a vector access of that width needs); host side, for
+// the launchers and the backend.
+inline bool aligned(const void* p, uintptr_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
+
 // Limits read once per device, used to size grids.
 struct LaunchLimits {
   int multiprocessors;
@@ -161,8 +165,7 @@ inline bool flash_attention_fits(int64_t B, int64_t C, int64_t H) {
 // Tensors of tutti's caching allocator start 256-byte aligned (one cudaMalloc block each).
 inline bool flash_attention_aligned(const void* qkv, const void* y, const void* dy = nullptr,
                                     const void* dqkv = nullptr) {
-  auto at = [](const void* p, uintptr_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; };
-  return at(qkv, 16) && at(y, 4) && at(dy, 16) && at(dqkv, 16);
+  return aligned(qkv, 16) && aligned(y, 4) && aligned(dy, 16) && aligned(dqkv, 16);
 }
 // y (B, T, C) bf16, rounded once from fp32; lse (B, H, T) fp32: each row's log2-sum-exp2 of the
 // scores times log2(e).

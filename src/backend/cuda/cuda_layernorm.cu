@@ -65,8 +65,6 @@ constexpr int backward_groups_per_sm(int items, bool vec) {
   return items >= 8 ? 2 : items >= 6 ? 3 : 4;
 }
 
-bool aligned(const void* p, uintptr_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
-
 // Calls f(std::integral_constant<int, n>) with n = items, 1 <= items <= Max (one kernel per n).
 template <int Max, int N = 1, class F>
 void with_items(int items, F&& f) {
@@ -144,8 +142,7 @@ __device__ __forceinline__ void store_item(Out* row, int k, int cols, int t, int
         *p = v;
       }
     } else {
-      const uint2 v = make_uint2(uint32_t(bits_of(it.v[0])) | uint32_t(bits_of(it.v[1])) << 16,
-                                 uint32_t(bits_of(it.v[2])) | uint32_t(bits_of(it.v[3])) << 16);
+      const uint2 v = make_uint2(bits_of2(it.v[0], it.v[1]), bits_of2(it.v[2], it.v[3]));
       auto* p = reinterpret_cast<uint2*>(row + c);
       if constexpr (kOnce) {
         __stcs(p, v);

@@ -23,10 +23,9 @@ using namespace device;
 // Loads of 4 elements each thread issues before it folds them into its running (max, sum).
 constexpr int kLoadsInFlight = 4;
 
-// Element access for fp32 (float) and bf16 (uint16_t, its bits): one element, or 4 at index q of
-// a row viewed as groups of 4 (16 bytes of fp32, 8 of bf16), streamed past the cache.
-__device__ __forceinline__ float load1(const float* p, int64_t j) { return p[j]; }
-__device__ __forceinline__ float load1(const uint16_t* p, int64_t j) { return value_of(p[j]); }
+// Element access for fp32 (float) and bf16 (uint16_t, its bits): one element (load1 of
+// cuda_device_util.cuh), or 4 at index q of a row viewed as groups of 4 (16 bytes of fp32, 8 of
+// bf16), streamed past the cache.
 __device__ __forceinline__ void store1(float* p, int64_t j, float v) { p[j] = v; }
 __device__ __forceinline__ void store1(uint16_t* p, int64_t j, float v) { p[j] = bits_of(v); }
 __device__ __forceinline__ float4 load4(const float* p, int64_t q) { return __ldcs(reinterpret_cast<const float4*>(p) + q); }
@@ -37,9 +36,7 @@ __device__ __forceinline__ float4 load4(const uint16_t* p, int64_t q) {
 }
 __device__ __forceinline__ void store4(float* p, int64_t q, float4 v) { __stcs(reinterpret_cast<float4*>(p) + q, v); }
 __device__ __forceinline__ void store4(uint16_t* p, int64_t q, float4 v) {
-  const uint2 packed{uint32_t(bits_of(v.x)) | uint32_t(bits_of(v.y)) << 16,
-                     uint32_t(bits_of(v.z)) | uint32_t(bits_of(v.w)) << 16};
-  __stcs(reinterpret_cast<uint2*>(p) + q, packed);
+  __stcs(reinterpret_cast<uint2*>(p) + q, bits_of4(v));
 }
 
 // A running softmax statistic: m the max seen, s the sum of exp(x - m).
@@ -176,7 +173,7 @@ __global__ void xent_backward_kernel(const T* logits, const int32_t* targets, co
 // Rows start on a 4-element boundary of an aligned buffer: 16 bytes for fp32, 8 for bf16.
 template <class T>
 bool rows_aligned(const T* p, int64_t V) {
-  return V % 4 == 0 && reinterpret_cast<uintptr_t>(p) % (4 * sizeof(T)) == 0;
+  return V % 4 == 0 && aligned(p, 4 * sizeof(T));
 }
 
 template <class T>
