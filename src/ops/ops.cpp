@@ -306,6 +306,13 @@ LinearBackward linear_backward(const Tensor& xc, const Tensor& wc, const Tensor&
           mixed, x_in.shape()};
 }
 
+// The weight's and bias's gradients only (mixed precision), of a product whose dx its op makes
+// itself in another form (the MLP's in DGELU, attention's in bf16).
+LinearBackward weight_backward(const Tensor& xc, const Tensor& wc, const Tensor& w, const Tensor& bias) {
+  const bool has_bias = bias.defined();
+  return {xc, wc, false, w.requires_grad(), has_bias, has_bias && bias.requires_grad(), true, Shape{}};
+}
+
 // y = gelu(h), h = xc wc + bias, both (N, out) in `type`, from one product with the bias and GELU in
 // its epilogue; false (nothing written) where the backend cannot fuse it, or there is no bias.
 bool gelu_product(const Tensor& xc, const Tensor& wc, const Tensor& bias, DType type, Tensor& y, Tensor& h) {
@@ -430,9 +437,7 @@ Tensor mlp(const Tensor& x_in, const Tensor& fc_w, const Tensor& fc_b, const Ten
   const Tensor y = linear_product(a, proj_w_bf16, proj_b, DType::f32, residual).view(out_shape);
   if (!any_requires_grad({&x_in, &fc_w, &fc_b, &proj_w, &proj_b, &residual})) return y;
   const LinearBackward fc = linear_backward(xc, fc_w_bf16, x_in, fc_w, fc_b, true);
-  const bool has_proj_b = proj_b.defined();  // proj's dx is the fused product below, not its own
-  const LinearBackward proj{a,        proj_w_bf16, false, proj_w.requires_grad(), has_proj_b,
-                            has_proj_b && proj_b.requires_grad(), true, Shape{}};
+  const LinearBackward proj = weight_backward(a, proj_w_bf16, proj_w, proj_b);  // dx: the DGELU product below
   std::vector<Tensor> inputs{x_in, fc_w, fc_b, proj_w};
   if (proj_b.defined()) inputs.push_back(proj_b);
   const bool has_residual = residual.defined();
@@ -651,11 +656,10 @@ Tensor attention(const Tensor& qkv_in, int n_head, const Tensor& proj_w, const T
   const Tensor y = flash_attention_forward(qkv, n_head, lse).view({B * T, C});
   const Tensor out = linear_product(y, proj_w_bf16, proj_b, DType::f32, residual).view({B, T, proj_w.size(1)});
   if (!any_requires_grad({&qkv_in, &proj_w, &proj_b, &residual})) return out;
-  const bool has_bias = proj_b.defined(), has_residual = residual.defined();
-  const LinearBackward proj{y,        proj_w_bf16, false, proj_w.requires_grad(), has_bias,
-                            has_bias && proj_b.requires_grad(), true, Shape{}};
+  const bool has_residual = residual.defined();
+  const LinearBackward proj = weight_backward(y, proj_w_bf16, proj_w, proj_b);  // dx: in bf16 below
   std::vector<Tensor> inputs{qkv_in, proj_w};
-  if (has_bias) inputs.push_back(proj_b);
+  if (proj_b.defined()) inputs.push_back(proj_b);
   if (has_residual) inputs.push_back(residual);
   const bool need_qkv = qkv_in.requires_grad();
   return record_op(out, OpKind::attention, inputs,
