@@ -470,11 +470,6 @@ TEST(CudaBackend, EmbeddingOfOtherRanksRows) {
   EXPECT_TRUE(all_close(dt_g, dt, 1e-6, 1e-7));
 }
 
-// ------------------------------------------------------------------------------------------------
-// LayerNorm: every path of the kernels (a warp per row with float4 or scalar accesses, a block per
-// row, the streaming kernels past the registers), pointers 16-byte aligned or not, each output
-// poisoned and guarded by NaN on both sides so that a missing or stray write fails.
-
 TEST(CudaBackend, EmbeddingForwardBackward) {
   if (!tutti::device_available(tutti::Device::cuda(0))) GTEST_SKIP() << "no CUDA device";
   Rng rng(14);
