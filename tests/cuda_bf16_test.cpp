@@ -187,7 +187,9 @@ TEST(CudaBf16, CausalAttentionKernelsAgainstCpu) {
   }
 }
 
-// Flash attention (head size 64) against the CPU in fp32, T over and under the 64-row tiles.
+// Flash attention (head size 64) against the CPU in fp32, T over and under the 64-row tiles. T a
+// multiple of 128 runs on cuDNN's fused attention where it is built in (TUTTI_CUDA_CUDNN=0: tutti's
+// kernels), the other T on tutti's kernels.
 TEST(CudaBf16, FlashAttentionAgainstCpu) {
   if (!have_gpu()) GTEST_SKIP() << "no CUDA device";
   Rng rng(10);
@@ -195,10 +197,10 @@ TEST(CudaBf16, FlashAttentionAgainstCpu) {
     int64_t B, T, H;
   };
   for (const Case& s : {Case{1, 1, 1}, Case{2, 37, 2}, Case{1, 64, 1}, Case{2, 65, 3}, Case{1, 200, 2},
-                        Case{2, 1024, 2}}) {
+                        Case{2, 256, 3}, Case{2, 1024, 2}, Case{1, 1024, 12}}) {
     const int64_t C = 64 * s.H;
     const std::string what = "B=" + std::to_string(s.B) + " T=" + std::to_string(s.T) + " H=" + std::to_string(s.H);
-    if (!gpu().flash_attention_supports(s.B, C, s.H)) GTEST_SKIP() << "flash attention is off (TUTTI_CUDA_FLASH=0)";
+    if (!gpu().flash_attention_supports(s.B, s.T, C, s.H)) GTEST_SKIP() << "flash attention is off (TUTTI_CUDA_FLASH=0)";
     const Tensor qkv = random_tensor({s.B, s.T, 3 * C}, rng, -2.0, 2.0), dy = random_tensor({s.B, s.T, C}, rng);
     Tensor y_ref = Tensor::empty({s.B, s.T, C}), p_ref = Tensor::empty({s.B, s.H, s.T, s.T});
     Tensor dqkv_ref = Tensor::empty(qkv.shape());
@@ -339,7 +341,8 @@ TEST(CudaBf16Ops, Bf16OutputsAgainstCpu) {
                          std::string("mlp, proj bias ") + (proj_bias ? "on" : "off"));
   }
   // Residuals added in the branches' last products: the MLP's, and attention with its projection
-  // as one op (flash attention reading the projection's bf16 dx at head size 64; apart at 16).
+  // as one op (flash attention reading the projection's bf16 dx: tutti's kernels at head size 64,
+  // cuDNN's where built in at T 128; apart at head size 16 and T 70).
   expect_mixed_matches({random_tensor({2, 45, 64}, rng), random_tensor({64, 256}, rng), random_tensor({256}, rng),
                         random_tensor({256, 64}, rng), random_tensor({64}, rng), random_tensor({2, 45, 64}, rng)},
                        1,
@@ -349,8 +352,9 @@ TEST(CudaBf16Ops, Bf16OutputsAgainstCpu) {
                        },
                        "mlp with a residual");
   for (int64_t D : {int64_t{16}, int64_t{64}})
+    for (int64_t T : {int64_t{70}, int64_t{128}})
     for (bool bias_and_residual : {true, false}) {
-      const int64_t T = 70, C = 2 * D;
+      const int64_t C = 2 * D;
       std::vector<Tensor> inputs{random_tensor({2, T, 3 * C}, rng, -2.0, 2.0), random_tensor({C, C}, rng, -0.2, 0.2)};
       if (bias_and_residual) {
         inputs.push_back(random_tensor({C}, rng));
@@ -361,7 +365,7 @@ TEST(CudaBf16Ops, Bf16OutputsAgainstCpu) {
                              return ops::attention(t[0], 2, t[1], bias_and_residual ? t[2] : Tensor(), w,
                                                    bias_and_residual ? t[3] : Tensor());
                            },
-                           "attention + projection D=" + std::to_string(D) +
+                           "attention + projection D=" + std::to_string(D) + " T=" + std::to_string(T) +
                                (bias_and_residual ? ", bias and residual" : ""));
     }
   const int64_t N = 77, C = 64, V = 1000;
@@ -389,9 +393,10 @@ TEST(CudaBf16Ops, Bf16OutputsAgainstCpu) {
 TEST(CudaBf16Ops, CausalAttentionAgainstCpu) {
   if (!have_gpu()) GTEST_SKIP() << "no CUDA device";
   Rng rng(5);
-  // Head size 12 materialises the probabilities; 64 runs as flash attention (unless TUTTI_CUDA_FLASH=0).
+  // Head size 12 materialises the probabilities; 64 runs as flash attention (unless
+  // TUTTI_CUDA_FLASH=0): on cuDNN's where built in at T 128 and 256, on tutti's kernels otherwise.
   for (int64_t D : {int64_t{12}, int64_t{64}})
-    for (int64_t T : {int64_t{1}, int64_t{13}, int64_t{64}, int64_t{130}}) {
+    for (int64_t T : {int64_t{1}, int64_t{13}, int64_t{64}, int64_t{128}, int64_t{130}, int64_t{256}}) {
       const Tensor qkv = random_tensor({2, T, 3 * 4 * D}, rng, -2.0, 2.0);
       expect_mixed_matches({qkv}, 0,
                            [](const std::vector<Tensor>& t, const Tensor& w) {
@@ -622,7 +627,7 @@ TEST(CudaBf16Timing, Gpt2Shapes) {
   const double f16_bwd =
       time_ms([&] { gpu().attention_backward_bf16(bf16(xh), bf16(p16), f32(y), f32(dqkv), B, T, C, H); }, 3);
   std::printf("%-40s %10.3f %10.3f\n", "attention backward (one layer)", f32_bwd, f16_bwd);
-  if (!gpu().flash_attention_supports(B, C, H)) return;
+  if (!gpu().flash_attention_supports(B, T, C, H)) return;
   // y, dy and dqkv in bf16, as the op keeps them (dy: y's bf16 buffer, written by the forward).
   Tensor lse = Tensor::empty({B, H, T}, DType::f32, kGpu), yh = Tensor::empty({B, T, C}, DType::bf16, kGpu);
   Tensor dqkv_h = Tensor::empty({B, T, 3 * C}, DType::bf16, kGpu);

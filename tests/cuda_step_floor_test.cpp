@@ -156,7 +156,7 @@ std::vector<Piece> other_pieces(const Buffers& buf) {
   Tensor lse = Tensor::empty({B, H, T}, DType::f32, kGpu), yh = Tensor::empty({N, C}, DType::bf16, kGpu);
   Tensor dqkv = Tensor::empty({N, 3 * C}, DType::bf16, kGpu);
   const double causal = 2.0 * B * H * T * T * (C / H);  // one causal product (half of 2 T^2 D per head)
-  if (gpu().flash_attention_supports(B, C, H)) {
+  if (gpu().flash_attention_supports(B, T, C, H)) {
     pieces.push_back({"flash attention forward", layers,
                       time_ms([&] { gpu().flash_attention_forward(bf16(xh), bf16(yh), f32(lse), B, T, C, H); }),
                       2 * causal, 2.0 * N * 3 * C + 2.0 * N * C});

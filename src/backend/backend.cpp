@@ -45,7 +45,7 @@ void Backend::attention_backward_bf16(const BFloat16*, const BFloat16*, const fl
                                       int64_t, int64_t) {
   missing(*this, "causal_attention_backward in bf16 (mixed precision)");
 }
-bool Backend::flash_attention_supports(int64_t, int64_t, int64_t) const { return false; }
+bool Backend::flash_attention_supports(int64_t, int64_t, int64_t, int64_t) const { return false; }
 void Backend::flash_attention_forward(const BFloat16*, BFloat16*, float*, int64_t, int64_t, int64_t, int64_t) {
   missing(*this, "flash attention");
 }

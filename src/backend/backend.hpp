@@ -183,11 +183,12 @@ class Backend {
   virtual void attention_backward_bf16(const BFloat16* qkv, const BFloat16* probs, const float* dy, float* dqkv,
                                        int64_t B, int64_t T, int64_t C, int64_t H);
   // Flash attention in bf16: no (T, T) matrix in memory. Forward writes y (B, T, C) in bf16 and
-  // keeps lse (B, H, T), each row's log-sum-exp (in this backend's units), from which backward
-  // recomputes the probabilities; backward also reads the forward's y and dy, both bf16, and
-  // writes dqkv (B, T, 3C) in bf16. Only for shapes flash_attention_supports accepts; the backend may
-  // require aligned pointers (CUDA: those of the caching allocator are).
-  virtual bool flash_attention_supports(int64_t B, int64_t C, int64_t H) const;
+  // keeps lse (B, H, T), each row's log-sum-exp (in the units of the backend's kernels for the
+  // shape), from which backward recomputes the probabilities; backward also reads the forward's y
+  // and dy, both bf16, and writes dqkv (B, T, 3C) in bf16. Only for shapes flash_attention_supports
+  // accepts, and the backward of a shape only on its own forward's lse; the backend may require
+  // aligned pointers (CUDA: those of the caching allocator are).
+  virtual bool flash_attention_supports(int64_t B, int64_t T, int64_t C, int64_t H) const;
   virtual void flash_attention_forward(const BFloat16* qkv, BFloat16* y, float* lse, int64_t B, int64_t T, int64_t C,
                                        int64_t H);
   virtual void flash_attention_backward(const BFloat16* qkv, const BFloat16* y, const float* lse, const BFloat16* dy,

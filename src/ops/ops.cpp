@@ -620,7 +620,7 @@ Tensor causal_attention(const Tensor& qkv_in, int n_head, DType compute) {
   const bool mixed = compute == DType::bf16;
   const Tensor qkv = mixed ? to_bf16(qkv_in) : qkv_in.contiguous();  // what the products read
   Backend& be = backend_of(qkv);
-  if (mixed && B * T > 0 && be.flash_attention_supports(B, C, n_head))
+  if (mixed && B * T > 0 && be.flash_attention_supports(B, T, C, n_head))
     return flash_attention(qkv_in, qkv, n_head);
   Tensor y = new_like(qkv, {B, T, C});
   Tensor probs = Tensor::empty({B, n_head, T, T}, compute, qkv.device());  // (B, H, T, T)
@@ -647,7 +647,7 @@ Tensor attention(const Tensor& qkv_in, int n_head, const Tensor& proj_w, const T
   if (!mixed || !qkv_in.defined() || qkv_in.ndim() != 3 || qkv_in.size(2) % 3 != 0 || n_head <= 0)
     return apart();  // and its checks
   const int64_t B = qkv_in.size(0), T = qkv_in.size(1), C = qkv_in.size(2) / 3;
-  if (B * T == 0 || !backend_of(qkv_in).flash_attention_supports(B, C, n_head)) return apart();
+  if (B * T == 0 || !backend_of(qkv_in).flash_attention_supports(B, T, C, n_head)) return apart();
   check_operand(qkv_in, true, "attention", "qkv");
   check_weight(proj_w, proj_b, proj_w_bf16, C, qkv_in.device(), "attention");
   check_residual(residual, Shape{B, T, proj_w.size(1)}, DType::f32, qkv_in.device(), "attention");

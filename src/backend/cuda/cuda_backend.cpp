@@ -11,6 +11,8 @@
 #include <array>
 #include <climits>
 #include <cmath>
+#include <cstdint>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <memory>
@@ -20,6 +22,7 @@
 
 #include "backend/cuda/cuda_check.hpp"
 #include "backend/cuda/cuda_gemm_lt.hpp"
+#include "backend/cuda/cuda_cudnn_attention.hpp"
 #include "backend/cuda/cuda_kernels.cuh"
 #include "tutti/core/error.hpp"
 
@@ -38,6 +41,14 @@ void check_flash_aligned(const void* qkv, const void* y, const void* dy, const v
   TUTTI_CHECK_AS(InvalidArgument, kernels::flash_attention_aligned(qkv, y, dy, dqkv),
                  "flash attention needs qkv, dy and dqkv 16-byte aligned and y 4; got qkv ", qkv, ", y ", y,
                  ", dy ", dy, ", dqkv ", dqkv);
+}
+
+// cuDNN's attention reads and writes its tensors 16 bytes at a time.
+void check_cudnn_aligned(const void* qkv, const void* y, const void* dy, const void* dqkv) {
+  auto aligned = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
+  TUTTI_CHECK_AS(InvalidArgument, aligned(qkv) && aligned(y) && aligned(dy) && aligned(dqkv),
+                 "cuDNN attention needs qkv, y, dy and dqkv 16-byte aligned; got qkv ", qkv, ", y ", y, ", dy ", dy,
+                 ", dqkv ", dqkv);
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -433,18 +444,35 @@ class CudaBackend final : public Backend {
                               int64_t H) override;
   void attention_backward_bf16(const BFloat16* qkv, const BFloat16* probs, const float* dy, float* dqkv, int64_t B,
                                int64_t T, int64_t C, int64_t H) override;
-  bool flash_attention_supports(int64_t B, int64_t C, int64_t H) const override {
-    return use_flash_ && kernels::flash_attention_fits(B, C, H);
+  bool flash_attention_supports(int64_t B, int64_t T, int64_t C, int64_t H) const override {
+    return use_flash_ && (cudnn_attention(B, T, C, H) != nullptr || kernels::flash_attention_fits(B, C, H));
   }
   void flash_attention_forward(const BFloat16* qkv, BFloat16* y, float* lse, int64_t B, int64_t T, int64_t C,
                                int64_t H) override {
     activate();
+#if TUTTI_WITH_CUDNN
+    if (CudnnAttention* cudnn = cudnn_attention(B, T, C, H)) {
+      check_cudnn_aligned(qkv, y, nullptr, nullptr);
+      std::lock_guard lock(scratch_mutex_);
+      cudnn->forward(bits(qkv), bits(y), lse, B, T, C, H, scratch_.reserve(cudnn->workspace_bytes(B, T, C, H)));
+      return;
+    }
+#endif
     check_flash_aligned(qkv, y, nullptr, nullptr);
     CUDA_CHECK(kernels::flash_attention_forward(bits(qkv), bits(y), lse, B, T, C, H, stream()));
   }
   void flash_attention_backward(const BFloat16* qkv, const BFloat16* y, const float* lse, const BFloat16* dy,
                                 BFloat16* dqkv, int64_t B, int64_t T, int64_t C, int64_t H) override {
     activate();
+#if TUTTI_WITH_CUDNN
+    if (CudnnAttention* cudnn = cudnn_attention(B, T, C, H)) {
+      check_cudnn_aligned(qkv, y, dy, dqkv);
+      std::lock_guard lock(scratch_mutex_);
+      cudnn->backward(bits(qkv), bits(y), lse, bits(dy), bits(dqkv), B, T, C, H,
+                      scratch_.reserve(cudnn->workspace_bytes(B, T, C, H)));
+      return;
+    }
+#endif
     check_flash_aligned(qkv, y, dy, dqkv);
     // dq_acc (B, H, T, 64) and dvec (B, H, T), fp32; pieces of 256-byte aligned scratch.
     const size_t dq_bytes = aligned_bytes(static_cast<size_t>(B * H * T * kernels::kFlashHeadDim) * sizeof(float));
@@ -508,6 +536,39 @@ class CudaBackend final : public Backend {
   // Work of this backend runs on its GPU whichever GPU the calling thread last used.
   void activate() const { CUDA_CHECK(cudaSetDevice(index_)); }
 
+  // cuDNN's fused attention where it has plans for the shape (both passes), else null: tutti's
+  // flash kernels run the shape instead. The handle is made at the first attention; a shape cuDNN
+  // declines is said once on stderr. TUTTI_CUDA_CUDNN=0 keeps cuDNN out.
+  CudnnAttention* cudnn_attention(int64_t B, int64_t T, int64_t C, int64_t H) const {
+#if TUTTI_WITH_CUDNN
+    std::lock_guard lock(cudnn_mutex_);
+    if (!cudnn_tried_) {
+      cudnn_tried_ = true;
+      const char* env = std::getenv("TUTTI_CUDA_CUDNN");
+      if (env == nullptr || std::strcmp(env, "0") != 0) {
+        activate();
+        try {
+          cudnn_ = std::make_unique<CudnnAttention>(stream());
+        } catch (const Error& e) {
+          std::fprintf(stderr, "tutti: cuDNN attention unavailable (%s); tutti's flash kernels run attention\n",
+                       e.what());
+        }
+      }
+    }
+    if (cudnn_ == nullptr) return nullptr;
+    if (cudnn_->supports(B, T, C, H)) return cudnn_.get();
+    if (!cudnn_declined_said_) {
+      cudnn_declined_said_ = true;
+      std::fprintf(stderr, "tutti: cuDNN declined attention of B %lld T %lld C %lld H %lld (%s); tutti's own "
+                   "kernels run it\n", static_cast<long long>(B), static_cast<long long>(T),
+                   static_cast<long long>(C), static_cast<long long>(H), cudnn_->why_not().c_str());
+    }
+#else
+    (void)B, (void)T, (void)C, (void)H;
+#endif
+    return nullptr;
+  }
+
   double total(const float* x, int64_t n, bool squares) {
     activate();
     double result = 0.0;
@@ -528,6 +589,12 @@ class CudaBackend final : public Backend {
   std::unique_ptr<Stream> stream_;
   std::unique_ptr<CublasHandle> cublas_;
   std::unique_ptr<LtGemm> lt_;  // null under TUTTI_CUDA_LT=0
+#if TUTTI_WITH_CUDNN
+  mutable std::mutex cudnn_mutex_;
+  // null until made, or where cuDNN is off or failed; after stream_, so destroyed before it
+  mutable std::unique_ptr<CudnnAttention> cudnn_;
+  mutable bool cudnn_tried_ = false, cudnn_declined_said_ = false;
+#endif
   kernels::LaunchLimits limits_{};
   std::mutex scratch_mutex_;  // scratch_ is shared by the reductions and attention
   DeviceBuffer scratch_;
