@@ -6,6 +6,7 @@
 # steps 2-20), then B32 the same way (B32_ROUNDS alternations, default 1), then PyTorch compiled at
 # B16 and B32.
 #   bash bench/gpu_ab.sh OUT_DIR OLD.tar [ROUNDS [B32_ROUNDS]]     (needs .gpu-debs/ carried)
+# TORCH=0 leaves PyTorch out (an A/B of two trees only).
 # Logs go to OUT_DIR/logs.tar.gz; the table and the steps print last.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -43,8 +44,10 @@ for r in $(seq "$B32_ROUNDS"); do
   gpt2 "b32_old_$r" /tmp/old-tree/build-gpu/tutti 32
   gpt2 "b32_new_$r" build-gpu/tutti 32
 done
-step torch_b16 python3 bench/torch_gpt2_peer.py --batch 16 --json "$LOGS/torch_b16.json"
-step torch_b32 python3 bench/torch_gpt2_peer.py --batch 32 --json "$LOGS/torch_b32.json"
+if [ "${TORCH:-1}" != 0 ]; then
+  step torch_b16 python3 bench/torch_gpt2_peer.py --batch 16 --json "$LOGS/torch_b16.json"
+  step torch_b32 python3 bench/torch_gpt2_peer.py --batch 32 --json "$LOGS/torch_b32.json"
+fi
 python3 - "$LOGS" <<'PY' | tee "$LOGS/table.txt"
 import json, os, re, statistics, sys
 out = sys.argv[1]

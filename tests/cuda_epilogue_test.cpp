@@ -255,6 +255,51 @@ TEST(CudaEpilogue, GeluBackwardToBf16IsGeluBackwardRounded) {
     }
 }
 
+// A gradient rounded and its column sums in one pass: y bit for bit to_bf16's, the sums those of
+// the unrounded values (fp32 on the GPU against double on the host); and sum_rows_bf16 of y, the
+// sums of the rounded values. Shapes: one row-split and many, 16 bytes a thread (cols % 4 == 0 or
+// % 8 == 0, aligned) and one element (other cols, or x one element in).
+TEST(CudaEpilogue, ToBf16SumRowsIsToBf16AndColumnSums) {
+  if (!have_gpu()) GTEST_SKIP() << "no CUDA device";
+  Rng rng(17);
+  struct Case {
+    int64_t rows, cols, offset;
+  };
+  for (const Case& s : {Case{1, 4, 0}, Case{5, 3, 0}, Case{37, 768, 0}, Case{16384, 768, 0}, Case{2000, 770, 0},
+                        Case{3000, 768, 1}, Case{0, 8, 0}}) {
+    const std::string what = std::to_string(s.rows) + " x " + std::to_string(s.cols) + " offset " +
+                             std::to_string(s.offset);
+    const int64_t n = s.rows * s.cols;
+    const Tensor x = random_tensor({n + s.offset}, rng).to(kGpu);
+    Tensor y = ops::to_bf16(poisoned({n + s.offset})), expected = ops::to_bf16(poisoned({n + s.offset}));
+    Tensor sums = poisoned({s.cols});
+    gpu().to_bf16_sum_rows(f32(x) + s.offset, bf16(y) + s.offset, f32(sums), s.rows, s.cols);
+    gpu().to_bf16(f32(x) + s.offset, bf16(expected) + s.offset, n);
+    const Tensor got = y.to(kCpu), want = expected.to(kCpu);
+    EXPECT_EQ(std::memcmp(static_cast<const uint16_t*>(got.raw_data()) + s.offset,
+                          static_cast<const uint16_t*>(want.raw_data()) + s.offset, n * sizeof(uint16_t)),
+              0)
+        << what << ": y is not to_bf16's";
+    Tensor sums_bf16 = poisoned({s.cols});
+    gpu().sum_rows_bf16(bf16(y) + s.offset, f32(sums_bf16), s.rows, s.cols);
+    const std::vector<float> xs = x.to(kCpu).to_vector<float>(), ys = widened(got).to_vector<float>();
+    auto expect_sums = [&](const Tensor& sums_gpu, const std::vector<float>& values, const char* name) {
+      const std::vector<float> got_sums = sums_gpu.to(kCpu).to_vector<float>();
+      double err = 0.0, norm = 0.0;
+      for (int64_t c = 0; c < s.cols; ++c) {
+        double ref = 0.0;
+        for (int64_t r = 0; r < s.rows; ++r) ref += values[size_t(s.offset + r * s.cols + c)];
+        err += (got_sums[size_t(c)] - ref) * (got_sums[size_t(c)] - ref);
+        norm += ref * ref;
+      }
+      EXPECT_TRUE(std::isfinite(err) && std::sqrt(err) <= kFp32Bound * std::max(std::sqrt(norm), 1.0))
+          << what << ": " << name;
+    };
+    expect_sums(sums, xs, "to_bf16_sum_rows' sums");
+    expect_sums(sums_bf16, ys, "sum_rows_bf16");
+  }
+}
+
 // ================================================================================================
 // Ops with autograd: linear and linear_gelu, fused (on the GPU) against the CPU and against the
 // unfused composition on the GPU (matmul, add, gelu: no epilogue)
@@ -287,8 +332,9 @@ void expect_linear_matches(const LinearFn& fused, const LinearFn& unfused, int64
   for (size_t i = 0; i < 4; ++i) {
     EXPECT_TRUE(within(relative_error(f[i], c[i]), mixed ? kBf16Bound : kFp32Bound)) << what << ": " << names[i]
                                                                                    << " against the CPU";
-    // bf16: the fused bias gradient sums the rounded gradient the dW product reads, the unfused
-    // one the fp32 gradient; the rest reads the same rounded operands.
+    // bf16: linear_gelu's fused bias gradient sums the rounded gradient the dW product reads (the
+    // dW product's epilogue), the unfused one the fp32 gradient (linear's fused one does too, in
+    // the pass that rounds it); the rest reads the same rounded operands.
     const double bound = mixed && i == 3 ? kBf16Bound : mixed ? kSameInputs : kFp32Bound;
     EXPECT_TRUE(within(relative_error(f[i], u[i]), bound)) << what << ": " << names[i] << " against unfused";
   }

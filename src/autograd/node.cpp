@@ -93,17 +93,28 @@ void run_backward(const Tensor& root, const Tensor& gradient) {
     Tensor grad_out = std::move(it->second.second);
     pending.erase(it);
     std::vector<Tensor*> into;
+    std::vector<Tensor> leaf_grads;  // leaves' gradients so far, offered in `into`
     if (node->accumulates_into()) {
       into.assign(node->inputs().size(), nullptr);
+      leaf_grads.resize(into.size());
       for (size_t i = 0; i < into.size(); ++i) {
         const Tensor& in = node->inputs()[i];
-        if (!in.defined() || !in.requires_grad() || !in.grad_fn()) continue;
-        auto it = pending.find(in.grad_fn()->sequence());
-        if (it == pending.end()) continue;
-        Tensor& acc = it->second.second;
-        if (acc.impl_ptr().use_count() == 1 && acc.impl().storage.use_count() == 1 && acc.is_contiguous() &&
-            acc.dtype() == DType::f32 && acc.shape() == in.shape())
-          into[i] = &acc;
+        if (!in.defined() || !in.requires_grad()) continue;
+        Tensor* acc = nullptr;
+        long holders = 1;  // references to acc's impl besides the engine's own
+        if (!in.grad_fn()) {  // a leaf: its .grad (another op's part this pass, or earlier passes')
+          if (!in.impl().grad) continue;
+          leaf_grads[i] = Tensor(in.impl().grad);
+          acc = &leaf_grads[i];
+          holders = 2;  // the leaf's .grad and leaf_grads[i]
+        } else {
+          auto it = pending.find(in.grad_fn()->sequence());
+          if (it == pending.end()) continue;
+          acc = &it->second.second;
+        }
+        if (acc->impl_ptr().use_count() == holders && acc->impl().storage.use_count() == 1 && acc->is_contiguous() &&
+            acc->dtype() == DType::f32 && acc->shape() == in.shape())
+          into[i] = acc;
       }
     }
     std::vector<Tensor> grads = into.empty() ? node->backward(grad_out) : node->backward_into(grad_out, into);
@@ -127,7 +138,8 @@ void run_backward(const Tensor& root, const Tensor& gradient) {
           backend_for(acc.device()).axpy(1.0f, grads[i].contiguous().data<float>(), acc.data<float>(), acc.numel());
         }
       } else {
-        accumulate(input.impl().grad, grads[i]);
+        if (into.empty() || into[i] == nullptr || grads[i].impl_ptr() != into[i]->impl_ptr())
+          accumulate(input.impl().grad, grads[i]);
         edge_done(input.impl());
       }
     }

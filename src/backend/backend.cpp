@@ -31,6 +31,13 @@ void Backend::relu_forward(const float*, float*, int64_t) { missing(*this, "relu
 void Backend::relu_backward(const float*, const float*, float*, int64_t) { missing(*this, "relu_backward"); }
 void Backend::gemm(const Gemm&) { missing(*this, "matmul"); }
 void Backend::to_bf16(const float*, BFloat16*, int64_t) { missing(*this, "to_bf16 (mixed precision)"); }
+void Backend::to_bf16_sum_rows(const float* x, BFloat16* y, float* sums, int64_t rows, int64_t cols) {
+  to_bf16(x, y, rows * cols);
+  sum_rows(x, sums, rows, cols, false);
+}
+void Backend::sum_rows_bf16(const BFloat16*, float*, int64_t, int64_t) {
+  missing(*this, "sum_rows_bf16 (mixed precision)");
+}
 void Backend::gelu_backward_bf16(const float*, const float*, BFloat16*, int64_t) {
   missing(*this, "gelu_backward_bf16 (mixed precision)");
 }

@@ -168,6 +168,11 @@ class Backend {
 
   // -- mixed precision: bf16 operands, fp32 accumulation and results -------------------------
   virtual void to_bf16(const float* x, BFloat16* y, int64_t n);  // round to nearest even
+  // to_bf16 of x (rows, cols) and sum_rows of x (the unrounded values) in one pass: a gradient
+  // rounded for the products after it, and its bias's gradient.
+  virtual void to_bf16_sum_rows(const float* x, BFloat16* y, float* sums, int64_t rows, int64_t cols);
+  // sums[c] = sum_r x[r, c] of a bf16 x (rows, cols), in fp32: a bf16 gradient's bias gradient.
+  virtual void sum_rows_bf16(const BFloat16* x, float* sums, int64_t rows, int64_t cols);
   // gelu_backward's dx rounded to bf16 in the same pass (what the products after it read).
   virtual void gelu_backward_bf16(const float* x, const float* dy, BFloat16* dx, int64_t n);
   // The same from GELU's input kept in bf16 (a product wrote it so: bias_gelu with a bf16 C).

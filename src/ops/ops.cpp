@@ -270,31 +270,44 @@ struct LinearBackward {
 
   std::vector<Tensor> operator()(const Tensor& g_in) const {
     const Tensor g = g_in.contiguous().view({xc.size(0), wc.size(1)});  // (N, out)
-    return run(mixed ? to_bf16(g) : g, g);
+    if (!mixed) return run(g, g);
+    Tensor db;
+    const Tensor gc = rounded(g, db);
+    return run(gc, g, db);
   }
 
-  // From gc, the gradient the products read (bf16 under mixed precision). An unfused bias
-  // gradient sums g, the gradient as it came (fp32, or bf16: then as a product 1^T g).
-  std::vector<Tensor> run(const Tensor& gc, const Tensor& g) const {
+  // g (N, out) rounded to bf16 for the products; where the bias needs its gradient and g is fp32,
+  // that gradient (db, the sums of the unrounded g) comes from the same pass over g.
+  Tensor rounded(const Tensor& g, Tensor& db) const {
+    if (!need_b || g.dtype() != DType::f32) return to_bf16(g);
+    Tensor gc = Tensor::empty(g.shape(), DType::bf16, g.device());
+    db = new_like(xc, {wc.size(1)});
+    backend_of(g).to_bf16_sum_rows(f32(g), bf16(gc), f32(db), g.size(0), g.size(1));
+    return gc;
+  }
+
+  // From gc, the gradient the products read (bf16 under mixed precision), and db, the bias's
+  // gradient where rounded() made it. Otherwise the bias gradient sums g, the gradient as it came:
+  // a bf16 g in its own pass, an fp32 g in the dW product's epilogue where it fuses, else apart.
+  std::vector<Tensor> run(const Tensor& gc, const Tensor& g, const Tensor& db = Tensor()) const {
     const int64_t out_features = wc.size(1);
     std::vector<Tensor> grads(has_bias ? 3 : 2);
     if (need_x) grads[0] = gemm_new(gc, false, wc, true).view(x_shape);  // (N, in)
-    if (need_b) grads[2] = new_like(xc, {out_features});
-    bool bias_done = false;
+    bool bias_done = need_b && db.defined();
+    if (need_b) grads[2] = bias_done ? db : new_like(xc, {out_features});
+    if (need_b && !bias_done && g.dtype() == DType::bf16) {
+      backend_of(g).sum_rows_bf16(bf16(g), f32(grads[2]), g.size(0), out_features);
+      bias_done = true;
+    }
     if (need_w) {  // (in, out)
       grads[1] = new_like(xc, {xc.size(1), out_features});
-      bias_done = need_b && gemm_epilogue_into(xc, true, gc, false, grads[1], GemmEpilogue::bias_grad, nullptr,
-                                               nullptr, f32(grads[2]));
-      if (!bias_done) gemm_into(xc, true, gc, false, grads[1], 0.0f);
+      const bool fused = need_b && !bias_done &&
+                         gemm_epilogue_into(xc, true, gc, false, grads[1], GemmEpilogue::bias_grad, nullptr, nullptr,
+                                            f32(grads[2]));
+      if (!fused) gemm_into(xc, true, gc, false, grads[1], 0.0f);
+      bias_done = bias_done || fused;
     }
-    if (need_b && !bias_done) {
-      if (g.dtype() == DType::f32) {
-        backend_of(g).sum_rows(f32(g), f32(grads[2]), g.size(0), out_features, false);
-      } else {
-        const Tensor ones = to_bf16(Tensor::full({1, g.size(0)}, 1.0f, g.device()));
-        gemm_into(ones, false, g, false, grads[2].view({1, out_features}), 0.0f);
-      }
-    }
+    if (need_b && !bias_done) backend_of(g).sum_rows(f32(g), f32(grads[2]), g.size(0), out_features, false);
     return grads;
   }
 };
@@ -444,8 +457,9 @@ Tensor mlp(const Tensor& x_in, const Tensor& fc_w, const Tensor& fc_b, const Ten
   if (has_residual) inputs.push_back(residual);
   return record_op(y, OpKind::mlp, inputs, [fc, proj, h, has_residual](const Tensor& g_in) {
     const Tensor g = g_in.contiguous().view({h.size(0), proj.wc.size(1)});
-    const Tensor gc = to_bf16(g);
-    const std::vector<Tensor> p = proj.run(gc, g);  // dW2 (, db2)
+    Tensor db2;
+    const Tensor gc = proj.rounded(g, db2);
+    const std::vector<Tensor> p = proj.run(gc, g, db2);  // dW2 (, db2)
     // dL/d(x W1 + b1) = (g W2^T) gelu'(h) in one product where it fuses (b1's gradient then comes
     // from the dW1 product, as a linear layer's).
     Tensor dh = Tensor::empty(h.shape(), DType::bf16, h.device());
@@ -665,8 +679,9 @@ Tensor attention(const Tensor& qkv_in, int n_head, const Tensor& proj_w, const T
   return record_op(out, OpKind::attention, inputs,
                    [proj, qkv, lse, n_head, need_qkv, has_residual](const Tensor& g_in) {
                      const Tensor g = g_in.contiguous().view({proj.xc.size(0), proj.wc.size(1)});
-                     const Tensor gc = to_bf16(g);
-                     std::vector<Tensor> grads = proj.run(gc, g);  // (none), dW (, db)
+                     Tensor db;
+                     const Tensor gc = proj.rounded(g, db);
+                     std::vector<Tensor> grads = proj.run(gc, g, db);  // (none), dW (, db)
                      // y's gradient straight into bf16 for the attention's backward: no fp32 copy.
                      if (need_qkv)
                        grads[0] = flash_attention_backward(qkv, proj.xc, lse,
@@ -697,12 +712,15 @@ Tensor embedding(const Tensor& indices_in, const Tensor& table) {
   Tensor out = new_like(tab, out_shape);
   backend_of(tab).embedding_forward(i32(idx), f32(tab), f32(out), n, C, V);
   if (!any_requires_grad({&table})) return out;
-  return record_op(out, OpKind::embedding, {table}, [idx, V, C, n](const Tensor& g_in) {
-    const Tensor g = g_in.contiguous();
-    Tensor dt = Tensor::zeros({V, C}, DType::f32, g.device());
-    backend_of(g).embedding_backward(i32(idx), f32(g), f32(dt), n, C);
-    return std::vector<Tensor>{dt};
-  });
+  // The rows are added into the table's gradient so far where there is one (a tied output head's,
+  // whose backward ran first), saving a zeroed (V, C) and the engine's addition of the two.
+  return record_op_into(out, OpKind::embedding, {table},
+                        [idx, V, C, n](const Tensor& g_in, const std::vector<Tensor*>& into) {
+                          const Tensor g = g_in.contiguous();
+                          Tensor dt = into[0] != nullptr ? *into[0] : Tensor::zeros({V, C}, DType::f32, g.device());
+                          backend_of(g).embedding_backward(i32(idx), f32(g), f32(dt), n, C);
+                          return std::vector<Tensor>{dt};
+                        });
 }
 
 // ------------------------------------------------------------------------------------------

@@ -17,10 +17,11 @@ class Node {
   virtual const char* name() const = 0;
   // Returns one gradient per input (undefined where the input needs none).
   virtual std::vector<Tensor> backward(const Tensor& grad_output) = 0;
-  // Nodes that can add their gradient into another's: where input i (not a leaf) already has a
-  // gradient pending from another consumer that nothing else holds, into[i] points at it; the node
-  // may add its part there in place and return that same tensor for i, which the engine then does
-  // not add again (saving a pass; the residual stream's LayerNorms do). Others get backward().
+  // Nodes that can add their gradient into another's: where input i already has a gradient that
+  // nothing else holds (pending from another consumer, or a leaf's .grad so far), into[i] points at
+  // it; the node may add its part there in place and return that same tensor for i, which the
+  // engine then does not add again (saving a pass: the residual stream's LayerNorms do, and the
+  // embedding into the tied output head's gradient). Others get backward().
   virtual bool accumulates_into() const { return false; }
   virtual std::vector<Tensor> backward_into(const Tensor& grad_output, const std::vector<Tensor*>& into) {
     (void)into;

@@ -432,6 +432,18 @@ class CudaBackend final : public Backend {
     activate();
     CUDA_CHECK(kernels::to_bf16(x, bits(y), n, limits_, stream()));
   }
+  void to_bf16_sum_rows(const float* x, BFloat16* y, float* sums, int64_t rows, int64_t cols) override {
+    activate();
+    std::lock_guard lock(scratch_mutex_);
+    void* ws = scratch_.reserve(kernels::column_sum_vec_workspace_bytes(rows, cols, limits_));
+    CUDA_CHECK(kernels::to_bf16_sum_rows(x, bits(y), sums, rows, cols, ws, limits_, stream()));
+  }
+  void sum_rows_bf16(const BFloat16* x, float* sums, int64_t rows, int64_t cols) override {
+    activate();
+    std::lock_guard lock(scratch_mutex_);
+    void* ws = scratch_.reserve(kernels::column_sum_vec_workspace_bytes(rows, cols, limits_));
+    CUDA_CHECK(kernels::sum_rows_bf16(bits(x), sums, rows, cols, ws, limits_, stream()));
+  }
   void gelu_backward_bf16(const float* x, const float* dy, BFloat16* dx, int64_t n) override {
     activate();
     CUDA_CHECK(kernels::gelu_backward_bf16(x, dy, bits(dx), n, limits_, stream()));

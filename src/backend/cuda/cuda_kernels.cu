@@ -333,8 +333,8 @@ struct ColumnSplit {
   int64_t splits, rows_per_split;
 };
 
-ColumnSplit column_split(int64_t rows, int64_t cols, const LaunchLimits& lim) {
-  const int64_t tiles = std::max<int64_t>(1, (cols + kColTile - 1) / kColTile);
+ColumnSplit column_split(int64_t rows, int64_t cols, const LaunchLimits& lim, int64_t tile = kColTile) {
+  const int64_t tiles = std::max<int64_t>(1, (cols + tile - 1) / tile);
   const int64_t target = static_cast<int64_t>(std::max(lim.multiprocessors, 1)) * kBlocksPerSm;
   int64_t splits = std::min((target + tiles - 1) / tiles, (rows + 31) / 32);  // >= 32 rows per split
   splits = std::clamp<int64_t>(splits, 1, 65535);
@@ -388,17 +388,40 @@ __global__ void column_sum_kernel(Load load, int64_t rows, int64_t cols, int64_t
   }
 }
 
+// The partials (splits, cols) summed down the columns in a fixed order: blocks of 32 columns x 8
+// row-threads, thread ty adding partials ty, ty + 8, ... (loads in flight together: the partials are
+// in L2 and a serial chain of them was latency-bound, 10-13 us for 176 x 768), then one the 8.
 template <int K>
 __global__ void column_finish_kernel(ColumnOutputs<K> partials, int64_t splits, int64_t cols, ColumnOutputs<K> out,
                                      bool accumulate) {
-  for (int64_t c = global_thread(); c < cols; c += grid_threads()) {
+  __shared__ float tile[K][kRowThreads][kColTile + 1];
+  const int tx = threadIdx.x, ty = threadIdx.y;
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * kColTile + tx;
 #pragma unroll
-    for (int k = 0; k < K; ++k) {
-      float s = 0.0f;
-      for (int64_t p = 0; p < splits; ++p) s += partials.out[k][p * cols + c];
-      out.out[k][c] = accumulate ? out.out[k][c] + s : s;
+  for (int k = 0; k < K; ++k) {
+    float s = 0.0f;
+    if (c < cols) {
+#pragma unroll 4
+      for (int64_t p = ty; p < splits; p += kRowThreads) s += partials.out[k][p * cols + c];
     }
+    tile[k][ty][tx] = s;
   }
+  __syncthreads();
+  if (ty != 0 || c >= cols) return;
+#pragma unroll
+  for (int k = 0; k < K; ++k) {
+    float s = 0.0f;
+#pragma unroll
+    for (int y = 0; y < kRowThreads; ++y) s += tile[k][y][tx];
+    out.out[k][c] = accumulate ? out.out[k][c] + s : s;
+  }
+}
+
+template <int K>
+void launch_column_finish(ColumnOutputs<K> partials, int64_t splits, int64_t cols, ColumnOutputs<K> out,
+                          bool accumulate, cudaStream_t stream) {
+  column_finish_kernel<K><<<static_cast<unsigned>((cols + kColTile - 1) / kColTile), dim3(kColTile, kRowThreads), 0,
+                            stream>>>(partials, splits, cols, out, accumulate);
 }
 
 size_t column_workspace_bytes(int K, int64_t rows, int64_t cols, const LaunchLimits& lim) {
@@ -420,8 +443,69 @@ cudaError_t launch_column_sum(Load load, int64_t rows, int64_t cols, ColumnOutpu
   ColumnOutputs<K> partials;
   for (int k = 0; k < K; ++k) partials.out[k] = static_cast<float*>(workspace) + k * split.splits * cols;
   column_sum_kernel<K><<<grid, block, 0, stream>>>(load, rows, cols, split.rows_per_split, partials, false, false);
-  column_finish_kernel<K><<<grid_for(cols, lim), kThreads, 0, stream>>>(partials, split.splits, cols, out, accumulate);
+  launch_column_finish<K>(partials, split.splits, cols, out, accumulate, stream);
   return cudaGetLastError();
+}
+
+// Column sums of x in fp32 that also round x into y (to_bf16_sum_rows), or of x in bf16
+// (sum_rows_bf16, y null), V columns a thread: a 16-byte load (4 floats or 8 bf16) where cols % V
+// == 0 and the pointers allow, else V = 1. The blocks and row splits are column_sum_kernel's, with
+// 32 V columns a block.
+template <int V>
+__device__ __forceinline__ void load_columns(const float* x, uint16_t* y, int64_t i, float (&v)[V]) {
+  if constexpr (V == 4) {
+    const float4 q = *reinterpret_cast<const float4*>(x + i);
+    *reinterpret_cast<uint2*>(y + i) = bits_of4(q);
+    v[0] = q.x, v[1] = q.y, v[2] = q.z, v[3] = q.w;
+  } else {
+    static_assert(V == 1);
+    v[0] = x[i];
+    y[i] = bits_of(v[0]);
+  }
+}
+template <int V>
+__device__ __forceinline__ void load_columns(const uint16_t* x, uint16_t*, int64_t i, float (&v)[V]) {
+  if constexpr (V == 8) {
+    const uint4 q = *reinterpret_cast<const uint4*>(x + i);
+    const uint32_t w[4] = {q.x, q.y, q.z, q.w};
+#pragma unroll
+    for (int k = 0; k < 4; ++k) v[2 * k] = value_of(uint16_t(w[k])), v[2 * k + 1] = value_of(uint16_t(w[k] >> 16));
+  } else {
+    static_assert(V == 1);
+    v[0] = value_of(x[i]);
+  }
+}
+
+template <int V, class T>
+__global__ void column_sum_vec_kernel(const T* x, uint16_t* y, int64_t rows, int64_t cols, int64_t rows_per_split,
+                                      float* dst, bool direct) {
+  __shared__ float tile[kRowThreads][kColTile * V + 1];
+  const int tx = threadIdx.x, ty = threadIdx.y;
+  const int64_t c = (static_cast<int64_t>(blockIdx.x) * kColTile + tx) * V;
+  const int64_t r0 = static_cast<int64_t>(blockIdx.y) * rows_per_split;
+  const int64_t r1 = min(rows, r0 + rows_per_split);
+  float acc[V];
+#pragma unroll
+  for (int v = 0; v < V; ++v) acc[v] = 0.0f;
+  if (c < cols) {
+    for (int64_t r = r0 + ty; r < r1; r += kRowThreads) {
+      float v[V];
+      load_columns<V>(x, y, r * cols + c, v);
+#pragma unroll
+      for (int k = 0; k < V; ++k) acc[k] += v[k];
+    }
+  }
+#pragma unroll
+  for (int v = 0; v < V; ++v) tile[ty][tx * V + v] = acc[v];
+  __syncthreads();
+  if (ty != 0 || c >= cols) return;
+#pragma unroll
+  for (int v = 0; v < V; ++v) {
+    float s = 0.0f;
+#pragma unroll
+    for (int k = 0; k < kRowThreads; ++k) s += tile[k][tx * V + v];
+    dst[(direct ? 0 : blockIdx.y * cols) + c + v] = s;
+  }
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -576,6 +660,51 @@ size_t sum_rows_workspace_bytes(int64_t rows, int64_t cols, const LaunchLimits& 
 cudaError_t sum_rows(const float* x, float* out, int64_t rows, int64_t cols, bool accumulate, void* workspace,
                      const LaunchLimits& lim, cudaStream_t stream) {
   return launch_column_sum<1>(RowsLoad{x}, rows, cols, ColumnOutputs<1>{{out}}, accumulate, workspace, lim, stream);
+}
+
+namespace {
+// The 16-byte width (V) column_sum_vec_kernel takes for x, else 1.
+template <class T>
+int column_width(const T* x, const uint16_t* y, int64_t cols) {
+  constexpr int v = 16 / sizeof(T);
+  return cols % v == 0 && aligned(x, 16) && (y == nullptr || aligned(y, 8)) ? v : 1;
+}
+
+template <int V, class T>
+cudaError_t launch_column_sum_vec(const T* x, uint16_t* y, float* sums, int64_t rows, int64_t cols, void* workspace,
+                                  const LaunchLimits& lim, cudaStream_t stream) {
+  if (cols <= 0) return cudaSuccess;
+  if (rows <= 0) return cudaMemsetAsync(sums, 0, static_cast<size_t>(cols) * sizeof(float), stream);
+  const ColumnSplit split = column_split(rows, cols, lim, kColTile * V);
+  const dim3 grid(static_cast<unsigned>((cols + kColTile * V - 1) / (kColTile * V)), static_cast<unsigned>(split.splits));
+  const bool direct = split.splits == 1;
+  float* dst = direct ? sums : static_cast<float*>(workspace);
+  column_sum_vec_kernel<V><<<grid, dim3(kColTile, kRowThreads), 0, stream>>>(x, y, rows, cols, split.rows_per_split,
+                                                                             dst, direct);
+  if (!direct)
+    launch_column_finish<1>(ColumnOutputs<1>{{dst}}, split.splits, cols, ColumnOutputs<1>{{sums}}, false, stream);
+  return cudaGetLastError();
+}
+}  // namespace
+
+size_t column_sum_vec_workspace_bytes(int64_t rows, int64_t cols, const LaunchLimits& lim) {
+  int64_t splits = 1;  // the most of any width's (which one runs depends on the pointers)
+  for (int64_t tile : {kColTile, 4 * kColTile, 8 * kColTile})
+    splits = std::max(splits, column_split(rows, cols, lim, tile).splits);
+  return splits > 1 ? static_cast<size_t>(splits * cols) * sizeof(float) : 0;
+}
+
+cudaError_t to_bf16_sum_rows(const float* x, uint16_t* y, float* sums, int64_t rows, int64_t cols, void* workspace,
+                             const LaunchLimits& lim, cudaStream_t stream) {
+  return column_width(x, y, cols) == 4 ? launch_column_sum_vec<4>(x, y, sums, rows, cols, workspace, lim, stream)
+                                       : launch_column_sum_vec<1>(x, y, sums, rows, cols, workspace, lim, stream);
+}
+
+cudaError_t sum_rows_bf16(const uint16_t* x, float* sums, int64_t rows, int64_t cols, void* workspace,
+                          const LaunchLimits& lim, cudaStream_t stream) {
+  return column_width(x, nullptr, cols) == 8
+             ? launch_column_sum_vec<8>(x, nullptr, sums, rows, cols, workspace, lim, stream)
+             : launch_column_sum_vec<1>(x, nullptr, sums, rows, cols, workspace, lim, stream);
 }
 
 cudaError_t softmax(const float* x, float* y, int64_t rows, int64_t cols, cudaStream_t stream) {

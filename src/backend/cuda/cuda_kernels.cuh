@@ -80,6 +80,14 @@ size_t sum_rows_workspace_bytes(int64_t rows, int64_t cols, const LaunchLimits& 
 cudaError_t sum_rows(const float* x, float* out, int64_t rows, int64_t cols, bool accumulate, void* workspace,
                      const LaunchLimits& lim, cudaStream_t stream);
 
+size_t column_sum_vec_workspace_bytes(int64_t rows, int64_t cols, const LaunchLimits& lim);
+// y = bf16(x) (round to nearest even) and sums[c] = sum_r x[r, c] (of the unrounded x), one pass.
+cudaError_t to_bf16_sum_rows(const float* x, uint16_t* y, float* sums, int64_t rows, int64_t cols, void* workspace,
+                             const LaunchLimits& lim, cudaStream_t stream);
+// sums[c] = sum_r x[r, c] of a bf16 x, in fp32.
+cudaError_t sum_rows_bf16(const uint16_t* x, float* sums, int64_t rows, int64_t cols, void* workspace,
+                          const LaunchLimits& lim, cudaStream_t stream);
+
 // -- row-wise fused ops -------------------------------------------------------------------------
 cudaError_t softmax(const float* x, float* y, int64_t rows, int64_t cols, cudaStream_t stream);
 cudaError_t cross_entropy_forward(const float* logits, const int32_t* targets, float* probs, float* losses, int64_t N,
