@@ -351,6 +351,22 @@ TEST(CudaBf16Ops, Bf16OutputsAgainstCpu) {
                          return ops::mlp(t[0], t[1], t[2], t[3], t[4], w, proj_copy, t[5]);
                        },
                        "mlp with a residual");
+  // A LayerNorm's backward hands the product before it its gradient rounded and summed
+  // (TensorImpl::rounded); a gradient added after that must drop them. h feeds a product recorded
+  // before the LayerNorm, so the LayerNorm's backward runs first and that product's part comes
+  // after it; and, in the second graph, the LayerNorm alone (its rounded gradient used).
+  for (bool other_first : {true, false})
+    expect_mixed_matches({random_tensor({2, 33, 64}, rng), random_tensor({64, 64}, rng, -0.3, 0.3),
+                          random_tensor({64}, rng), random_tensor({64}, rng), random_tensor({64}, rng)},
+                         1,
+                         [other_first](const std::vector<Tensor>& t, const Tensor& w) {
+                           const DType out = w.defined() ? DType::bf16 : DType::f32;
+                           const Tensor h = ops::linear(t[0], t[1], t[2], w);
+                           const Tensor other = other_first ? ops::linear(h, t[1], Tensor(), w) : Tensor();
+                           const Tensor a = ops::linear(ops::layer_norm(h, t[3], t[4], 1e-5f, out), t[1], Tensor(), w);
+                           return other_first ? ops::add(other, a) : a;
+                         },
+                         other_first ? "layer_norm after another consumer" : "layer_norm alone");
   for (int64_t D : {int64_t{16}, int64_t{64}})
     for (int64_t T : {int64_t{70}, int64_t{128}})
     for (bool bias_and_residual : {true, false}) {

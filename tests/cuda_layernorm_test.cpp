@@ -14,6 +14,7 @@
 #include "cuda_test_util.hpp"
 #include "tutti/core/random.hpp"
 #include "tutti/core/tensor.hpp"
+#include "tutti/ops/ops.hpp"
 
 using namespace tutti;
 using namespace tutti::cuda_test;
@@ -217,4 +218,53 @@ TEST(CudaBackend, LayerNormBackwardAddsIntoDx) {
     }
     EXPECT_LE(worst, 1e-5) << "cols " << cols;  // |values| ~1: one rounding apart at most
   }
+}
+
+// layer_norm_backward_bf16: dx, dw and db bit for bit layer_norm_backward's (added into dx too),
+// dx as written rounded (bit for bit to_bf16's) and summed down the columns (fp32 against double),
+// on the float4 path (768, 2048: 1 and 2 warps a row), the scalar one (37) and the wide rows' (8200:
+// the backend's separate pass).
+TEST(CudaBackend, LayerNormBackwardRoundsAndSumsDx) {
+  if (!tutti::device_available(tutti::Device::cuda(0))) GTEST_SKIP() << "no CUDA device";
+  Rng rng(33);
+  for (const int64_t cols : {int64_t{768}, int64_t{2048}, int64_t{37}, int64_t{8200}})
+    for (const bool add : {false, true}) {
+      const std::string what = "cols " + std::to_string(cols) + (add ? ", added into dx" : "");
+      const int64_t rows = 1031;
+      const Tensor x = random_tensor({rows, cols}, rng).to(kGpu), dy = random_tensor({rows, cols}, rng).to(kGpu),
+                   w = random_tensor({cols}, rng).to(kGpu), b = random_tensor({cols}, rng).to(kGpu);
+      const Tensor before = random_tensor({rows, cols}, rng).to(kGpu);
+      Tensor y = Tensor::empty({rows, cols}, DType::f32, kGpu), mean = Tensor::empty({rows}, DType::f32, kGpu);
+      Tensor rstd = Tensor::empty({rows}, DType::f32, kGpu);
+      gpu().layer_norm_forward(f32(x), f32(w), f32(b), f32(y), f32(mean), f32(rstd), rows, cols, 1e-5f);
+      std::vector<std::vector<float>> outs;  // dx, dw, db of each call
+      Tensor dx_bf16 = ops::to_bf16(poisoned({rows, cols})), sums = poisoned({cols}), dx;
+      for (const bool round : {false, true}) {
+        dx = add ? before.clone() : poisoned({rows, cols});
+        Tensor dw = Tensor::zeros({cols}, DType::f32, kGpu), db = Tensor::zeros({cols}, DType::f32, kGpu);
+        if (round)
+          gpu().layer_norm_backward_bf16(f32(x), f32(w), f32(mean), f32(rstd), f32(dy), f32(dx), f32(dw), f32(db),
+                                         bf16(dx_bf16), f32(sums), rows, cols, add);
+        else
+          gpu().layer_norm_backward(f32(x), f32(w), f32(mean), f32(rstd), f32(dy), f32(dx), f32(dw), f32(db), rows,
+                                    cols, add);
+        for (const Tensor* t : {&dx, &dw, &db}) outs.push_back(t->to_vector<float>());
+      }
+      for (int k = 0; k < 3; ++k)
+        EXPECT_EQ(std::memcmp(outs[k].data(), outs[k + 3].data(), outs[k].size() * sizeof(float)), 0)
+            << what << ": " << (k == 0 ? "dx" : k == 1 ? "dw" : "db");
+      Tensor expected = ops::to_bf16(poisoned({rows, cols}));
+      gpu().to_bf16(f32(dx), bf16(expected), rows * cols);
+      EXPECT_EQ(host_bits(dx_bf16), host_bits(expected)) << what << ": dx_bf16";
+      const std::vector<float>& d = outs[3];
+      const std::vector<float> got = sums.to_vector<float>();
+      double err = 0.0, norm = 0.0;
+      for (int64_t c = 0; c < cols; ++c) {
+        double ref = 0.0;
+        for (int64_t r = 0; r < rows; ++r) ref += d[size_t(r * cols + c)];
+        err += (got[size_t(c)] - ref) * (got[size_t(c)] - ref);
+        norm += ref * ref;
+      }
+      EXPECT_TRUE(std::isfinite(err) && std::sqrt(err) <= 1e-5 * std::max(std::sqrt(norm), 1.0)) << what << ": sums";
+    }
 }

@@ -11,18 +11,26 @@ namespace {
 std::atomic<uint64_t> next_sequence{0};
 thread_local bool grad_mode = true;
 
+// t's values are about to change: what was derived from them goes (TensorImpl::rounded).
+void drop_derived(TensorImpl& t) {
+  t.rounded.reset();
+  t.column_sums.reset();
+}
+
 // dst (+)= src, allocating dst on first use. `src` is taken over when nothing else holds it.
 void accumulate(std::shared_ptr<TensorImpl>& dst, Tensor& src) {
   if (!dst) {
     const bool exclusive =
         src.impl_ptr().use_count() == 1 && src.impl().storage.use_count() == 1 && src.is_contiguous();
     dst = exclusive ? src.impl_ptr() : src.clone().impl_ptr();
+    drop_derived(*dst);  // a leaf's gradient keeps no copies (nothing reads them)
     src = Tensor();
     return;
   }
   Tensor d(dst);
   Tensor s = src.contiguous();
   TUTTI_CHECK(d.shape() == s.shape(), "gradient shape ", s.str(), " does not match ", d.str());
+  drop_derived(*dst);
   backend_for(d.device()).axpy(1.0f, s.data<float>(), d.data<float>(), d.numel());
 }
 }  // namespace
@@ -113,8 +121,10 @@ void run_backward(const Tensor& root, const Tensor& gradient) {
           acc = &it->second.second;
         }
         if (acc->impl_ptr().use_count() == holders && acc->impl().storage.use_count() == 1 && acc->is_contiguous() &&
-            acc->dtype() == DType::f32 && acc->shape() == in.shape())
+            acc->dtype() == DType::f32 && acc->shape() == in.shape()) {
           into[i] = acc;
+          drop_derived(acc->impl());  // the node may add into it
+        }
       }
     }
     std::vector<Tensor> grads = into.empty() ? node->backward(grad_out) : node->backward_into(grad_out, into);
@@ -135,6 +145,7 @@ void run_backward(const Tensor& root, const Tensor& gradient) {
         if (!inserted) {
           Tensor& acc = slot->second.second;
           if (acc.impl_ptr().use_count() > 1 || acc.impl().storage.use_count() > 1) acc = acc.clone();
+          drop_derived(acc.impl());
           backend_for(acc.device()).axpy(1.0f, grads[i].contiguous().data<float>(), acc.data<float>(), acc.numel());
         }
       } else {

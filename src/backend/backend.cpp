@@ -35,6 +35,12 @@ void Backend::to_bf16_sum_rows(const float* x, BFloat16* y, float* sums, int64_t
   to_bf16(x, y, rows * cols);
   sum_rows(x, sums, rows, cols, false);
 }
+void Backend::layer_norm_backward_bf16(const float* x, const float* w, const float* mean, const float* rstd,
+                                       const float* dy, float* dx, float* dw, float* db, BFloat16* dx_bf16,
+                                       float* dx_sums, int64_t rows, int64_t cols, bool accumulate_dx) {
+  layer_norm_backward(x, w, mean, rstd, dy, dx, dw, db, rows, cols, accumulate_dx);
+  to_bf16_sum_rows(dx, dx_bf16, dx_sums, rows, cols);
+}
 void Backend::sum_rows_bf16(const BFloat16*, float*, int64_t, int64_t) {
   missing(*this, "sum_rows_bf16 (mixed precision)");
 }

@@ -180,6 +180,12 @@ class Backend {
   // layer_norm_forward with y rounded to bf16 in the same pass (y only feeds matrix products).
   virtual void layer_norm_forward_bf16(const float* x, const float* w, const float* b, BFloat16* y, float* mean,
                                        float* rstd, int64_t rows, int64_t cols, float eps);
+  // layer_norm_backward, and dx as written (the sum where accumulate_dx) rounded into dx_bf16 and
+  // summed down the columns into dx_sums: the residual stream's gradient ready for the products and
+  // the bias before it (to_bf16_sum_rows of dx, in the same pass where the backend can).
+  virtual void layer_norm_backward_bf16(const float* x, const float* w, const float* mean, const float* rstd,
+                                        const float* dy, float* dx, float* dw, float* db, BFloat16* dx_bf16,
+                                        float* dx_sums, int64_t rows, int64_t cols, bool accumulate_dx);
   virtual void gemm_bf16(const GemmBf16& g);
   // attention_forward / backward with the matrix products in bf16: qkv rounded to bf16 by the
   // caller, probs (B, H, T, T) kept in bf16; scores, softmax statistics, y and dqkv in fp32.

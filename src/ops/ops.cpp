@@ -272,13 +272,20 @@ struct LinearBackward {
     const Tensor g = g_in.contiguous().view({xc.size(0), wc.size(1)});  // (N, out)
     if (!mixed) return run(g, g);
     Tensor db;
-    const Tensor gc = rounded(g, db);
+    const Tensor gc = rounded(g_in, g, db);
     return run(gc, g, db);
   }
 
-  // g (N, out) rounded to bf16 for the products; where the bias needs its gradient and g is fp32,
-  // that gradient (db, the sums of the unrounded g) comes from the same pass over g.
-  Tensor rounded(const Tensor& g, Tensor& db) const {
+  // g (N, out), g_in as it came, rounded to bf16 for the products; where the bias needs its
+  // gradient and g is fp32, that gradient (db, the sums of the unrounded g) too. Both as the op
+  // that wrote g_in made them where it did (TensorImpl::rounded), else from one pass over g.
+  Tensor rounded(const Tensor& g_in, const Tensor& g, Tensor& db) const {
+    const TensorImpl& made = g_in.impl();
+    if (made.rounded && made.rounded->shape == g_in.shape() && made.rounded->dtype == DType::bf16 &&
+        made.column_sums && made.column_sums->shape == Shape{wc.size(1)}) {
+      if (need_b) db = Tensor(made.column_sums);
+      return Tensor(made.rounded).view(g.shape());
+    }
     if (!need_b || g.dtype() != DType::f32) return to_bf16(g);
     Tensor gc = Tensor::empty(g.shape(), DType::bf16, g.device());
     db = new_like(xc, {wc.size(1)});
@@ -458,7 +465,7 @@ Tensor mlp(const Tensor& x_in, const Tensor& fc_w, const Tensor& fc_b, const Ten
   return record_op(y, OpKind::mlp, inputs, [fc, proj, h, has_residual](const Tensor& g_in) {
     const Tensor g = g_in.contiguous().view({h.size(0), proj.wc.size(1)});
     Tensor db2;
-    const Tensor gc = proj.rounded(g, db2);
+    const Tensor gc = proj.rounded(g_in, g, db2);
     const std::vector<Tensor> p = proj.run(gc, g, db2);  // dW2 (, db2)
     // dL/d(x W1 + b1) = (g W2^T) gelu'(h) in one product where it fuses (b1's gradient then comes
     // from the dW1 product, as a linear layer's).
@@ -571,17 +578,30 @@ Tensor layer_norm(const Tensor& x_in, const Tensor& w_in, const Tensor& b_in, fl
     backend_of(x).layer_norm_forward(f32(x), f32(w), f32(b), f32(y), f32(mean), f32(rstd), rows, C, eps);
   if (!any_requires_grad({&x_in, &w_in, &b_in})) return y;
   // dx is added into x's pending gradient where it can be (the residual stream's: the add after
-  // this block's branch delivered it first), saving the engine's separate addition.
+  // this block's branch delivered it first), saving the engine's separate addition. Under mixed
+  // precision (a bf16 y) the sum is also rounded and summed down the columns in the same pass, for
+  // the linear layer before (TensorImpl::rounded).
   const Shape x_shape = x_in.shape();
+  const bool round_dx = out == DType::bf16;
   return record_op_into(y, OpKind::layer_norm, {x_in, w_in, b_in},
-                        [x, w, mean, rstd, rows, C, x_shape](const Tensor& g_in, const std::vector<Tensor*>& into) {
+                        [x, w, mean, rstd, rows, C, x_shape, round_dx](const Tensor& g_in,
+                                                                      const std::vector<Tensor*>& into) {
                           const Tensor g = g_in.contiguous();
                           const bool add = into[0] != nullptr;
                           Tensor dx = add ? *into[0] : new_like(x, x_shape);
                           Tensor dw = Tensor::zeros({C}, DType::f32, x.device());
                           Tensor db = Tensor::zeros({C}, DType::f32, x.device());
-                          backend_of(x).layer_norm_backward(f32(x), f32(w), f32(mean), f32(rstd), f32(g), f32(dx),
-                                                            f32(dw), f32(db), rows, C, add);
+                          Backend& be = backend_of(x);
+                          if (!round_dx) {
+                            be.layer_norm_backward(f32(x), f32(w), f32(mean), f32(rstd), f32(g), f32(dx), f32(dw),
+                                                   f32(db), rows, C, add);
+                            return std::vector<Tensor>{dx, dw, db};
+                          }
+                          Tensor dx_bf16 = Tensor::empty(x_shape, DType::bf16, x.device()), sums = new_like(x, {C});
+                          be.layer_norm_backward_bf16(f32(x), f32(w), f32(mean), f32(rstd), f32(g), f32(dx), f32(dw),
+                                                      f32(db), bf16(dx_bf16), f32(sums), rows, C, add);
+                          dx.impl().rounded = dx_bf16.impl_ptr();
+                          dx.impl().column_sums = sums.impl_ptr();
                           return std::vector<Tensor>{dx, dw, db};
                         });
 }
@@ -680,7 +700,7 @@ Tensor attention(const Tensor& qkv_in, int n_head, const Tensor& proj_w, const T
                    [proj, qkv, lse, n_head, need_qkv, has_residual](const Tensor& g_in) {
                      const Tensor g = g_in.contiguous().view({proj.xc.size(0), proj.wc.size(1)});
                      Tensor db;
-                     const Tensor gc = proj.rounded(g, db);
+                     const Tensor gc = proj.rounded(g_in, g, db);
                      std::vector<Tensor> grads = proj.run(gc, g, db);  // (none), dW (, db)
                      // y's gradient straight into bf16 for the attention's backward: no fp32 copy.
                      if (need_qkv)

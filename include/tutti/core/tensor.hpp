@@ -45,6 +45,12 @@ struct TensorImpl {
   // Called once per backward pass on a leaf, when its gradient for that pass is final (every op
   // that used it has run). Data parallelism starts reducing gradients from here.
   std::function<void(TensorImpl&)> on_grad_ready;
+  // The values rounded to bf16 (same shape) and summed over every dimension but the last, made by
+  // the op that wrote them for consumers that need those: under mixed precision the LayerNorm
+  // whose backward completes the residual stream's gradient attaches them, and the linear layer
+  // before it reads them (its products' operand and its bias's gradient). Whoever writes the
+  // values again drops them: the autograd engine, where it adds into a gradient.
+  std::shared_ptr<TensorImpl> rounded, column_sums;
 };
 
 class Tensor {

@@ -319,8 +319,20 @@ class CudaBackend final : public Backend {
     activate();
     std::lock_guard lock(scratch_mutex_);
     void* ws = scratch_.reserve(kernels::layer_norm_backward_workspace_bytes(rows, cols, limits_));
-    CUDA_CHECK(kernels::layer_norm_backward(x, w, mean, rstd, dy, dx, dw, db, rows, cols, accumulate_dx, ws, limits_,
-                                            stream()));
+    CUDA_CHECK(kernels::layer_norm_backward(x, w, mean, rstd, dy, dx, dw, db, nullptr, nullptr, rows, cols,
+                                            accumulate_dx, ws, limits_, stream()));
+  }
+  void layer_norm_backward_bf16(const float* x, const float* w, const float* mean, const float* rstd, const float* dy,
+                                float* dx, float* dw, float* db, BFloat16* dx_bf16, float* dx_sums, int64_t rows,
+                                int64_t cols, bool accumulate_dx) override {
+    if (!kernels::layer_norm_backward_rounds(cols))
+      return Backend::layer_norm_backward_bf16(x, w, mean, rstd, dy, dx, dw, db, dx_bf16, dx_sums, rows, cols,
+                                               accumulate_dx);
+    activate();
+    std::lock_guard lock(scratch_mutex_);
+    void* ws = scratch_.reserve(kernels::layer_norm_backward_workspace_bytes(rows, cols, limits_));
+    CUDA_CHECK(kernels::layer_norm_backward(x, w, mean, rstd, dy, dx, dw, db, bits(dx_bf16), dx_sums, rows, cols,
+                                            accumulate_dx, ws, limits_, stream()));
   }
   void attention_forward(const float* qkv, float* y, float* probs, int64_t B, int64_t T, int64_t C,
                          int64_t H) override;

@@ -122,11 +122,15 @@ cudaError_t layer_norm_forward(const float* x, const float* w, const float* b, f
 cudaError_t layer_norm_forward_bf16(const float* x, const float* w, const float* b, uint16_t* y, float* mean,
                                     float* rstd, int64_t rows, int64_t cols, float eps, cudaStream_t stream);
 size_t layer_norm_backward_workspace_bytes(int64_t rows, int64_t cols, const LaunchLimits& lim);
+// Whether layer_norm_backward takes dx_bf16 at this width (the rows held in registers: C <= 4096).
+bool layer_norm_backward_rounds(int64_t cols);
 // dx written (accumulate_dx: added to), dw and db accumulated (+=), as on the CPU; dw and db summed
-// in a fixed order.
+// in a fixed order. dx_bf16 non-null: dx as written also rounded into dx_bf16 (C, nearest even)
+// and summed down the columns into dx_sums (fixed order).
 cudaError_t layer_norm_backward(const float* x, const float* w, const float* mean, const float* rstd, const float* dy,
-                                float* dx, float* dw, float* db, int64_t rows, int64_t cols, bool accumulate_dx,
-                                void* workspace, const LaunchLimits& lim, cudaStream_t stream);
+                                float* dx, float* dw, float* db, uint16_t* dx_bf16, float* dx_sums, int64_t rows,
+                                int64_t cols, bool accumulate_dx, void* workspace, const LaunchLimits& lim,
+                                cudaStream_t stream);
 // out (n, C) = table[idx]; a row whose index is outside [0, V) comes out NaN (the GPU cannot throw).
 cudaError_t embedding_forward(const int32_t* idx, const float* table, float* out, int64_t n, int64_t C, int64_t V,
                               const LaunchLimits& lim, cudaStream_t stream);

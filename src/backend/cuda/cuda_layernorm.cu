@@ -216,23 +216,28 @@ __global__ void __launch_bounds__(kMaxForwardWarps * 32)
 // P blocks on a fixed grid; slot s of block p takes rows p slots + s, then every P slots further,
 // and adds its columns' dy xhat and dy into its slot's sums in shared memory (each column a single
 // thread's: no races, no barrier until the end). Then the block adds its slots in slot order into
-// partials (P, 2, C): row p is block p's [dw | db].
+// partials (P, S, C): row p is block p's [dw | db] (S = 2), or with kRound [dw | db | dx] (S = 3):
+// then dx as written (added to what it held, with accumulate) is also rounded into dx_bf16 and
+// summed down the columns, a gradient ready for the products and the bias after it.
 
-template <int N, bool kVec>
+template <int N, bool kVec, bool kRound>
 __global__ void __launch_bounds__(kSlots * 32, backward_groups_per_sm(N, kVec))
     layer_norm_backward_kernel(const float* __restrict__ x, const float* __restrict__ w,
                                const float* __restrict__ mean, const float* __restrict__ rstd,
-                               const float* __restrict__ dy, float* __restrict__ dx, float* __restrict__ partials,
-                               int64_t rows, int cols, int warps, bool accumulate) {
-  extern __shared__ float4 shared_sums[];  // (slots, 2, C), 16-byte aligned for the float4 items
+                               const float* __restrict__ dy, float* __restrict__ dx, uint16_t* __restrict__ dx_bf16,
+                               float* __restrict__ partials, int64_t rows, int cols, int warps, bool accumulate) {
+  constexpr int S = kRound ? 3 : 2;
+  extern __shared__ float4 shared_sums[];  // (slots, S, C), 16-byte aligned for the float4 items
   const int G = 32 * warps, t = threadIdx.x % G, slot = threadIdx.x / G, slots = blockDim.x / G;
-  float* dw_sum = reinterpret_cast<float*>(shared_sums) + slot * 2 * cols;
+  float* dw_sum = reinterpret_cast<float*>(shared_sums) + slot * S * cols;
   float* db_sum = dw_sum + cols;
+  float* dx_sum = db_sum + cols;  // kRound only
   const float inv_cols = 1.0f / static_cast<float>(cols);
 #pragma unroll
   for (int k = 0; k < N; ++k) {
     store_item<kVec>(dw_sum, k, cols, t, G, Item{});
     store_item<kVec>(db_sum, k, cols, t, G, Item{});
+    if constexpr (kRound) store_item<kVec>(dx_sum, k, cols, t, G, Item{});
   }
   // A whole slot iterates together (warps > 1: the block's only slot), as slot_sum needs.
   for (int64_t row = static_cast<int64_t>(blockIdx.x) * slots + slot; row < rows;
@@ -276,30 +281,38 @@ __global__ void __launch_bounds__(kSlots * 32, backward_groups_per_sm(N, kVec))
 #pragma unroll
       for (int j = 0; j < 4; ++j) out.v[j] += rs * (g[4 * k + j] - mg - xh[4 * k + j] * mgx);
       store_item<kVec>(dx + row * cols, k, cols, t, G, out);
+      if constexpr (kRound) {
+        store_item<kVec>(dx_bf16 + row * cols, k, cols, t, G, out);
+        Item sx = load_item<kVec>(dx_sum, k, cols, t, G);
+#pragma unroll
+        for (int j = 0; j < 4; ++j) sx.v[j] += out.v[j];  // past the end: never stored
+        store_item<kVec>(dx_sum, k, cols, t, G, sx);
+      }
     }
   }
   __syncthreads();
   const float* sums = reinterpret_cast<const float*>(shared_sums);
-  float* out = partials + static_cast<int64_t>(blockIdx.x) * 2 * cols;
-  for (int j = threadIdx.x; j < 2 * cols; j += blockDim.x) {
+  float* out = partials + static_cast<int64_t>(blockIdx.x) * S * cols;
+  for (int j = threadIdx.x; j < S * cols; j += blockDim.x) {
     float s = sums[j];
-    for (int k = 1; k < slots; ++k) s += sums[k * 2 * cols + j];
+    for (int k = 1; k < slots; ++k) s += sums[k * S * cols + j];
     out[j] = s;
   }
 }
 
-// dw[c] += sum_p partials[p][0][c], db[c] += sum_p partials[p][1][c], in a fixed order. A block
+// dw[c] += sum_p partials[p][0][c], db[c] += sum_p partials[p][1][c] (and dx_sums[c] = sum_p
+// partials[p][2][c] where the partials have S = 3 rows), in a fixed order. A block
 // takes 8 of the 2C columns (a warp reads 4 rows of 32 bytes: whole sectors) and 64 row-threads,
 // thread ty adding p = ty, ty + 64, ...; then 8 threads add 8 of those each, and one the 8 sums.
 // Many blocks of few loads each: the partials are in L2 and the kernel is latency-bound.
 __global__ void __launch_bounds__(kFinishCols * kFinishRows)
-    layer_norm_param_finish_kernel(const float* __restrict__ partials, int64_t count, int64_t cols,
-                                   float* __restrict__ dw, float* __restrict__ db) {
+    layer_norm_param_finish_kernel(const float* __restrict__ partials, int64_t count, int64_t cols, int S,
+                                   float* __restrict__ dw, float* __restrict__ db, float* __restrict__ dx_sums) {
   constexpr int kGroups = 8, kGroupRows = kFinishRows / kGroups;
   __shared__ float tile[kFinishRows][kFinishCols];
   __shared__ float group_sums[kGroups][kFinishCols];
   const int tx = threadIdx.x % kFinishCols, ty = threadIdx.x / kFinishCols;
-  const int64_t width = 2 * cols, j = static_cast<int64_t>(blockIdx.x) * kFinishCols + tx;
+  const int64_t width = S * cols, j = static_cast<int64_t>(blockIdx.x) * kFinishCols + tx;
   float s = 0.0f;
   if (j < width) {
 #pragma unroll 4
@@ -318,8 +331,12 @@ __global__ void __launch_bounds__(kFinishCols * kFinishRows)
   float total = 0.0f;
 #pragma unroll
   for (int r = 0; r < kGroups; ++r) total += group_sums[r][tx];
-  float* o = j < cols ? dw + j : db + (j - cols);
-  *o += total;
+  if (j >= 2 * cols) {
+    dx_sums[j - 2 * cols] = total;
+  } else {
+    float* o = j < cols ? dw + j : db + (j - cols);
+    *o += total;
+  }
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -454,17 +471,26 @@ cudaError_t layer_norm_forward_bf16(const float* x, const float* w, const float*
   return launch_forward<uint16_t>(x, w, b, y, mean, rstd, rows, cols, eps, stream);
 }
 
+bool layer_norm_backward_rounds(int64_t cols) { return row_shape(cols, kMaxBackwardWarps).warps > 0; }
+
 size_t layer_norm_backward_workspace_bytes(int64_t rows, int64_t cols, const LaunchLimits& lim) {
   if (rows <= 0 || cols <= 0) return 0;
-  return static_cast<size_t>(backward_plan(rows, cols, true, lim).blocks * 2 * cols) * sizeof(float);
+  return static_cast<size_t>(backward_plan(rows, cols, true, lim).blocks * 3 * cols) * sizeof(float);
 }
 
 cudaError_t layer_norm_backward(const float* x, const float* w, const float* mean, const float* rstd, const float* dy,
-                                float* dx, float* dw, float* db, int64_t rows, int64_t cols, bool accumulate_dx,
-                                void* workspace, const LaunchLimits& lim, cudaStream_t stream) {
-  if (rows <= 0 || cols <= 0) return cudaSuccess;
-  const bool vec = cols % 4 == 0 && aligned(x, 16) && aligned(w, 16) && aligned(dy, 16) && aligned(dx, 16);
+                                float* dx, float* dw, float* db, uint16_t* dx_bf16, float* dx_sums, int64_t rows,
+                                int64_t cols, bool accumulate_dx, void* workspace, const LaunchLimits& lim,
+                                cudaStream_t stream) {
+  const bool round = dx_bf16 != nullptr;
+  if (round && !layer_norm_backward_rounds(cols)) return cudaErrorInvalidValue;
+  if (cols <= 0) return cudaSuccess;
+  if (rows <= 0) return round ? cudaMemsetAsync(dx_sums, 0, static_cast<size_t>(cols) * sizeof(float), stream)
+                              : cudaSuccess;
+  const bool vec = cols % 4 == 0 && aligned(x, 16) && aligned(w, 16) && aligned(dy, 16) && aligned(dx, 16) &&
+                   (!round || aligned(dx_bf16, 8));
   const BackwardPlan plan = backward_plan(rows, cols, vec, lim);
+  const int S = round ? 3 : 2;  // partial rows a block: dw, db (, dx)
   auto* partials = static_cast<float*>(workspace);
   if (plan.shape.warps == 0) {
     if (!rows_fit(rows)) return cudaErrorInvalidValue;
@@ -476,25 +502,27 @@ cudaError_t layer_norm_backward(const float* x, const float* w, const float* mea
                                      stream>>>(x, mean, rstd, dy, partials, rows, cols);
   } else {
     const RowShape shape = plan.shape;
-    const size_t smem = static_cast<size_t>(shape.slots * 2 * cols) * sizeof(float);  // <= 32 KB
+    const size_t smem = static_cast<size_t>(shape.slots * S * cols) * sizeof(float);  // <= 48 KB
     const int c = static_cast<int>(cols);
     const auto blocks = static_cast<unsigned>(plan.blocks);
     with_items<kMaxItems>(shape.items, [&](auto n) {
       constexpr int N = decltype(n)::value;
+      auto launch = [&](auto kernel) {
+        kernel<<<blocks, shape.threads(), smem, stream>>>(x, w, mean, rstd, dy, dx, dx_bf16, partials, rows, c,
+                                                          shape.warps, accumulate_dx);
+      };
       if (vec) {
-        layer_norm_backward_kernel<N, true><<<blocks, shape.threads(), smem, stream>>>(
-            x, w, mean, rstd, dy, dx, partials, rows, c, shape.warps, accumulate_dx);
+        round ? launch(layer_norm_backward_kernel<N, true, true>) : launch(layer_norm_backward_kernel<N, true, false>);
       } else {
-        layer_norm_backward_kernel<N, false><<<blocks, shape.threads(), smem, stream>>>(
-            x, w, mean, rstd, dy, dx, partials, rows, c, shape.warps, accumulate_dx);
+        round ? launch(layer_norm_backward_kernel<N, false, true>) : launch(layer_norm_backward_kernel<N, false, false>);
       }
     });
   }
   const cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
-  const auto finish_blocks = static_cast<unsigned>((2 * cols + kFinishCols - 1) / kFinishCols);
+  const auto finish_blocks = static_cast<unsigned>((S * cols + kFinishCols - 1) / kFinishCols);
   layer_norm_param_finish_kernel<<<finish_blocks, kFinishCols * kFinishRows, 0, stream>>>(partials, plan.blocks, cols,
-                                                                                           dw, db);
+                                                                                           S, dw, db, dx_sums);
   return cudaGetLastError();
 }
 
