@@ -121,6 +121,21 @@ inline ::testing::AssertionResult all_close(const Tensor& actual, const Tensor& 
                                        << e[static_cast<size_t>(first)] << "; worst |diff| " << worst;
 }
 
+// Column sums a kernel wrote (`sums`, cols of them) against double sums of the (rows, cols) matrix
+// `offset` elements into `values`: ||sums - ref|| / max(||ref||, 1); NaN anywhere gives NaN.
+inline double column_sums_error(const Tensor& sums, const std::vector<float>& values, int64_t rows, int64_t cols,
+                                int64_t offset = 0) {
+  const std::vector<float> got = sums.to(kCpu).to_vector<float>();
+  double err = 0.0, norm = 0.0;
+  for (int64_t c = 0; c < cols; ++c) {
+    double ref = 0.0;
+    for (int64_t r = 0; r < rows; ++r) ref += values[size_t(offset + r * cols + c)];
+    err += (got[size_t(c)] - ref) * (got[size_t(c)] - ref);
+    norm += ref * ref;
+  }
+  return std::sqrt(err) / std::max(std::sqrt(norm), 1.0);
+}
+
 inline ::testing::AssertionResult within(double error, double bound) {
   if (error <= bound) return ::testing::AssertionSuccess() << "relative error " << error;  // false for NaN
   return ::testing::AssertionFailure() << "relative error " << error << " over " << bound;

@@ -37,9 +37,9 @@ class CudnnAttention {
   void backward(const uint16_t* qkv, const uint16_t* y, const float* lse, const uint16_t* dy, uint16_t* dqkv,
                 int64_t B, int64_t T, int64_t C, int64_t H, void* workspace);
 
-  struct Plan;  // an execution plan and its workspace size (cuda_cudnn_attention.cpp)
 
  private:
+  struct Plan;  // an execution plan and its workspace size (cuda_cudnn_attention.cpp)
   struct Plans;
   using Shape = std::tuple<int64_t, int64_t, int64_t, int64_t>;
   const Plans* plans(int64_t B, int64_t T, int64_t C, int64_t H);
